@@ -1,0 +1,230 @@
+"""The artifact directory: model.pt2 + recipe.yaml + manifest.json + report.json, written atomically.
+
+Never a pickle: the program is saved with ``torch.export.save``; the manifest records the format version, versions
+of the tools, the canonical pipeline, the input spec, a fingerprint and a sha256 per file, checked on every read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from sparsec.errors import SparsecError
+
+FORMAT = "sparsec-artifact"
+FORMAT_VERSION = 1
+MODEL_FILE, RECIPE_FILE, MANIFEST_FILE, REPORT_FILE = "model.pt2", "recipe.yaml", "manifest.json", "report.json"
+_TMP_MARK = ".sparsec-tmp-"
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    import platform
+
+    import torch
+
+    import sparsec
+
+    versions = {"sparsec": sparsec.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def input_spec(program) -> list[dict]:
+    """Name, dtype and shape of each user input; symbolic dims appear as their symbol with its range."""
+    import torch
+
+    user = set(program.graph_signature.user_inputs)
+    ranges = {str(k): v for k, v in program.range_constraints.items()}
+    spec = []
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            spec.append({"name": node.name, "value": repr(val)})
+            continue
+        dims = []
+        for d in val.shape:
+            if isinstance(d, int):
+                dims.append(d)
+            else:
+                r = ranges.get(str(d))
+                hi = None if r is None or not str(r.upper).isdigit() else int(r.upper)
+                dims.append({"symbol": str(d), "min": int(r.lower) if r is not None else None, "max": hi})
+        spec.append({"name": node.name, "dtype": str(val.dtype).removeprefix("torch."), "shape": dims})
+    return spec
+
+
+def cleanup_stale_temporaries(parent: str) -> None:
+    """Remove temporaries of earlier runs that were killed (their process no longer exists)."""
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for name in entries:
+        if _TMP_MARK not in name:
+            continue
+        pid = name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_output_dir(out_dir: str, force: bool, inputs: list[str] = ()) -> None:
+    """Refuse an existing OUT without --force, and any OUT that is or contains one of the inputs."""
+    out = os.path.abspath(out_dir)
+    for src in inputs:
+        if src and os.path.exists(src):
+            s = os.path.abspath(src)
+            if s == out or s.startswith(out + os.sep) or out.startswith(s + os.sep) and os.path.isfile(s):
+                raise SparsecError(f"output '{out_dir}' would overwrite the input '{src}'; choose another -o")
+    if os.path.lexists(out_dir):
+        if not force:
+            raise SparsecError(f"output '{out_dir}' already exists; pass --force to replace it, or choose another -o")
+        if not os.path.isdir(out_dir) or not os.path.isfile(os.path.join(out_dir, MANIFEST_FILE)):
+            raise SparsecError(f"output '{out_dir}' exists and is not a sparsec artifact; --force replaces only"
+                               " artifacts: remove it yourself or choose another -o")
+
+
+def write_artifact(out_dir: str, program, recipe_yaml: str, manifest: dict, report: dict, *,
+                   force: bool = False) -> str:
+    """Write the artifact into a temporary sibling directory and rename it into place at the end."""
+    import torch
+
+    check_output_dir(out_dir, force)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    cleanup_stale_temporaries(parent)
+    base = os.path.basename(os.path.abspath(out_dir))
+    tmp = tempfile.mkdtemp(prefix=f".{base}{_TMP_MARK}", dir=parent, suffix=f"-{os.getpid()}")
+    try:
+        torch.export.save(program, os.path.join(tmp, MODEL_FILE))
+        _write_text(os.path.join(tmp, RECIPE_FILE), recipe_yaml)
+        _write_text(os.path.join(tmp, REPORT_FILE), json.dumps(report, indent=2, default=_json_default))
+        files = {f: sha256_file(os.path.join(tmp, f)) for f in (MODEL_FILE, RECIPE_FILE, REPORT_FILE)}
+        fingerprint = hashlib.sha256(json.dumps([manifest.get("pipeline"), files[MODEL_FILE]]).encode()).hexdigest()
+        full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "fingerprint": fingerprint,
+                "files": files}
+        _write_text(os.path.join(tmp, MANIFEST_FILE), json.dumps(full, indent=2, default=_json_default))
+        _fsync_dir(tmp)
+        if os.path.lexists(out_dir):  # --force: swap the old artifact out only once the new one is complete
+            old = tempfile.mkdtemp(prefix=f".{base}{_TMP_MARK}old-", dir=parent, suffix=f"-{os.getpid()}")
+            os.rename(out_dir, os.path.join(old, base))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _json_default(obj: Any):
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+@dataclass
+class Artifact:
+    path: str
+    manifest: dict
+    report: dict
+    recipe_yaml: str
+    program: Any = None
+
+    def module(self):
+        return self.program.module()
+
+
+def read_manifest(path: str) -> dict:
+    mpath = os.path.join(path, MANIFEST_FILE)
+    if not os.path.isdir(path):
+        raise SparsecError(f"'{path}' is not a sparsec artifact directory (it does not exist or is not a directory)")
+    if not os.path.isfile(mpath):
+        raise SparsecError(f"'{path}' is not a sparsec artifact: it has no {MANIFEST_FILE}; create one with"
+                           " 'sparsec transform MODEL --pass SPEC -o DIR'")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SparsecError(f"'{mpath}' is not valid JSON ({exc}); the artifact is damaged: re-create it") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SparsecError(f"'{mpath}' is not a sparsec manifest (format must be '{FORMAT}')")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SparsecError(f"'{path}' has artifact format version {version!r}; this sparsec reads version"
+                           f" {FORMAT_VERSION}: re-create it with this sparsec or use the version that made it")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != {MODEL_FILE, RECIPE_FILE, REPORT_FILE}:
+        raise SparsecError(f"'{mpath}' lists no valid 'files' checksums; the artifact is damaged: re-create it")
+    return manifest
+
+
+def read_artifact(path: str, *, load_program: bool = True) -> Artifact:
+    """Read and verify an artifact: manifest format and version, then every file's sha256."""
+    manifest = read_manifest(path)
+    for name, digest in manifest["files"].items():
+        fpath = os.path.join(path, name)
+        if not os.path.isfile(fpath):
+            raise SparsecError(f"artifact '{path}' is missing {name}; re-create it")
+        if sha256_file(fpath) != digest:
+            raise SparsecError(f"artifact '{path}': {name} does not match its checksum in {MANIFEST_FILE} (modified"
+                               " or damaged); re-create the artifact")
+    with open(os.path.join(path, REPORT_FILE), encoding="utf-8") as f:
+        report = json.load(f)
+    with open(os.path.join(path, RECIPE_FILE), encoding="utf-8") as f:
+        recipe = f.read()
+    art = Artifact(path, manifest, report, recipe)
+    if load_program:
+        import torch
+
+        try:
+            art.program = torch.export.load(os.path.join(path, MODEL_FILE))
+        except Exception as exc:
+            raise SparsecError(f"artifact '{path}': {MODEL_FILE} cannot be loaded: {type(exc).__name__}: {exc}"
+                               ) from None
+    return art

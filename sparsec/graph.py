@@ -1,0 +1,173 @@
+"""IR helpers over ``torch.fx`` graphs captured by ``torch.export``: module paths, targets, data-flow queries."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from sparsec.errors import UsageError
+
+aten = torch.ops.aten
+
+#: ATen ops that multiply an activation by a weight matrix (linear layers, GPT-2's Conv1D addmm, convolutions).
+LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default, aten.bmm.default,
+              aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+
+#: Ops that pass a tensor through unchanged in value (layout, copies, eval-mode dropout).
+TRANSPARENT_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
+                   aten.contiguous.default, aten.to.dtype, aten._to_copy.default, aten.dropout.default,
+                   aten.flatten.using_ints, aten.alias.default, aten.permute.default, aten.transpose.int,
+                   aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default}
+
+
+def module_path(node: fx.Node) -> str:
+    """The path of the innermost module this node was traced inside ('' for the model's own forward)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """(path, short class name) of every module enclosing the node, outermost first."""
+    out = []
+    for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+        name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+        out.append((path, name.rsplit(".", 1)[-1]))
+    return out
+
+
+def call_nodes(gm: fx.GraphModule, ops) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ops]
+
+
+def op_name(target) -> str:
+    """'aten.linear' for torch.ops.aten.linear.default; the overload is kept when it is not 'default'."""
+    name = getattr(target, "name", None)
+    if callable(name):
+        full = name()  # e.g. 'aten::linear' or 'aten::add.Tensor'
+        return full.replace("::", ".")
+    return getattr(target, "__name__", str(target))
+
+
+def _through_transparent_up(node: fx.Node) -> fx.Node:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in TRANSPARENT_OPS:
+        node = node.args[0]
+    return node
+
+
+def produced_by_linear(node: fx.Node) -> bool:
+    """True when ``node``'s value is produced by a linear-like op (possibly through layout ops)."""
+    src = _through_transparent_up(node)
+    return isinstance(src, fx.Node) and src.op == "call_function" and src.target in LINEAR_OPS
+
+
+def feeds_linear(node: fx.Node, max_depth: int = 6) -> bool:
+    """True when ``node``'s value reaches a linear-like op through layout ops and elementwise gating (``mul``)."""
+    frontier, depth = [node], 0
+    while frontier and depth <= max_depth:
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                if user.op != "call_function":
+                    continue
+                if user.target in LINEAR_OPS:
+                    return True
+                if user.target in TRANSPARENT_OPS or user.target in (aten.mul.Tensor, aten.mul.Scalar):
+                    nxt.append(user)
+        frontier, depth = nxt, depth + 1
+    return False
+
+
+@dataclass
+class TargetMatcher:
+    """Targets: an exact module path (the module and everything inside it), ``re:REGEX`` (``re.match`` on the
+    path) or a module class name (any enclosing module). An empty ``targets`` list selects every candidate.
+    ``ignore`` uses the same forms and is applied last."""
+
+    pass_name: str
+    targets: list[str]
+    ignore: list[str]
+    _used: set = field(default_factory=set)
+
+    def __post_init__(self):
+        for pattern in [*self.targets, *self.ignore]:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise UsageError(f"bad regex in target '{pattern}' of pass '{self.pass_name}': {exc}") from None
+
+    @staticmethod
+    def _hit(pattern: str, path: str, classes: list[str]) -> bool:
+        if pattern.startswith("re:"):
+            return re.match(pattern[3:], path) is not None
+        return path == pattern or path.startswith(pattern + ".") or pattern in classes
+
+    def selects(self, node: fx.Node) -> bool:
+        stack = module_stack(node)
+        path = stack[-1][0] if stack else ""
+        classes = [c for _, c in stack]
+        hits = [t for t in self.targets if self._hit(t, path, classes)]
+        self._used.update(hits)
+        if self.targets and not hits:
+            return False
+        return not any(self._hit(i, path, classes) for i in self.ignore)
+
+    def check_all_used(self) -> None:
+        """Raise when an explicit target matched no candidate (almost always a typo in a module path)."""
+        unused = [t for t in self.targets if t not in self._used]
+        if unused:
+            raise UsageError(f"target {unused[0]!r} of pass '{self.pass_name}' matches no candidate; targets are"
+                             " module paths, 're:REGEX' or class names: run 'sparsec trace MODEL' to list them")
+
+
+#: Elementwise ops an MLP intermediate is computed with between two weight layers (activations, gating, masks).
+_MLP_ELEMENTWISE = TRANSPARENT_OPS | {aten.mul.Tensor, aten.mul.Scalar, aten.relu.default, aten.gelu.default,
+                                      aten.silu.default, aten.mish.default, aten.where.self, aten.where.ScalarOther,
+                                      aten.ge.Scalar, aten.gt.Scalar, aten.pow.Tensor_Scalar, aten.sub.Tensor,
+                                      aten.tanh.default, aten.sigmoid.default, aten.abs.default}
+
+_ACT_OPERAND = {aten.addmm.default: 1}
+_WEIGHT_OPERAND = {aten.addmm.default: 2}
+
+
+def _is_parameter(node) -> bool:
+    node = _through_transparent_up(node)
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+@dataclass
+class WeightLayer:
+    """A matrix multiply by a parameter: the op node, its activation operand, and where it lives."""
+
+    node: fx.Node
+    input: fx.Node
+    module: str
+    mlp_intermediate: bool  # the input is computed elementwise from another weight layer's output
+
+
+def weight_layers(gm: fx.GraphModule) -> list[WeightLayer]:
+    """Every linear-like op whose second operand is a parameter (attention's q·kᵀ and p·v are not included)."""
+    out = []
+    for node in call_nodes(gm, LINEAR_OPS):
+        a_idx, w_idx = _ACT_OPERAND.get(node.target, 0), _WEIGHT_OPERAND.get(node.target, 1)
+        if len(node.args) <= w_idx or not _is_parameter(node.args[w_idx]) or not isinstance(node.args[a_idx],
+                                                                                            fx.Node):
+            continue
+        out.append(WeightLayer(node, node.args[a_idx], module_path(node), _from_weight_layer(node.args[a_idx])))
+    return out
+
+
+def _from_weight_layer(node: fx.Node, max_nodes: int = 64) -> bool:
+    seen, frontier = set(), [node]
+    while frontier and len(seen) < max_nodes:
+        n = frontier.pop()
+        if n in seen or not isinstance(n, fx.Node) or n.op != "call_function":
+            continue
+        seen.add(n)
+        if n.target in LINEAR_OPS:
+            return True
+        if n.target in _MLP_ELEMENTWISE:
+            frontier.extend(a for a in n.all_input_nodes)
+    return False
