@@ -1,2 +1,302 @@
-def main():
-    pass
+"""The ``sparsec`` command line: a thin layer over :mod:`sparsec.api`.
+
+Data goes to stdout (``--json`` gives one JSON document), logs to stderr. Exit codes: 0 success, 1 failure,
+2 usage or pipeline syntax. No traceback unless ``--debug``. Importing this module does not import torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from sparsec.errors import SparsecError, UsageError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _load_spec(spec: str | None, recipe: str | None, sets: tuple[str, ...]):
+    from sparsec.pipeline import load_recipe, parse_text
+
+    if (spec is None) == (recipe is None):
+        raise UsageError("give exactly one of --pass SPEC and --recipe FILE, e.g. --pass relufy")
+    pipeline = load_recipe(recipe) if recipe else parse_text(spec)
+    return pipeline.with_overrides(sets)
+
+
+def _model_options(f):
+    f = click.option("--weights", metavar="FILE", help="state dict (.safetensors or .pt, loaded weights-only) for a"
+                     " 'module:factory' MODEL")(f)
+    f = click.option("--unsafe-pickle", is_flag=True, help="allow MODEL to be a whole-module pickle. DANGEROUS:"
+                     " unpickling runs arbitrary code from the file; use only for files you made yourself")(f)
+    f = click.option("--trust-remote-code", is_flag=True, help="allow a Hugging Face model to run its own Python"
+                     " code (off by default)")(f)
+    f = click.option("--static", is_flag=True, help="capture with fixed input shapes (no dynamic batch/sequence)")(f)
+    f = click.option("--plugin", "plugins", multiple=True, metavar="FILE", help="Python file registering extra"
+                     " passes (runs its code)")(f)
+    return f
+
+
+def _load_plugins(plugins) -> None:
+    from sparsec.registry import load_plugin_file
+
+    for p in plugins:
+        load_plugin_file(p)
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("--debug", is_flag=True, help="show full tracebacks on errors")
+@click.version_option(package_name="sparsec", prog_name="sparsec")
+@click.pass_context
+def cli(ctx, debug):
+    """sparsec: compile PyTorch models for activation sparsity.
+
+    \b
+    sparsec transform MODEL --pass relufy -o OUT/     rewrite a model, write an artifact
+    sparsec trace MODEL                              what torch.export captured
+    sparsec passes [NAME]                            the passes and their options
+    sparsec pipeline show SPEC                       the canonical form of a pipeline
+    sparsec inspect OUT/                             the report of an artifact
+
+    MODEL: a Hugging Face directory, a .pt2 file, a sparsec artifact, 'package.module:factory' (with --weights
+    FILE for a state dict), or builtin:minilm / builtin:gemma3-270m (models that ship in packages).
+    """
+    ctx.obj = {"debug": debug}
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--pass", "-p", "spec", metavar="SPEC", help="pipeline, e.g. 'relufy' or 'relufy{to=fatrelu}'")
+@click.option("--recipe", metavar="FILE", help="YAML recipe instead of --pass")
+@click.option("--set", "sets", multiple=True, metavar="PASS.OPTION=VALUE", help="override an option (repeatable)")
+@click.option("-o", "--output", "out", required=True, metavar="DIR", help="artifact directory to write")
+@click.option("--force", is_flag=True, help="replace OUT if it is an existing artifact")
+@click.option("--dump-ir", metavar="DIR", help="write the graph before and after every pass into DIR")
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON document")
+@_model_options
+def transform(model, spec, recipe, sets, out, force, dump_ir, as_json, weights, unsafe_pickle, trust_remote_code,
+              static, plugins):
+    """Rewrite MODEL with a pipeline of passes and write the artifact directory OUT."""
+    _load_plugins(plugins)
+    pipeline = _load_spec(spec, recipe, sets)
+    pipeline.validate_order()
+    from sparsec.artifact import check_output_dir
+
+    check_output_dir(out, force, inputs=[model, weights, recipe])
+    from sparsec import api
+    from sparsec.instruments import DumpIR
+
+    _log(f"sparsec: capturing {model}")
+    result = api.transform(model, pipeline, weights=weights, unsafe_pickle=unsafe_pickle,
+                           trust_remote_code=trust_remote_code, dynamic=not static,
+                           instruments=[DumpIR(dump_ir)] if dump_ir else [])
+    api.save(result, out, force=force)
+    summary = {"artifact": out, "pipeline": result.pipeline.canonical(),
+               "passes": [{"name": p["name"], "stats": p["stats"], "seconds": p.get("seconds")}
+                          for p in result.report["passes"]],
+               "effect": {k: v for k, v in result.report.get("effect", {}).items() if k != "layers"}}
+    if as_json:
+        _echo_json(summary)
+        return
+    click.echo(f"wrote {out}")
+    click.echo(f"pipeline: {summary['pipeline']}")
+    for p in summary["passes"]:
+        stats = ", ".join(f"{k}={v}" for k, v in p["stats"].items())
+        click.echo(f"  {p['name']}: {stats} ({p['seconds']:.2f} s)")
+    _print_effect(result.report.get("effect"))
+
+
+def _print_effect(effect: dict | None) -> None:
+    if not effect:
+        return
+    d, t, o = effect["dense"], effect["transformed"], effect.get("output", {})
+    shapes = ", ".join(f"{k}{v}" for k, v in effect["inputs"].items())
+    click.echo(f"measured on the example inputs ({shapes}):")
+    click.echo(f"  MLP intermediate sparsity (zeros in the inputs of {t['mlp_layers']} MLP down-projections):"
+               f" {d['mlp_intermediate_sparsity']:.1%} -> {t['mlp_intermediate_sparsity']:.1%}")
+    click.echo(f"  linear-input sparsity (zeros in the inputs of all {t['weight_layers']} weight layers,"
+               f" element-weighted): {d['linear_input_sparsity']:.1%} -> {t['linear_input_sparsity']:.1%}")
+    if o:
+        click.echo(f"  output vs dense: mean cosine {o['mean_cosine']:.4f}, max |diff| {o['max_abs_diff']:.3g}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON document")
+@_model_options
+def trace(model, as_json, weights, unsafe_pickle, trust_remote_code, static, plugins):
+    """Capture MODEL with torch.export and report ops, inputs, linear layers and activations."""
+    from sparsec import api
+
+    info = api.trace(model, weights=weights, unsafe_pickle=unsafe_pickle, trust_remote_code=trust_remote_code,
+                     dynamic=not static)
+    if as_json:
+        _echo_json(info)
+        return
+    click.echo(f"{info['model']} ({info['kind']}): {info['nodes']} nodes")
+    click.echo("inputs:")
+    for i in info["inputs"]:
+        dims = ", ".join(str(d) if isinstance(d, int) else f"{d['symbol']}>={d['min']}" for d in i.get("shape", []))
+        click.echo(f"  {i['name']}: {i.get('dtype', '')}[{dims}]")
+    click.echo("ops (count):")
+    for op, n in info["ops"].items():
+        click.echo(f"  {n:6d}  {op}")
+    click.echo(f"linear layers ({len(info['linears'])}):")
+    for lin in info["linears"]:
+        tag = "  [MLP intermediate input]" if lin["mlp_intermediate_input"] else ""
+        click.echo(f"  {lin['module']}  {lin['op']} {lin['in_features']}->{lin['out_features']}{tag}")
+    click.echo(f"activations ({len(info['activations'])}):")
+    for act in info["activations"]:
+        click.echo(f"  {act['module']}  {act['kind']}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON document")
+@click.option("--plugin", "plugins", multiple=True, metavar="FILE", help="Python file registering extra passes")
+def passes(name, as_json, plugins):
+    """List the passes, or show one pass's options."""
+    _load_plugins(plugins)
+    from sparsec.registry import get_pass, list_passes
+
+    if name is None:
+        infos = list_passes()
+        if as_json:
+            _echo_json([p.to_json() for p in infos])
+            return
+        width = max(len(p.name) for p in infos)
+        for p in infos:
+            click.echo(f"{p.name:<{width}}  {p.summary}")
+        return
+    info = get_pass(name)
+    data = info.to_json(detailed=True)
+    if as_json:
+        _echo_json(data)
+        return
+    click.echo(f"{info.name}: {data['description']}\n")
+    click.echo(f"needs calibration data: {'yes' if info.needs_calibration else 'no'}")
+    if info.after or info.before:
+        click.echo(f"order: runs after {', '.join(info.after) or '-'}; before {', '.join(info.before) or '-'}")
+    click.echo("options:")
+    for o in data["options"]:
+        extra = f"; {o['range']}" if "range" in o else ""
+        click.echo(f"  {o['name']}: {o['type']} = {json.dumps(o['default'])}{extra}\n      {o['help']}")
+
+
+@cli.group(context_settings=CONTEXT)
+def pipeline():
+    """Work with pipeline specs and recipes."""
+
+
+@pipeline.command("show", context_settings=CONTEXT)
+@click.argument("spec")
+@click.option("--format", "fmt", type=click.Choice(["text", "yaml", "json"]), default="text", show_default=True)
+@click.option("--set", "sets", multiple=True, metavar="PASS.OPTION=VALUE", help="override an option (repeatable)")
+@click.option("--plugin", "plugins", multiple=True, metavar="FILE", help="Python file registering extra passes")
+def pipeline_show(spec, fmt, sets, plugins):
+    """Print the canonical form of SPEC (a text spec, or a .yaml/.yml recipe file) with every default."""
+    _load_plugins(plugins)
+    is_file = spec.endswith((".yaml", ".yml")) and os.path.exists(spec)
+    pipe = _load_spec(None if is_file else spec, spec if is_file else None, sets)
+    pipe.validate_order()
+    click.echo({"text": pipe.canonical, "yaml": pipe.to_yaml, "json": pipe.to_json}[fmt]().rstrip("\n"))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("artifact")
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON document")
+def inspect(artifact, as_json):
+    """Print the report of an artifact directory written by 'sparsec transform'."""
+    from sparsec import api
+
+    art = api.load_artifact(artifact, load_program=False)
+    report = art.report
+    if as_json:
+        _echo_json({"manifest": art.manifest, **report})
+        return
+    m = art.manifest
+    click.echo(f"artifact: {artifact}")
+    click.echo(f"source:   {m.get('source', {}).get('model')} ({m.get('source', {}).get('kind')})")
+    click.echo(f"pipeline: {m.get('pipeline')}")
+    click.echo(f"versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()))
+    for p in report.get("passes", []):
+        stats = ", ".join(f"{k}={v}" for k, v in p.get("stats", {}).items())
+        click.echo(f"pass {p['index'] + 1} {p['name']}: {stats}")
+    layers = report.get("layers", [])
+    if layers:
+        keys = [k for k in layers[0] if k not in ("pass", "module")]
+        width = max(len(layer["module"]) for layer in layers)
+        click.echo(f"\n{'module':<{width}}  pass      " + "  ".join(keys))
+        for layer in layers:
+            click.echo(f"{layer['module']:<{width}}  {layer['pass']:<8}  " +
+                       "  ".join(str(layer.get(k, "")) for k in keys))
+    effect = report.get("effect")
+    if effect:
+        click.echo("")
+        _print_effect(effect)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON document")
+def env(as_json):
+    """Print versions of sparsec and its dependencies, for bug reports."""
+    import platform
+    from importlib import metadata
+
+    info = {"sparsec": metadata.version("sparsec"), "python": platform.python_version(),
+            "platform": platform.platform(), "cpus": os.cpu_count()}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "apache-tvm", "numpy", "safetensors", "pyyaml",
+                "click"):
+        try:
+            info[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            info[pkg] = None
+    if as_json:
+        _echo_json(info)
+        return
+    for k, v in info.items():
+        click.echo(f"{k:<14} {v if v is not None else 'not installed'}")
+
+
+def main(argv=None) -> None:
+    """Entry point: maps SparsecError to its exit code with a one-line message; --debug re-raises."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="sparsec", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # usage errors from click itself
+        exc.show()
+        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(1)
+    except SparsecError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"error: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback and"
+                   " report it)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -286,6 +286,7 @@ def load_hf(path: str, *, trust_remote_code: bool = False, source: str | None = 
         import transformers
     except ImportError:
         raise SparsecError("loading a Hugging Face model needs transformers: pip install 'sparsec[hf]'") from None
+    transformers.utils.logging.disable_progress_bar()
     try:
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                          local_files_only=True)
@@ -391,7 +392,6 @@ class _ModuleTracker:
 
     def __init__(self, root: nn.Module):
         self.stack: list[str] = []
-        self.failed: str | None = None
         self.handles = []
         for name, mod in root.named_modules():
             self.handles.append(mod.register_forward_pre_hook(self._enter(name)))
@@ -408,8 +408,7 @@ class _ModuleTracker:
                 self.stack.pop()
         return hook
 
-    def close(self):
-        self.failed = self.stack[-1] if self.stack else None
+    def remove(self):
         for h in self.handles:
             h.remove()
 
@@ -436,11 +435,11 @@ def capture(loaded: LoadedModel, *, dynamic: bool = True) -> Captured:
     try:
         program = torch.export.export(module, loaded.args, loaded.kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as exc:
-        tracker.close()
-        raise SparsecError(_capture_failure_message(loaded, exc, tracker.failed, dynamic)) from exc
+        failed = tracker.stack[-1] if tracker.stack else None
+        raise SparsecError(_capture_failure_message(loaded, exc, failed, dynamic)) from exc
     finally:
         out_hook.remove()
-        tracker.close()
+        tracker.remove()
         if saved_cache:
             cache_cfg.use_cache = saved_cache
     return Captured(program, loaded.args, loaded.kwargs, loaded)

