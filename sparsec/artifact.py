@@ -124,6 +124,9 @@ def write_artifact(out_dir: str, program, recipe_yaml: str, manifest: dict, repo
     base = os.path.basename(os.path.abspath(out_dir))
     tmp = tempfile.mkdtemp(prefix=f".{base}{_TMP_MARK}", dir=parent, suffix=f"-{os.getpid()}")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the artifact gets the mode of a plain mkdir
         torch.export.save(program, os.path.join(tmp, MODEL_FILE))
         _write_text(os.path.join(tmp, RECIPE_FILE), recipe_yaml)
         _write_text(os.path.join(tmp, REPORT_FILE), json.dumps(report, indent=2, default=_json_default))

@@ -20,8 +20,10 @@ def _echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-def _log(message: str) -> None:
-    click.echo(message, err=True)
+def _progress(message: str) -> None:
+    """A progress note on stderr, only on a terminal: when stderr is captured, a failure leaves just its error line."""
+    if sys.stderr.isatty():
+        click.echo(message, err=True)
 
 
 def _load_spec(spec: str | None, recipe: str | None, sets: tuple[str, ...]):
@@ -95,7 +97,7 @@ def transform(model, spec, recipe, sets, out, force, dump_ir, as_json, weights, 
     from sparsec import api
     from sparsec.instruments import DumpIR
 
-    _log(f"sparsec: capturing {model}")
+    _progress(f"sparsec: capturing {model}")
     result = api.transform(model, pipeline, weights=weights, unsafe_pickle=unsafe_pickle,
                            trust_remote_code=trust_remote_code, dynamic=not static,
                            instruments=[DumpIR(dump_ir)] if dump_ir else [])
@@ -275,8 +277,10 @@ def main(argv=None) -> None:
         cli.main(args=args, prog_name="sparsec", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:  # usage errors from click itself
-        exc.show()
+    except click.ClickException as exc:  # usage errors from click itself, as one line like ours
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if isinstance(exc, click.UsageError) and ctx else ""
+        click.echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
         sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)

@@ -58,7 +58,8 @@ class OptionSpec:
         return t.__name__
 
     def to_json(self) -> dict:
-        d = {"name": self.name, "type": self.type_name, "default": self.default, "help": self.info.help}
+        d = {"name": self.name, "type": self.type_name, "default": None if self.default is _MISSING else self.default,
+             "help": self.info.help}
         if get_origin(self.type) is Literal:
             d["choices"] = list(get_args(self.type))
         if self.info.range_text():
@@ -137,18 +138,23 @@ class PassConfig:
         hints = typing.get_type_hints(cls)
         specs = []
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not _MISSING else f.default_factory()
+            default = (f.default if f.default is not _MISSING else  # _MISSING: a required option
+                       f.default_factory() if f.default_factory is not _MISSING else _MISSING)
             specs.append(OptionSpec(f.name, hints[f.name], default, f.metadata["sparsec"]))
         return specs
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "PassConfig":
         """Build from a mapping of option name → value; unknown keys are rejected with a did-you-mean."""
-        names = [s.name for s in cls.option_specs()]
+        specs = cls.option_specs()
+        names = [s.name for s in specs]
         for key in options:
             if key not in names:
                 raise UsageError(f"no such option '{key}' for pass '{cls.pass_name}'{did_you_mean(key, names)};"
                                  f" valid options: {', '.join(names)}")
+        missing = [s.name for s in specs if s.default is _MISSING and s.name not in options]
+        if missing:
+            raise UsageError(f"pass '{cls.pass_name}' needs option(s) {', '.join(missing)}: they have no default")
         return cls(**options)
 
     def options(self) -> dict[str, Any]:
@@ -157,4 +163,4 @@ class PassConfig:
 
     @classmethod
     def summary(cls) -> str:
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        return next(iter((cls.__doc__ or "").strip().splitlines()), "")

@@ -36,7 +36,8 @@ class PipelineSyntaxError(UsageError):
         super().__init__(f"pipeline spec, column {column + 1}: {message}")
 
     def __str__(self) -> str:
-        return f"{self.message}\n  {self.text}\n  {' ' * self.column}^"
+        pad = "".join(c if c == "\t" else " " for c in self.text[:self.column])  # keep tabs so the caret lines up
+        return f"{self.message}\n  {self.text}\n  {pad}^"
 
 
 def did_you_mean(word: str, choices) -> str:

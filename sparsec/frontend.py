@@ -11,6 +11,7 @@ import importlib.util
 import inspect
 import os
 import pickle
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,11 +132,18 @@ def _load_path(path: str, weights, unsafe_pickle, trust_remote_code) -> LoadedMo
 
 
 def _load_pt2(path: str) -> LoadedModel:
+    import logging
+
+    export_log = logging.getLogger("torch.export")  # it logs a bad archive's traceback as a warning, then raises
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
     try:
         program = torch.export.load(path)
     except Exception as exc:  # torch raises many types for a bad archive (zipfile, RuntimeError, KeyError, ...)
         raise SparsecError(f"'{path}' is not a readable torch.export archive: {type(exc).__name__}: "
                            f"{_first_line(exc)}; re-create it with torch.export.save") from None
+    finally:
+        export_log.setLevel(level)
     loaded = LoadedModel(path, "pt2", program=program)
     _set_program_inputs(loaded)
     return loaded
@@ -155,8 +163,10 @@ def _load_pickle(path: str, unsafe_pickle: bool) -> LoadedModel:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not unsafe_pickle:
-            raise SparsecError(f"'{path}' is a pickle that safe loading refuses (it may run arbitrary code when"
-                               f" loaded: {_first_line(exc)[:120]}); if you trust its author, pass --unsafe-pickle,"
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            what = f"it calls {found.group(1)}" if found else _first_line(exc)[:120]
+            raise SparsecError(f"'{path}' is a pickle that safe loading refuses ({what}; unpickling it would run"
+                               " arbitrary code); if you made it yourself or trust its author, pass --unsafe-pickle,"
                                " otherwise ask for a state dict (.safetensors) and its factory") from None
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from sparsec.config import PassConfig
+from sparsec.config import PassConfig, coerce_value
 from sparsec.errors import PipelineSyntaxError, SparsecError, UsageError, did_you_mean
 
 RECIPE_VERSION = 1
@@ -281,7 +281,7 @@ class _Parser:
             raw = {}
             if self.peek() == "{":
                 raw = self.options(name, cls)
-            configs.append(_build_config(cls, raw, self.text))
+            configs.append(_build_config(cls, raw, self.text, start))
             self.skip_ws()
             c = self.peek()
             if not c:
@@ -294,12 +294,17 @@ class _Parser:
             self.fail(f"expected ',' between passes, found '{c}'")
 
 
-def _build_config(cls: type[PassConfig], raw: dict[str, tuple[Any, int]], text: str) -> PassConfig:
+def _build_config(cls: type[PassConfig], raw: dict[str, tuple[Any, int]], text: str, start: int) -> PassConfig:
+    specs = {s.name: s for s in cls.option_specs()}
+    for key, (value, col) in raw.items():  # check each value on its own so an error points at its own column
+        try:
+            coerce_value(cls.pass_name, specs[key], value)
+        except UsageError as exc:
+            raise PipelineSyntaxError(exc.message, text, col) from None
     try:
         return cls.from_options({k: v for k, (v, _) in raw.items()})
-    except UsageError as exc:
-        col = next((c for k, (_, c) in raw.items() if f"'{k}'" in exc.message), 0)
-        raise PipelineSyntaxError(exc.message, text, col) from None
+    except UsageError as exc:  # a required option left out
+        raise PipelineSyntaxError(exc.message, text, start) from None
 
 
 def parse_text(text: str) -> Pipeline:
@@ -320,7 +325,7 @@ def from_recipe(data: Any, source: str = "recipe") -> Pipeline:
             raise UsageError(f"{source}: unknown top-level key(s) {sorted(unknown)}; a recipe has 'version' and"
                              " 'passes'")
         version = data.get("version", RECIPE_VERSION)
-        if version != RECIPE_VERSION:
+        if type(version) is not int or version != RECIPE_VERSION:  # not `true` or 1.0, which == 1
             raise UsageError(f"{source}: recipe version {version!r} is not supported; this sparsec reads version"
                              f" {RECIPE_VERSION}")
         data = data.get("passes")
@@ -337,7 +342,9 @@ def from_recipe(data: Any, source: str = "recipe") -> Pipeline:
         else:
             raise UsageError(f"{source}: pass #{i} must be a name or a one-key mapping 'name: {{options}}', got"
                              f" {item!r}")
-        if not isinstance(name, str) or not isinstance(opts, dict):
+        if not isinstance(name, str):
+            raise UsageError(f"{source}: pass #{i}: a pass name must be a string, got {name!r}")
+        if not isinstance(opts, dict):
             raise UsageError(f"{source}: pass #{i}: options of '{name}' must be a mapping, got {opts!r}")
         if not all(isinstance(k, str) for k in opts):
             raise UsageError(f"{source}: pass #{i} ('{name}'): option names must be strings")

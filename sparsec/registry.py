@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import pkgutil
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -87,10 +88,14 @@ def load_plugin_file(path: str) -> None:
     if not os.path.isfile(path):
         raise UsageError(f"plugin file '{path}' does not exist; --plugin takes a Python file that calls register_pass")
     spec = importlib.util.spec_from_file_location(f"sparsec_plugin_{abs(hash(path))}", path)
+    if spec is None:
+        raise UsageError(f"plugin file '{path}' is not a Python file; --plugin takes a .py file")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and get_type_hints look the module up by name
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
+        del sys.modules[spec.name]
         raise SparsecError(f"plugin file '{path}' failed to load: {type(exc).__name__}: {exc}") from exc
 
 

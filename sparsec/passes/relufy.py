@@ -126,7 +126,7 @@ def relufy(gm: fx.GraphModule, cfg: RelufyConfig, ctx: PassContext) -> PassResul
         if cfg.scope == "mlp" and not (produced_by_linear(act.input) and feeds_linear(act.output)):
             skipped_scope += 1
             continue
-        with gm.graph.inserting_after(act.output):
+        with gm.graph.inserting_before(act.output.next):  # keeps the new nodes in order
             created = _emit(gm.graph, act.input, cfg)
         new = created[-1]
         for n in created:  # the new nodes keep the module path, so later passes can target them
