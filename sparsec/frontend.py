@@ -199,7 +199,11 @@ def _import_factory(spec: str):
                 raise UsageError(f"factory file '{target}' does not exist")
             mspec = importlib.util.spec_from_file_location(f"sparsec_factory_{abs(hash(target))}", target)
             module = importlib.util.module_from_spec(mspec)
-            mspec.loader.exec_module(module)
+            saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ beside the user's file
+            try:
+                mspec.loader.exec_module(module)
+            finally:
+                sys.dont_write_bytecode = saved
         else:
             module = importlib.import_module(target)
     except UsageError:

@@ -100,11 +100,22 @@ class Pipeline:
 
 
 def _order_message(first: str, second: str, why: str, names: list[str]) -> str:
-    fixed = [n for n in names if n != first]
-    fixed.insert(fixed.index(second), first)
+    fixed = _fixed_order(names)
     because = f" ({why})" if why else ""
     return (f"pass '{first}' must run before '{second}'{because}; got '{','.join(names)}', write"
             f" '{','.join(fixed)}'")
+
+
+def _fixed_order(names: list[str]) -> list[str]:
+    """``names`` changed as little as possible (a stable topological sort) to meet every ordering constraint."""
+    from sparsec.registry import get_pass
+
+    infos = {n: get_pass(n) for n in names}
+    must = {(a, n) for n, i in infos.items() for a in i.after} | {(n, b) for n, i in infos.items() for b in i.before}
+    left, out = list(names), []
+    while left:  # take the first pass nothing left must precede (the first one outright on a cycle)
+        out.append(left.pop(next((k for k, n in enumerate(left) if not any((a, n) in must for a in left)), 0)))
+    return out
 
 
 def _format_value(v: Any) -> str:

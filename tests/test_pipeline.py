@@ -123,7 +123,7 @@ def test_as_pipeline_rejects_other_types():
         as_pipeline(3)
 
 
-_target_chars = st.sampled_from(list('ab.*:\\ ,{}="\'#\t\n-_/é') + ["re:", "true", "null", "1e5"])
+_target_chars = st.sampled_from(list('ab.*:\\ ,{}="\'#\t\n\r\x00\x85\u2028-_/é') + ["re:", "true", "null", "1e5"])
 _targets = st.lists(st.lists(_target_chars, max_size=8).map("".join), max_size=4)
 
 
@@ -134,8 +134,9 @@ _targets = st.lists(st.lists(_target_chars, max_size=8).map("".join), max_size=4
        scope=st.sampled_from(["mlp", "all"]), targets=_targets, ignore=_targets)
 def test_round_trip_property(to, threshold, shift, scope, targets, ignore):
     cfg = RelufyConfig(to=to, threshold=threshold, shift=shift, scope=scope, targets=targets, ignore=ignore)
-    c = Pipeline((cfg,)).canonical()
-    for back in (parse_text(c), parse_yaml(Pipeline((cfg,)).to_yaml()), from_recipe(json.loads(Pipeline((cfg,)).to_json()))):
+    p = Pipeline((cfg,))
+    c = p.canonical()
+    for back in (parse_text(c), parse_yaml(p.to_yaml()), from_recipe(json.loads(p.to_json()))):
         assert back.canonical() == c
         got = back.configs[0]
         assert got.options() == cfg.options()
