@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 
 import click
 
@@ -270,7 +271,7 @@ def env(as_json):
 
 
 def main(argv=None) -> None:
-    """Entry point: maps SparsecError to its exit code with a one-line message; --debug re-raises."""
+    """Entry point: maps SparsecError to its exit code with a one-line message; --debug prints the traceback first."""
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
     try:
@@ -287,7 +288,7 @@ def main(argv=None) -> None:
         sys.exit(1)
     except SparsecError as exc:
         if debug:
-            raise
+            traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
@@ -295,7 +296,7 @@ def main(argv=None) -> None:
         sys.exit(130)
     except Exception as exc:
         if debug:
-            raise
+            traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         click.echo(f"error: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback and"
                    " report it)", err=True)

@@ -195,7 +195,9 @@ def runs(inputs, inputs_before, tmp_path_factory):
                   "relufy", "-o", "out")
         for case, (argv, _) in SPEC_CASES.items():
             start(case, sparsec, "transform", factory, *argv, "-o", "out")
-        start("debug", sparsec, "--debug", "transform", inputs / "random.pt2", "--pass", "relufy", "-o", "out")
+        start("inspect-missing", sparsec, "inspect", "nope")
+        start("debug", sparsec, "--debug", "inspect", "nope")
+        start("debug-usage", sparsec, "--debug", "pipeline", "show", "relu")
         start("non-artifact-force", _non_artifact_force, factory)
         start("help", sparsec, "--help", env={"PYTHONPROFILEIMPORTTIME": "1"})
         start("passes", sparsec, "passes")
@@ -236,11 +238,25 @@ def test_bad_pipeline_or_usage(case, runs, inputs):
     assert not temporaries(d, inputs)
 
 
+def test_inspect_a_missing_artifact(runs):
+    proc, _ = result(runs, "inspect-missing")
+    assert_error(proc, 1, "'nope' is not a sparsec artifact directory")
+
+
 def test_debug_shows_the_traceback(runs):
-    proc, d = result(runs, "debug")
+    proc, _ = result(runs, "debug")
     assert proc.returncode == 1
-    assert "Traceback" in proc.stderr and "not a readable torch.export archive" in proc.stderr
-    assert not (d / "out").exists() and not temporaries(d)
+    assert proc.stderr.startswith("Traceback (most recent call last):")
+    assert "SparsecError: 'nope' is not a sparsec artifact directory" in proc.stderr
+    assert proc.stderr.rstrip("\n").split("\n")[-1] == ("error: 'nope' is not a sparsec artifact directory (it does"
+                                                        " not exist or is not a directory)")
+
+
+def test_debug_keeps_the_usage_exit_code(runs):
+    proc, _ = result(runs, "debug-usage")
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "PipelineSyntaxError" in proc.stderr
+    assert proc.stderr.rstrip("\n").split("\n")[-3].startswith("error: pipeline spec, column 1: unknown pass 'relu'")
 
 
 def _non_artifact_force(d: Path, factory: str):
@@ -265,7 +281,8 @@ def test_help_does_not_import_torch(runs):
     proc, _ = result(runs, "help")
     assert proc.returncode == 0, proc.stderr
     assert "transform" in proc.stdout and "inspect" in proc.stdout
-    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
     assert "sparsec.cli" in imported and "click" in imported
     assert not any(m == "torch" or m.startswith("torch.") for m in imported)
 
