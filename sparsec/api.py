@@ -1,6 +1,7 @@
 """The Python API; the CLI calls only these functions."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -32,7 +33,8 @@ class TransformResult:
 def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop: Callable | None = None,
               overrides: Iterable[str] = (), weights: str | None = None, unsafe_pickle: bool = False,
               trust_remote_code: bool = False, dynamic: bool = True, instruments: Iterable = (),
-              measure: bool = True) -> TransformResult:
+              measure: bool = True, calib_data: str | None = None, calib_samples: int = 16,
+              seq_len: int | None = None, batch_size: int = 4) -> TransformResult:
     """Capture ``model`` with torch.export and run the pipeline ``spec`` on it.
 
     ``model``: an ``nn.Module`` (with ``example_inputs``), an ``ExportedProgram``, or a path / spec string as on the
@@ -40,6 +42,10 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     configs. ``forward_loop(model)`` runs calibration data through ``model`` for passes that need it.
     ``measure``: run the example inputs through the dense and the transformed graph and record the effect
     (sparsity as defined in :mod:`sparsec.measure`, output similarity) in the report.
+    Calibration data for passes that need it, when no ``forward_loop`` is given: ``calib_data`` (a .txt file
+    tokenised with the model's tokenizer, or a .pt/.npy tensor of token ids), else the built-in Wikipedia text when
+    the model has a tokenizer; ``calib_samples`` windows of ``seq_len`` tokens (default: 512, or the model's
+    maximum), run in batches of ``batch_size`` (see :func:`sparsec.calibration.make_forward_loop`).
     """
     from sparsec import frontend
     from sparsec.instruments import default_instruments
@@ -49,11 +55,13 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     pipeline = as_pipeline(spec).with_overrides(overrides)
     pipeline.validate_order()
     need = [n for n in pipeline.names if get_pass(n).needs_calibration]
-    if need and forward_loop is None:
+    if need and forward_loop is None and calib_data is None and not isinstance(model, (str, os.PathLike)):
         raise SparsecError(f"pass '{need[0]}' needs calibration data and none was given: pass --calib-data FILE on"
                            " the command line, or forward_loop=fn in Python")
     loaded = frontend.load_model(model, example_inputs, weights=weights, unsafe_pickle=unsafe_pickle,
                                  trust_remote_code=trust_remote_code)
+    if need and forward_loop is None:
+        forward_loop = _calibration_loop(need[0], loaded, calib_data, calib_samples, seq_len, batch_size)
     captured = frontend.capture(loaded, dynamic=dynamic)
     gm = captured.program.module()
     report: dict = {"format": "sparsec-report", "version": 1, "pipeline": pipeline.canonical(), "passes": [],
@@ -77,6 +85,31 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     if loaded.tokenizer_dir:
         source["tokenizer"] = loaded.tokenizer_dir
     return TransformResult(program, pipeline, report, source, captured.args, captured.kwargs)
+
+
+def _calibration_loop(pass_name: str, loaded, calib_data, samples: int, seq_len: int | None, batch_size: int):
+    """forward_loop from --calib-data or the built-in text; fails before capture, saying how to give data."""
+    from sparsec.calibration import make_forward_loop
+    from sparsec.errors import UsageError
+
+    if calib_data is None and not loaded.tokenizer_dir:
+        raise SparsecError(f"pass '{pass_name}' needs calibration data and none was given (the model has no"
+                           " tokenizer for the built-in text): pass --calib-data FILE (.txt, or a .pt/.npy tensor of"
+                           " token ids) on the command line, or forward_loop=fn in Python")
+    config = getattr(loaded.module, "config", None)
+    limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(getattr(config, k, None), int)), None)
+    if seq_len is None:
+        seq_len = min(512, limit) if limit else 512
+    elif limit and seq_len > limit:
+        raise UsageError(f"--seq-len {seq_len} is longer than the model's maximum of {limit} positions")
+    first = next(iter([*loaded.args, *loaded.kwargs.values()]), None)
+    try:
+        return make_forward_loop(calib_data, tokenizer_dir=loaded.tokenizer_dir,
+                                 vocab_size=getattr(config, "vocab_size", None), example_input=first,
+                                 samples=samples, seq_len=seq_len, batch_size=batch_size)
+    except SparsecError as exc:
+        raise type(exc)(f"pass '{pass_name}' needs calibration data: {exc.message}") from None
 
 
 def run_pipeline(gm, pipeline, args: tuple, kwargs: dict, forward_loop, instruments, report: dict):
@@ -173,3 +206,44 @@ def trace(model: Any, *, example_inputs: Any = None, weights: str | None = None,
     return {"model": loaded.source, "kind": loaded.kind, "nodes": len(gm.graph.nodes),
             "inputs": input_spec(captured.program), "ops": dict(ops.most_common()), "linears": linears,
             "activations": acts}
+
+
+def export_onnx(artifact_or_result: Any, path: str, opset: int | None = None, verify: bool = False,
+                inputs: Any = None, **options):
+    """Export an artifact (directory or :class:`Artifact`) or a :class:`TransformResult` to ONNX at ``path``.
+
+    Dynamic batch/sequence axes, ``sparsec::`` ops lowered to standard ONNX ops, atomic write; ``verify`` compares
+    ONNX Runtime with torch on ``inputs`` (default: the example inputs). Options: ``external_data``, ``force``,
+    ``rtol``, ``atol``, ``optimize``. See :func:`sparsec.backends.onnxruntime.export_onnx`.
+    """
+    from sparsec.backends.onnxruntime import export_onnx as _export
+
+    return _export(artifact_or_result, path, opset=opset, verify=verify, inputs=inputs, **options)
+
+
+def run(model: str, inputs: Any = None) -> dict:
+    """Run a ``.onnx`` file (ONNX Runtime) or an artifact directory (torch) on ``inputs`` (a .npz / .safetensors
+    path or a dict name -> array; for an artifact, default: its example inputs), checked against the model's inputs.
+
+    Returns ``{"backend": "onnxruntime" | "torch", "outputs": {name: numpy array}}``.
+    """
+    model = os.fspath(model)
+    if not os.path.isdir(model):
+        from sparsec.backends.onnxruntime import run_onnx
+
+        if inputs is None:
+            raise SparsecError(f"running '{model}' needs inputs: --inputs FILE (.npz or .safetensors, one array per"
+                               " model input)")
+        return {"backend": "onnxruntime", "outputs": run_onnx(model, inputs)}
+    from sparsec.inputs import check_inputs, example_inputs, load_inputs_file, output_names, run_program
+
+    art = load_artifact(model)
+    if inputs is None:
+        source, arrays = "example inputs", {k: v.numpy() for k, v in example_inputs(art.program).items()}
+    elif isinstance(inputs, (str, os.PathLike)):
+        source, arrays = f"inputs file '{inputs}'", load_inputs_file(os.fspath(inputs))
+    else:
+        source, arrays = "inputs", dict(inputs)
+    check_inputs(arrays, art.manifest.get("inputs", []), source=source, what=f"artifact '{model}'")
+    outs = run_program(art.program, arrays)
+    return {"backend": "torch", "outputs": {n: o.detach().numpy() for n, o in zip(output_names(len(outs)), outs)}}

@@ -225,6 +225,7 @@ def read_artifact(path: str, *, load_program: bool = True) -> Artifact:
     if load_program:
         import torch
 
+        import sparsec.ops  # noqa: F401  registers the sparsec:: custom ops the program may contain
         try:
             art.program = torch.export.load(os.path.join(path, MODEL_FILE))
         except Exception as exc:

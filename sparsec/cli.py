@@ -69,6 +69,8 @@ def cli(ctx, debug):
     sparsec passes [NAME]                            the passes and their options
     sparsec pipeline show SPEC                       the canonical form of a pipeline
     sparsec inspect OUT/                             the report of an artifact
+    sparsec export OUT/ --to onnx -o model.onnx      export to ONNX (--verify: compare with torch)
+    sparsec run model.onnx --inputs FILE             run with ONNX Runtime (or OUT/ with torch)
 
     MODEL: a Hugging Face directory, a .pt2 file, a sparsec artifact, 'package.module:factory' (with --weights
     FILE for a state dict), or builtin:minilm / builtin:gemma3-270m (models that ship in packages).
@@ -85,23 +87,33 @@ def cli(ctx, debug):
 @click.option("--force", is_flag=True, help="replace OUT if it is an existing artifact")
 @click.option("--dump-ir", metavar="DIR", help="write the graph before and after every pass into DIR")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON document")
+@click.option("--calib-data", metavar="FILE", help="calibration data for passes that need it: a .txt file (tokenised"
+              " with the model's tokenizer) or a .pt/.npy tensor of token ids; default: Wikipedia text from gensim"
+              " (articles 60 on) when the model has a tokenizer")
+@click.option("--calib-samples", type=int, default=16, show_default=True, metavar="N",
+              help="calibration sequences (windows of --seq-len tokens)")
+@click.option("--seq-len", type=int, default=None, metavar="L", help="tokens per calibration sequence [default:"
+              " 512, or the model's maximum]")
+@click.option("--batch-size", type=int, default=4, show_default=True, metavar="B",
+              help="calibration sequences per forward")
 @_model_options
 def transform(model, spec, recipe, sets, out, force, dump_ir, as_json, weights, unsafe_pickle, trust_remote_code,
-              static, plugins):
+              static, plugins, calib_data, calib_samples, seq_len, batch_size):
     """Rewrite MODEL with a pipeline of passes and write the artifact directory OUT."""
     _load_plugins(plugins)
     pipeline = _load_spec(spec, recipe, sets)
     pipeline.validate_order()
     from sparsec.artifact import check_output_dir
 
-    check_output_dir(out, force, inputs=[model, weights, recipe])
+    check_output_dir(out, force, inputs=[model, weights, recipe, calib_data])
     from sparsec import api
     from sparsec.instruments import DumpIR
 
     _progress(f"sparsec: capturing {model}")
     result = api.transform(model, pipeline, weights=weights, unsafe_pickle=unsafe_pickle,
                            trust_remote_code=trust_remote_code, dynamic=not static,
-                           instruments=[DumpIR(dump_ir)] if dump_ir else [])
+                           instruments=[DumpIR(dump_ir)] if dump_ir else [], calib_data=calib_data,
+                           calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size)
     api.save(result, out, force=force)
     summary = {"artifact": out, "pipeline": result.pipeline.canonical(),
                "passes": [{"name": p["name"], "stats": p["stats"], "seconds": p.get("seconds")}
@@ -246,6 +258,118 @@ def inspect(artifact, as_json):
     if effect:
         click.echo("")
         _print_effect(effect)
+
+
+@cli.command("export", context_settings=CONTEXT)
+@click.argument("artifact")
+@click.option("--to", "target", type=click.Choice(["onnx"]), required=True, help="what to export to")
+@click.option("-o", "--output", "out", required=True, metavar="FILE", help="model file to write, e.g. model.onnx")
+@click.option("--opset", type=int, metavar="N", help="ONNX opset version [default: the exporter's]")
+@click.option("--external-data/--no-external-data", default=None, help="weights in FILE.data beside the model"
+              " [default: when they exceed 1 GB]")
+@click.option("--verify", is_flag=True, help="run ONNX Runtime and the torch artifact on sample inputs and compare;"
+              " exit 1 beyond tolerance")
+@click.option("--inputs", metavar="FILE", help="inputs for --verify: .npz or .safetensors, one array per model input"
+              " [default: the artifact's example inputs, and the same cut to a shorter sequence]")
+@click.option("--rtol", type=float, default=1e-4, show_default=True, help="relative tolerance for --verify")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="absolute tolerance for --verify")
+@click.option("--force", is_flag=True, help="replace FILE if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON document")
+def export(artifact, target, out, opset, external_data, verify, inputs, rtol, atol, force, as_json):
+    """Export the artifact directory ARTIFACT to a deployable model (ONNX: dynamic batch/sequence axes)."""
+    if inputs and not verify:
+        raise UsageError("--inputs gives the inputs of --verify; add --verify")
+    from sparsec import api
+    from sparsec.artifact import read_manifest
+    from sparsec.backends.onnxruntime.export import VerificationError, check_output_file
+
+    check_output_file(out, force)
+    read_manifest(artifact)  # not an artifact: fail before importing torch
+    _progress(f"sparsec: exporting {artifact} to ONNX")
+    failure = None
+    try:
+        result = api.export_onnx(artifact, out, opset=opset, verify=verify, inputs=inputs,
+                                 external_data=external_data, force=force, rtol=rtol, atol=atol)
+    except VerificationError as exc:
+        result, failure = exc.result, exc
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    if as_json:
+        _echo_json(result.to_json())
+    else:
+        def sig(values):
+            return ", ".join(f"{v['name']} {v['dtype']}[{', '.join(str(d) for d in v['shape'])}]" for v in values)
+
+        data = f", weights in {result.files[0]}" if result.external_data else ""
+        click.echo(f"wrote {out} (ONNX opset {result.opset}, {result.weight_bytes / 1e6:.1f} MB of weights{data},"
+                   f" {result.seconds:.1f} s)")
+        click.echo(f"inputs:  {sig(result.inputs)}")
+        click.echo(f"outputs: {sig(result.outputs)}")
+        v = result.verification
+        if v:
+            click.echo(f"verify: ONNX Runtime vs torch (rtol {v['rtol']:g}, atol {v['atol']:g})")
+            for r in v["runs"]:
+                click.echo(f"  {r['inputs']}: max abs err {r['max_abs']:.3g}, max rel err {r['max_rel']:.3g}"
+                           f"  {'ok' if r['ok'] else 'BEYOND TOLERANCE'}")
+    if failure is not None:
+        raise SparsecError(failure.message)
+
+
+@cli.command("run", context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--inputs", metavar="FILE", help=".npz or .safetensors, one array per model input (by name)"
+              " [required for .onnx; default for an artifact: its example inputs]")
+@click.option("--output", "-o", "out", metavar="FILE.npz", help="write the outputs (by name) to this .npz file")
+@click.option("--force", is_flag=True, help="replace --output FILE if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON document")
+def run(model, inputs, out, force, as_json):
+    """Run MODEL (a .onnx file with ONNX Runtime, or an artifact directory with torch) on --inputs FILE."""
+    if out:
+        if not out.endswith(".npz"):
+            raise UsageError(f"--output '{out}' must end in .npz (the outputs are written as a numpy .npz file)")
+        if os.path.lexists(out) and not force:
+            raise SparsecError(f"output '{out}' already exists; pass --force to replace it, or choose another"
+                               " --output")
+    if not os.path.exists(model):
+        raise SparsecError(f"model '{model}' does not exist; give a .onnx file or a sparsec artifact directory")
+    if os.path.isdir(model):
+        from sparsec.artifact import read_manifest
+
+        read_manifest(model)
+    import time
+
+    from sparsec import api
+
+    start = time.perf_counter()
+    result = api.run(model, inputs)
+    seconds = time.perf_counter() - start
+    outputs = result["outputs"]
+    if out:
+        import tempfile
+
+        import numpy as np
+
+        parent = os.path.dirname(os.path.abspath(out))
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp.npz", dir=parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **outputs)
+            os.replace(tmp, out)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    info = {"model": model, "backend": result["backend"], "inputs": inputs or "example inputs",
+            "outputs": [{"name": k, "dtype": str(v.dtype), "shape": list(v.shape)} for k, v in outputs.items()],
+            "output_file": out, "seconds": round(seconds, 3)}
+    if as_json:
+        _echo_json(info)
+        return
+    click.echo(f"ran {model} with {result['backend']} on {info['inputs']} ({seconds:.2f} s)")
+    for o in info["outputs"]:
+        click.echo(f"  {o['name']}: {o['dtype']}{o['shape']}")
+    if out:
+        click.echo(f"wrote {out}")
 
 
 @cli.command(context_settings=CONTEXT)

@@ -137,6 +137,7 @@ def _load_pt2(path: str) -> LoadedModel:
     export_log = logging.getLogger("torch.export")  # it logs a bad archive's traceback as a warning, then raises
     level = export_log.level
     export_log.setLevel(logging.ERROR)
+    import sparsec.ops  # noqa: F401  registers the sparsec:: custom ops the program may contain
     try:
         program = torch.export.load(path)
     except Exception as exc:  # torch raises many types for a bad archive (zipfile, RuntimeError, KeyError, ...)

@@ -168,6 +168,6 @@ def _from_weight_layer(node: fx.Node, max_nodes: int = 64) -> bool:
         seen.add(n)
         if n.target in LINEAR_OPS:
             return True
-        if n.target in _MLP_ELEMENTWISE:
+        if n.target in _MLP_ELEMENTWISE or getattr(n.target, "namespace", None) == "sparsec":  # sparsec::threshold
             frontier.extend(a for a in n.all_input_nodes)
     return False

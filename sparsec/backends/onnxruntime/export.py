@@ -1,0 +1,342 @@
+"""Export a sparsec artifact (its ExportedProgram) to ONNX with ``torch.onnx.export(..., dynamo=True)``.
+
+- dynamic axes stay dynamic: the program's symbolic dims become named ONNX dims (``batch``, ``seq``);
+- ``sparsec::`` custom ops are lowered through :mod:`.translations`; any other op with no ONNX translation fails
+  before anything is written, naming the op and the module it sits in;
+- weights go to external data (``model.onnx.data`` beside the model) above 1 GB or when asked;
+- the file is written atomically (a temporary directory beside it, then a rename): a failed export leaves nothing;
+- ``metadata_props`` record the sparsec and torch versions, the canonical pipeline, the artifact fingerprint.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparsec.errors import SparsecError, UsageError
+
+#: above this many bytes of weights the model is saved with external data
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+#: namespaces whose ops torch's ONNX exporter translates (or decomposes) itself
+_BUILTIN_NAMESPACES = {"aten", "prims", "quantized_decomposed", "_operator", "torchvision"}
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote."""
+
+    path: str
+    opset: int
+    external_data: bool
+    files: list[str]
+    inputs: list[dict]
+    outputs: list[dict]
+    weight_bytes: int
+    seconds: float
+    metadata: dict = field(default_factory=dict)
+    verification: dict | None = None
+    notes: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class VerificationError(SparsecError):
+    """ONNX Runtime's outputs differ from the torch reference beyond tolerance; ``.result`` holds the export."""
+
+    def __init__(self, message: str, result: OnnxExport):
+        super().__init__(message)
+        self.result = result
+
+
+def _resolve(source: Any) -> tuple[Any, dict]:
+    """(ExportedProgram, facts for metadata) from a TransformResult, an Artifact, an artifact path or a program."""
+    import torch
+
+    from sparsec.artifact import Artifact, read_artifact
+
+    if isinstance(source, (str, os.PathLike)):
+        source = read_artifact(str(source))
+    if isinstance(source, Artifact):
+        m = source.manifest
+        return source.program, {"pipeline": m.get("pipeline", ""), "fingerprint": m.get("fingerprint", ""),
+                                "source": str((m.get("source") or {}).get("model", "")), "artifact": source.path}
+    if isinstance(source, torch.export.ExportedProgram):
+        return source, {}
+    program = getattr(source, "program", None)
+    if isinstance(program, torch.export.ExportedProgram):  # TransformResult
+        pipeline = getattr(source, "pipeline", None)
+        return program, {"pipeline": pipeline.canonical() if hasattr(pipeline, "canonical") else "",
+                         "source": str((getattr(source, "source", None) or {}).get("model", ""))}
+    raise UsageError(f"cannot export a {type(source).__name__} to ONNX; give a TransformResult, an artifact"
+                     " directory (or Artifact), or an ExportedProgram")
+
+
+def check_output_file(path: str, force: bool) -> None:
+    """Refuse an existing output file without ``force``, and a directory always."""
+    if os.path.isdir(path):
+        raise SparsecError(f"output '{path}' is a directory; -o takes the .onnx file to write, e.g. -o model.onnx")
+    if os.path.lexists(path) and not force:
+        raise SparsecError(f"output '{path}' already exists; pass --force to replace it, or choose another -o")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise SparsecError(f"cannot write '{path}': '{parent}' is not a directory")
+
+
+def unsupported_ops(program, table: dict) -> list[tuple[str, str, str]]:
+    """(op, module path, node name) of every op no ONNX translation is known for (custom namespaces only: torch's
+    exporter translates or decomposes aten ops itself)."""
+    import torch
+
+    from sparsec.graph import module_path
+    from sparsec.backends.onnxruntime.translations import has_translation
+
+    registered = None
+    out = []
+    for node in program.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if target.namespace in _BUILTIN_NAMESPACES or target in table or has_translation(target):
+            continue
+        registered = registered or _torch_registry_check()  # built only when a custom op is there (it is slow)
+        if registered(target):
+            continue
+        out.append((target.name().split(".", 1)[0], module_path(node), node.name))
+    return out
+
+
+def _torch_registry_check():
+    """``is_registered(op)`` of torch's ONNX registry (a private API: always False when it is not there)."""
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+        registry = ONNXRegistry.from_torch_lib()
+        return registry.is_registered
+    except Exception:
+        return lambda target: False
+
+
+def _no_translation_message(op: str, module: str, node: str) -> str:
+    where = f"in module '{module}'" if module else "in the model's own forward"
+    return (f"op '{op}' ({where}, node '{node}') has no ONNX translation; register one with"
+            f" sparsec.backends.onnxruntime.register_translation('{op}') (standard ONNX ops), or transform the model"
+            " without the pass that adds it")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Keep the exporter's progress prints, warnings and log lines off stdout/stderr (data and one-line errors)."""
+    sink = io.StringIO()
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield sink
+    finally:
+        logging.disable(previous)
+
+
+def _exporter_cause(exc: BaseException) -> str:
+    """The useful line of a torch.onnx exporter error (its 'Exception summary'), else its first line."""
+    text = str(exc)
+    found = re.findall(r"<class '[\w.]+\.(\w+)'>: (.+)", text)
+    if found:
+        name, msg = found[0]
+        return f"{name}: {msg.strip()}"
+    for cause in (exc.__cause__, exc.__context__):
+        if cause is not None:
+            return f"{type(cause).__name__}: {_first_line(cause)}"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _friendly_dims(program) -> dict[str, str]:
+    from sparsec.artifact import input_spec
+    from sparsec.inputs import friendly_dim_names
+
+    return friendly_dim_names(input_spec(program))
+
+
+def _rename_dims(model, names: dict[str, str]) -> None:
+    import onnx_ir as ir
+
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in sorted(names, key=len, reverse=True)) + r")\b")
+
+    def fix(value):
+        shape = value.shape
+        if shape is None:
+            return
+        dims = [ir.SymbolicDim(pattern.sub(lambda m: names[m.group(1)], d.value))
+                if isinstance(d, ir.SymbolicDim) and d.value else d for d in shape]
+        value.shape = ir.Shape(dims)
+
+    graph = model.graph
+    for v in [*graph.inputs, *graph.outputs]:
+        fix(v)
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for v in node.outputs:
+            fix(v)
+
+
+def _weight_bytes(model) -> int:
+    total = 0
+    for init in model.graph.initializers.values():
+        cv = init.const_value
+        if cv is not None:
+            total += int(cv.nbytes)
+    return total
+
+
+def _value_info(v) -> dict:
+    dims = [d if isinstance(d, int) else str(getattr(d, "value", d)) for d in (v.shape or [])]
+    try:
+        dtype = str(v.dtype.numpy())
+    except Exception:
+        dtype = str(v.dtype).lower() if v.dtype is not None else None
+    return {"name": v.name, "dtype": dtype, "shape": dims}
+
+
+def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool = False, inputs: Any = None, *,
+                external_data: bool | None = None, force: bool = False, rtol: float = 1e-4, atol: float = 1e-4,
+                optimize: bool = True) -> OnnxExport:
+    """Export ``source`` (a TransformResult, an artifact directory / Artifact, or an ExportedProgram) to ONNX.
+
+    ``opset``: ONNX opset (default: the exporter's). ``external_data``: weights in ``PATH.data`` (default: when
+    they exceed 1 GB). ``verify``: run ONNX Runtime on ``inputs`` (None: the program's example inputs, plus a
+    shorter sequence; or a .npz / .safetensors file, or a dict of arrays) and compare with the torch program;
+    raises :class:`VerificationError` beyond ``rtol`` / ``atol`` (the model stays written). ``force`` replaces an
+    existing file.
+    """
+    import torch
+
+    import sparsec
+    from sparsec.artifact import _TMP_MARK, cleanup_stale_temporaries
+    from sparsec.backends.onnxruntime.translations import translation_table
+    from sparsec.inputs import output_names
+
+    if opset is not None and (not isinstance(opset, int) or isinstance(opset, bool) or opset < 7):
+        raise UsageError(f"opset must be an integer >= 7 (ONNX opset version), not {opset!r}")
+    if opset is not None:
+        import onnx
+
+        if opset > onnx.defs.onnx_opset_version():
+            raise UsageError(f"opset {opset} is newer than this onnx package knows (at most"
+                             f" {onnx.defs.onnx_opset_version()})")
+    path = os.fspath(path)
+    check_output_file(path, force)
+    program, facts = _resolve(source)
+    table = translation_table()
+    if verify and isinstance(inputs, (str, os.PathLike)):  # a bad inputs file fails before the (slow) export
+        from sparsec.artifact import input_spec
+        from sparsec.inputs import check_inputs, load_inputs_file
+
+        inputs = os.fspath(inputs)
+        check_inputs(load_inputs_file(inputs), input_spec(program), source=f"inputs file '{inputs}'",
+                     what="the artifact")
+    missing = unsupported_ops(program, table)
+    if missing:
+        raise SparsecError(_no_translation_message(*missing[0]))
+    from sparsec.graph import module_path
+
+    start = time.perf_counter()
+    n_out = len(program.graph_signature.user_outputs)
+    try:
+        with _quiet():
+            onnx_program = torch.onnx.export(program, (), None, dynamo=True, opset_version=opset,
+                                             custom_translation_table=table or None, optimize=optimize,
+                                             output_names=output_names(n_out), verbose=False, report=False)
+    except Exception as exc:
+        cause = _exporter_cause(exc)
+        op = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>", str(exc))
+        if op:
+            ns, _, name = op.group(1).partition(".")
+            qualified = f"{ns}::{name}"
+            where = [(qualified, module_path(n), n.name) for n in program.graph.nodes
+                     if n.op == "call_function" and getattr(n.target, "name", None)
+                     and callable(n.target.name) and n.target.name().split(".", 1)[0] == qualified]
+            raise SparsecError(_no_translation_message(*(where[0] if where else (qualified, "", "?")))) from exc
+        hint = f" (opset {opset} may be too old for torch.onnx; try --opset 18 or newer)" if opset else ""
+        raise SparsecError(f"ONNX export failed: {cause[:400]}{hint} (--debug shows the full trace)") from exc
+
+    model = onnx_program.model
+    _rename_dims(model, _friendly_dims(program))
+    opset_used = int(model.opset_imports.get("", opset or 0))
+    metadata = {"sparsec.version": sparsec.__version__, "sparsec.pipeline": facts.get("pipeline", ""),
+                "sparsec.fingerprint": facts.get("fingerprint", ""), "sparsec.source": facts.get("source", ""),
+                "torch.version": torch.__version__, "onnx.opset": str(opset_used),
+                "exporter": f"torch.onnx.export(dynamo=True) {torch.__version__}"}
+    for k, v in metadata.items():
+        model.metadata_props[k] = str(v)
+    model.producer_name, model.producer_version = "sparsec", sparsec.__version__
+    weight_bytes = _weight_bytes(model)
+    use_external = bool(external_data) if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
+
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    cleanup_stale_temporaries(parent)
+    base = os.path.basename(path)
+    tmp = tempfile.mkdtemp(prefix=f".{base}{_TMP_MARK}", dir=parent, suffix=f"-{os.getpid()}")
+    files = []
+    try:
+        with _quiet():
+            onnx_program.save(os.path.join(tmp, base), external_data=use_external)
+        written = sorted(os.listdir(tmp), key=lambda f: f == base)  # the .onnx file last: it marks completion
+        if base not in written:
+            raise SparsecError(f"ONNX export wrote no '{base}'")
+        stale = path + ".data"
+        for f in written:
+            dst = os.path.join(parent, f)
+            _fsync_file(os.path.join(tmp, f))
+            os.replace(os.path.join(tmp, f), dst)
+            files.append(dst)
+        if force and stale not in files and os.path.isfile(stale):
+            os.remove(stale)  # the old export's weights; the new model holds its own
+    except BaseException:
+        for f in files:  # a failure between renames: take back what was moved into place
+            with contextlib.suppress(OSError):
+                os.remove(f)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    result = OnnxExport(path=path, opset=opset_used, external_data=use_external, files=files,
+                        inputs=[_value_info(v) for v in model.graph.inputs],
+                        outputs=[_value_info(v) for v in model.graph.outputs], weight_bytes=weight_bytes,
+                        seconds=round(time.perf_counter() - start, 3), metadata=metadata)
+    if opset is not None and opset_used != opset:
+        result.notes.append(f"opset {opset} was requested; torch.onnx produced opset {opset_used} (its minimum)")
+    if verify:
+        from sparsec.backends.onnxruntime.runtime import verify_onnx
+
+        result.verification = verify_onnx(path, program, inputs, rtol=rtol, atol=atol)
+        if not result.verification["ok"]:
+            raise VerificationError(verification_failure(result.verification, path), result)
+    return result
+
+
+def verification_failure(v: dict, path: str) -> str:
+    worst = max(v["runs"], key=lambda r: (not r["ok"], r["max_abs"]))
+    return (f"ONNX Runtime output differs from the torch reference beyond rtol={v['rtol']:g}, atol={v['atol']:g} on"
+            f" {worst['inputs']} (max abs err {worst['max_abs']:.3g}, max rel err {worst['max_rel']:.3g}); '{path}'"
+            " was written: inspect it, or loosen --rtol/--atol")
+
+
+def _fsync_file(p: str) -> None:
+    with open(p, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

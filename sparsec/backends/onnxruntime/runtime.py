@@ -1,0 +1,158 @@
+"""ONNX Runtime inference and verification of an exported model against the torch reference."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from sparsec.errors import SparsecError
+from sparsec.inputs import check_inputs, example_inputs, load_inputs_file, onnx_input_spec, run_program
+
+DEFAULT_RTOL = DEFAULT_ATOL = 1e-4
+
+
+def onnx_session(path: str, *, threads: int | None = None):
+    """An ONNX Runtime CPU session for the model file ``path`` (external data beside it is found by ORT)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise SparsecError("running ONNX models needs onnxruntime: pip install 'sparsec[onnx]'") from None
+    if not os.path.isfile(path):
+        raise SparsecError(f"ONNX model '{path}' does not exist or is not a file")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: warnings would break the one-line error contract
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise SparsecError(f"ONNX Runtime cannot load '{path}': {_first_line(exc)[:300]}") from None
+
+
+def _to_numpy(v) -> np.ndarray:
+    if isinstance(v, np.ndarray):
+        return v
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
+def run_onnx(model: Any, inputs: Any, *, source: str | None = None) -> dict[str, np.ndarray]:
+    """Run the ONNX model (a path or an ``InferenceSession``) on ``inputs`` (a .npz / .safetensors path or a dict of
+    arrays); inputs are checked against the model's inputs first. Returns ``{output name: array}``."""
+    session = onnx_session(model) if isinstance(model, (str, os.PathLike)) else model
+    if isinstance(inputs, (str, os.PathLike)):
+        source, arrays = source or f"inputs file '{inputs}'", load_inputs_file(str(inputs))
+    else:
+        source, arrays = source or "inputs", {k: _to_numpy(v) for k, v in inputs.items()}
+    check_inputs(arrays, onnx_input_spec(session), source=source, what="the ONNX model")
+    names = [o.name for o in session.get_outputs()]
+    try:
+        outs = session.run(names, {k: np.ascontiguousarray(arrays[k]) for k in arrays})
+    except Exception as exc:
+        raise SparsecError(f"ONNX Runtime failed to run the model on {source}: {_first_line(exc)[:300]}") from None
+    return dict(zip(names, outs))
+
+
+def compare_outputs(got: list, want: list, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> dict:
+    """Max absolute and relative error of ``got`` vs the reference ``want`` (lists of arrays, in order).
+
+    ``ok``: every element satisfies ``|got - want| <= atol + rtol * |want|`` (``numpy.allclose``) and the shapes
+    agree. ``max_rel`` is ``max |got - want| / |want|`` over elements whose reference is not 0.
+    """
+    per, ok = [], len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w = _to_numpy(g), _to_numpy(w)
+        entry = {"index": i, "shape": list(w.shape)}
+        if g.shape != w.shape:
+            entry.update(ok=False, error=f"shape {list(g.shape)} != reference {list(w.shape)}")
+            per.append(entry)
+            ok = False
+            continue
+        if not np.issubdtype(w.dtype, np.floating):
+            same = bool(np.array_equal(g, w))
+            entry.update(ok=same, max_abs=0.0 if same else float("inf"), max_rel=0.0 if same else float("inf"))
+        else:
+            g64, w64 = g.astype(np.float64), w.astype(np.float64)
+            diff = np.abs(g64 - w64)
+            nz = w64 != 0
+            entry["max_abs"] = float(diff.max()) if diff.size else 0.0
+            entry["max_rel"] = float((diff[nz] / np.abs(w64[nz])).max()) if nz.any() else 0.0
+            bad = ~np.isclose(g64, w64, rtol=rtol, atol=atol, equal_nan=True)
+            entry["mismatched"] = int(bad.sum())
+            entry["ok"] = not bad.any()
+        ok = ok and entry["ok"]
+        per.append(entry)
+    return {"ok": bool(ok), "rtol": rtol, "atol": atol,
+            "max_abs": max((e.get("max_abs", float("inf")) for e in per), default=0.0),
+            "max_rel": max((e.get("max_rel", float("inf")) for e in per), default=0.0), "outputs": per}
+
+
+def verify_onnx(onnx_path: str, program, inputs: Any = None, *, spec: list[dict] | None = None,
+                rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL, shorter: bool = True) -> dict:
+    """Run the ONNX model in ONNX Runtime and the torch ``program`` (ExportedProgram) on the same inputs and compare.
+
+    ``inputs``: None (the program's example inputs; with ``shorter``, also the same inputs cut to a shorter
+    sequence, so that the dynamic axes are exercised), a .npz / .safetensors path, or a dict of arrays. Inputs are
+    checked against ``spec`` (default: the program's input spec). Returns ``{"ok", "max_abs", "max_rel", "runs":
+    [...]}``; it does not raise when the outputs differ: check ``ok``.
+    """
+    from sparsec.artifact import input_spec
+
+    spec = spec if spec is not None else input_spec(program)
+    if inputs is None:
+        base = {k: _to_numpy(v) for k, v in example_inputs(program).items()}
+        sets = [("example inputs", base)]
+        short = _shorter_variant(base, spec) if shorter else None
+        if short is not None:
+            sets.append(short)
+    elif isinstance(inputs, (str, os.PathLike)):
+        sets = [(f"inputs file '{inputs}'", load_inputs_file(str(inputs)))]
+    else:
+        sets = [("inputs", {k: _to_numpy(v) for k, v in inputs.items()})]
+    session = onnx_session(onnx_path)
+    module = program.module()
+    runs = []
+    for label, arrays in sets:
+        check_inputs(arrays, spec, source=label, what="the artifact")
+        got = run_onnx(session, arrays, source=label)
+        want = run_program(program, arrays, module)
+        cmp = compare_outputs(list(got.values()), want, rtol=rtol, atol=atol)
+        cmp["inputs"] = label
+        cmp["shapes"] = {k: list(v.shape) for k, v in arrays.items()}
+        cmp["output_names"] = list(got)
+        runs.append(cmp)
+    return {"ok": all(r["ok"] for r in runs), "rtol": rtol, "atol": atol,
+            "max_abs": max(r["max_abs"] for r in runs), "max_rel": max(r["max_rel"] for r in runs), "runs": runs}
+
+
+def _shorter_variant(arrays: dict[str, np.ndarray], spec: list[dict]):
+    """The inputs cut along every dynamic non-batch dim (e.g. the sequence) to about half, or None."""
+    cut: dict[str, int] = {}
+    for s in spec:
+        for i, d in enumerate(s.get("shape", [])):
+            if i == 0 or isinstance(d, int) or not d.get("symbol"):
+                continue
+            size = arrays[s["name"]].shape[i]
+            if size >= 4:
+                cut[d["symbol"]] = max(2, size // 2 + 1)
+    if not cut:
+        return None
+    out = {}
+    for s in spec:
+        if s["name"] not in arrays:
+            continue
+        a = arrays[s["name"]]
+        index = tuple(slice(0, cut[d["symbol"]]) if i and isinstance(d, dict) and d.get("symbol") in cut
+                      else slice(None) for i, d in enumerate(s["shape"]))
+        out[s["name"]] = np.ascontiguousarray(a[index])
+    label = "example inputs cut to " + ", ".join(f"{k}{list(v.shape)}" for k, v in out.items())
+    return label, out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,320 @@
+"""Calibration: streaming |x| statistics with bounded memory, and the data that drives them.
+
+**The contract** is ``forward_loop(model)``: a callable that runs calibration data through ``model`` (the
+llm-compressor / modelopt convention). A calibrating pass instruments its graph, calls ``forward_loop`` (possibly more
+than once), and reads the statistics; it never sees the data itself. :func:`make_forward_loop` builds such a loop from
+token ids, a text file, or the built-in Wikipedia text; the CLI's ``--calib-data`` goes through it.
+
+**The sketch** is :class:`AbsHistogram`, a fixed-size histogram of ``|x|`` whose bins are read off the float32 bit
+pattern: the exponent and the top ``mantissa_bits`` (m) bits of the mantissa. Every octave ``[2^e, 2^(e+1))`` is cut
+into ``2^m`` equal bins, so a bin's width is at most ``2^-m`` times its lower edge, over the range
+``[2^-40, 2^40)`` (values below go to bin 0 together with the zeros; values above, inf and NaN to the last bin).
+Binning is exact (integer arithmetic on the bits, no logarithm), works for any dtype (converted to float32 first,
+exact for bf16/fp16) and merges by adding counts (so distributed ranks all-reduce it with one ``SUM``).
+Memory: ``80 * 2^m`` int64 counters per tensor (160 KiB for the default m = 8), whatever the amount of data.
+
+**Error bound.** Let ``Q = torch.quantile(|x|, p)`` on the same data (linear interpolation between the order
+statistics ``x_(lo) <= Q <= x_(hi)``, ``lo = floor(p (N-1))``, ``hi = ceil(p (N-1))``). :meth:`AbsHistogram.quantile`
+returns a value in the bin holding ``x_(lo)``, hence::
+
+    |quantile(p) - Q|  <=  2^-m * Q  +  2^-39  +  (x_(hi) - x_(lo))
+
+(relative error 2^-m = 0.39 % for m = 8; the last term is the gap between two neighbouring order statistics, which
+vanishes for large samples of a continuous distribution). In terms of ranks, the fraction of values ``<= quantile(p)``
+differs from ``p`` by at most the mass of that one bin. ``tests/test_calibration.py`` checks the bound against
+``torch.quantile``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Iterable
+
+import torch
+
+from sparsec.errors import SparsecError, UsageError
+
+_LOW_EXP, _HIGH_EXP = -40, 40  # the histogram's range is [2^-40, 2^40)
+
+
+class AbsHistogram:
+    """Streaming histogram of |x| with relative bin width <= 2^-mantissa_bits (see the module docstring)."""
+
+    def __init__(self, mantissa_bits: int = 8, device: Any = "cpu"):
+        if not 0 <= mantissa_bits <= 12:
+            raise ValueError("mantissa_bits must be in 0..12")
+        self.m = mantissa_bits
+        self.shift = 23 - mantissa_bits
+        self.base = (127 + _LOW_EXP) << mantissa_bits
+        self.nbins = (_HIGH_EXP - _LOW_EXP) << mantissa_bits
+        self.counts = torch.zeros(self.nbins, dtype=torch.int64, device=device)
+
+    # ------------------------------------------------------------------ collecting
+    def update(self, x: torch.Tensor) -> None:
+        """Add the magnitudes of every element of ``x`` (any float dtype, any shape, any device)."""
+        v = x.detach().reshape(-1).abs().to(torch.float32)
+        if v.numel() == 0:
+            return
+        if self.counts.device != v.device:
+            self.counts = self.counts.to(v.device)
+        idx = (v.view(torch.int32) >> self.shift) - self.base  # abs() cleared the sign bit: bits are monotone
+        idx = idx.clamp_(0, self.nbins - 1)
+        self.counts += torch.bincount(idx, minlength=self.nbins)
+
+    def merge(self, other: "AbsHistogram") -> None:
+        if other.m != self.m:
+            raise ValueError("cannot merge histograms of different resolution")
+        self.counts += other.counts.to(self.counts.device)
+
+    def all_reduce(self) -> None:
+        """Sum the counts over the ranks of the default process group (no-op when not distributed)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.counts, op=dist.ReduceOp.SUM)
+
+    def reset(self) -> None:
+        self.counts.zero_()
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def count(self) -> int:
+        return int(self.counts.sum())
+
+    def edges(self) -> torch.Tensor:
+        """Lower edges of the bins and the upper edge of the last one (float64, nbins + 1 values; bin 0 starts at 0)."""
+        bits = ((torch.arange(self.nbins + 1, dtype=torch.int64) + self.base) << self.shift).to(torch.int32)
+        e = bits.view(torch.float32).to(torch.float64)
+        e[0] = 0.0
+        return e
+
+    def quantile(self, p: float) -> float:
+        """Estimate ``torch.quantile(|x|, p)`` over everything seen so far (bound in the module docstring)."""
+        return float(self.quantiles([p])[0])
+
+    def quantiles(self, ps: Iterable[float]) -> list[float]:
+        ps = list(ps)
+        counts = self.counts.to("cpu", torch.float64)
+        n = float(counts.sum())
+        if n == 0:
+            raise SparsecError("no calibration data reached this tensor: the forward_loop ran no batch through it")
+        cum = torch.cumsum(counts, 0)
+        edges = self.edges()
+        out = []
+        for p in ps:
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"quantile level {p} outside [0, 1]")
+            lo_rank = int(p * (n - 1))  # 0-based index of x_(lo)
+            b = int(torch.searchsorted(cum, torch.tensor(lo_rank, dtype=torch.float64), right=True))
+            b = min(b, self.nbins - 1)
+            before = float(cum[b - 1]) if b > 0 else 0.0
+            frac = (p * (n - 1) - before + 0.5) / float(counts[b])  # interpolate by rank inside the bin
+            frac = min(max(frac, 0.0), 1.0)
+            lo, hi = float(edges[b]), float(edges[b + 1])
+            out.append(lo + frac * (hi - lo) if b < self.nbins - 1 else lo)
+        return out
+
+    def fraction_at_most(self, t: float) -> float:
+        """Approximate fraction of magnitudes ``<= t`` (exact at bin edges)."""
+        counts = self.counts.to("cpu", torch.float64)
+        n = float(counts.sum())
+        edges = self.edges()
+        b = int(torch.searchsorted(edges, torch.tensor(t, dtype=torch.float64), right=True)) - 1
+        if b < 0:
+            return 0.0
+        if b >= self.nbins:
+            return 1.0
+        inside = (t - float(edges[b])) / max(float(edges[b + 1] - edges[b]), 1e-300)
+        return (float(counts[:b].sum()) + min(max(inside, 0.0), 1.0) * float(counts[b])) / n
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def progress(iterable, *, desc: str, total: int | None = None):
+    """A tqdm progress bar on stderr, shown only when stderr is a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+
+
+def default_text() -> str:
+    """The built-in calibration text: Wikipedia articles [60:] from gensim's test data (MODELS.md §3.1).
+
+    Articles [:60] are left for evaluation (perplexity, held-out sparsity)."""
+    from sparsec.data import wiki_articles
+
+    return "\n\n".join(text for _, text in wiki_articles()[60:])
+
+
+def _tokenizer(tokenizer_dir: str | None, what: str):
+    if tokenizer_dir is None:
+        raise UsageError(f"{what} needs the model's tokenizer and this model has none; give token ids instead:"
+                         " --calib-data FILE.pt or FILE.npy (an integer tensor)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+
+def tokenize_windows(text: str, tokenizer, seq_len: int, samples: int) -> torch.Tensor:
+    """Up to ``samples`` windows of ``seq_len`` tokens from ``text``: BOS (or CLS) + the next tokens (+ SEP)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "longer than the maximum sequence length" warning: we cut windows below
+    try:
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    head = [i for i in (tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id,)
+            if i is not None]
+    tail = [tokenizer.sep_token_id] if tokenizer.bos_token_id is None and tokenizer.sep_token_id is not None and head \
+        else []
+    body = seq_len - len(head) - len(tail)
+    if body < 1:
+        raise UsageError(f"--seq-len {seq_len} is too short for the special tokens of this tokenizer")
+    rows = [head + ids[i * body:(i + 1) * body] + tail for i in range(min(samples, len(ids) // body))]
+    if not rows:
+        raise UsageError(f"the calibration text has {len(ids)} tokens, fewer than one window of --seq-len {seq_len};"
+                         " give more text or a smaller --seq-len")
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def load_token_file(path: str) -> torch.Tensor:
+    """A ``.pt`` (loaded weights-only) or ``.npy`` (no pickles) tensor from ``path``."""
+    if not os.path.isfile(path):
+        raise UsageError(f"calibration file '{path}' does not exist")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"calibration file '{path}' is empty")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".npy":
+            import numpy as np
+
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"calibration file '{path}' cannot be read as a tensor ({first[:200]}); --calib-data takes"
+                         " a .txt file, or a .pt/.npy tensor of token ids") from None
+    if not isinstance(data, torch.Tensor):
+        raise UsageError(f"calibration file '{path}' holds a {type(data).__name__}, not a tensor")
+    return data
+
+
+def token_batches(data: torch.Tensor, *, seq_len: int, samples: int, vocab_size: int | None,
+                  source: str = "calibration data") -> torch.Tensor:
+    """Validate token ids and shape them to at most ``samples`` rows: a 1-D stream is cut into ``seq_len`` windows,
+    a 2-D (N, L) tensor is taken row by row."""
+    if data.numel() == 0:
+        raise UsageError(f"{source} is empty")
+    if data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool:
+        raise UsageError(f"{source} has dtype {str(data.dtype).removeprefix('torch.')}; token ids must be integers")
+    if data.dim() not in (1, 2):
+        raise UsageError(f"{source} has rank {data.dim()} (shape {tuple(data.shape)}); token ids are a 1-D stream or"
+                         " a 2-D (samples, seq_len) tensor")
+    data = data.to(torch.int64)
+    lo, hi = int(data.min()), int(data.max())
+    if lo < 0 or vocab_size is not None and hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise UsageError(f"{source} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+    if data.dim() == 1:
+        n = data.numel() // seq_len
+        if n == 0:
+            raise UsageError(f"{source} has {data.numel()} tokens, fewer than one window of --seq-len {seq_len}")
+        data = data[: n * seq_len].reshape(n, seq_len)
+    return data[:samples]
+
+
+def _accepted_inputs(model) -> set[str] | None:
+    import inspect
+
+    try:
+        params = inspect.signature(getattr(model, "forward", model)).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
+def _device(model) -> torch.device:
+    params = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    return next((p.device for p in params), torch.device("cpu"))
+
+
+def token_forward_loop(ids: torch.Tensor, *, batch_size: int = 4, desc: str = "calibration") -> Callable:
+    """``forward_loop(model)`` running ``ids`` (N, L) through ``model`` in batches of ``batch_size``, as
+    ``input_ids`` (with an all-ones ``attention_mask`` when the model takes one)."""
+
+    def forward_loop(model) -> None:
+        accepted = _accepted_inputs(model)
+        device = _device(model)
+        batches = range(0, ids.shape[0], batch_size)
+        with torch.no_grad():
+            for i in progress(batches, desc=desc, total=len(batches)):
+                x = ids[i:i + batch_size].to(device)
+                kwargs = {"input_ids": x}
+                if accepted is None or "attention_mask" in accepted:
+                    kwargs["attention_mask"] = torch.ones_like(x)
+                model(**kwargs)
+
+    forward_loop.samples, forward_loop.tokens = int(ids.shape[0]), int(ids.numel())
+    return forward_loop
+
+
+def tensor_forward_loop(data: torch.Tensor, *, batch_size: int = 4, desc: str = "calibration") -> Callable:
+    """``forward_loop(model)`` feeding the rows of a float tensor as the model's first input, in batches."""
+
+    def forward_loop(model) -> None:
+        device = _device(model)
+        batches = range(0, data.shape[0], batch_size)
+        with torch.no_grad():
+            for i in progress(batches, desc=desc, total=len(batches)):
+                model(data[i:i + batch_size].to(device))
+
+    forward_loop.samples = int(data.shape[0])
+    return forward_loop
+
+
+def make_forward_loop(calib_data: str | None, *, tokenizer_dir: str | None = None, vocab_size: int | None = None,
+                      example_input: torch.Tensor | None = None, samples: int = 16, seq_len: int = 512,
+                      batch_size: int = 4) -> Callable:
+    """Build ``forward_loop`` from the CLI's ``--calib-data``.
+
+    ``calib_data``: ``None`` (the built-in Wikipedia text, articles [60:], needs the model's tokenizer), a ``.txt``
+    file (tokenised with the model's tokenizer, cut into ``samples`` windows of ``seq_len`` tokens), or a ``.pt`` /
+    ``.npy`` tensor: integer token ids (1-D stream or 2-D rows), or float inputs (rows fed as the model's first input;
+    their trailing shape must match ``example_input``).
+    """
+    for name, value in (("--calib-samples", samples), ("--seq-len", seq_len), ("--batch-size", batch_size)):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}")
+    if calib_data is None:
+        tok = _tokenizer(tokenizer_dir, "the built-in calibration text (Wikipedia from gensim)")
+        return token_forward_loop(tokenize_windows(default_text(), tok, seq_len, samples), batch_size=batch_size)
+    ext = os.path.splitext(calib_data)[1].lower()
+    if ext in (".txt", ".text", ".md"):
+        if not os.path.isfile(calib_data):
+            raise UsageError(f"calibration file '{calib_data}' does not exist")
+        with open(calib_data, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if not text.strip():
+            raise UsageError(f"calibration file '{calib_data}' is empty")
+        tok = _tokenizer(tokenizer_dir, f"--calib-data {calib_data} (text)")
+        return token_forward_loop(tokenize_windows(text, tok, seq_len, samples), batch_size=batch_size)
+    if ext not in (".pt", ".pth", ".npy"):
+        raise UsageError(f"calibration file '{calib_data}': unknown type '{ext or '(none)'}'; --calib-data takes a"
+                         " .txt file, or a .pt/.npy tensor of token ids")
+    data = load_token_file(calib_data)
+    if data.is_floating_point():
+        if example_input is None or data.dim() != example_input.dim() or data.shape[1:] != example_input.shape[1:]:
+            want = "" if example_input is None else f" (N, {', '.join(map(str, example_input.shape[1:]))})"
+            raise UsageError(f"calibration file '{calib_data}' holds float data of shape {tuple(data.shape)}; float"
+                             f" inputs must have the shape of the model's first input{want}, token ids must be"
+                             " integers")
+        return tensor_forward_loop(data[:samples], batch_size=batch_size)
+    ids = token_batches(data, seq_len=seq_len, samples=samples, vocab_size=vocab_size,
+                        source=f"calibration file '{calib_data}'")
+    return token_forward_loop(ids, batch_size=batch_size)

