@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsec.errors import SparsecError, UsageError
+from sparsec.errors import SparsecError, UsageError, did_you_mean, first_line
 
 #: Sentences used as example / measurement inputs for text models that ship a tokenizer.
 SAMPLE_SENTENCES = [
@@ -134,15 +134,16 @@ def _load_path(path: str, weights, unsafe_pickle, trust_remote_code) -> LoadedMo
 def _load_pt2(path: str) -> LoadedModel:
     import logging
 
+    import sparsec.ops  # noqa: F401  registers the sparsec:: custom ops the program may contain
+
     export_log = logging.getLogger("torch.export")  # it logs a bad archive's traceback as a warning, then raises
     level = export_log.level
     export_log.setLevel(logging.ERROR)
-    import sparsec.ops  # noqa: F401  registers the sparsec:: custom ops the program may contain
     try:
         program = torch.export.load(path)
     except Exception as exc:  # torch raises many types for a bad archive (zipfile, RuntimeError, KeyError, ...)
         raise SparsecError(f"'{path}' is not a readable torch.export archive: {type(exc).__name__}: "
-                           f"{_first_line(exc)}; re-create it with torch.export.save") from None
+                           f"{first_line(exc)}; re-create it with torch.export.save") from None
     finally:
         export_log.setLevel(level)
     loaded = LoadedModel(path, "pt2", program=program)
@@ -165,14 +166,14 @@ def _load_pickle(path: str, unsafe_pickle: bool) -> LoadedModel:
     except pickle.UnpicklingError as exc:
         if not unsafe_pickle:
             found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            what = f"it calls {found.group(1)}" if found else _first_line(exc)[:120]
+            what = f"it calls {found.group(1)}" if found else first_line(exc)[:120]
             raise SparsecError(f"'{path}' is a pickle that safe loading refuses ({what}; unpickling it would run"
                                " arbitrary code); if you made it yourself or trust its author, pass --unsafe-pickle,"
                                " otherwise ask for a state dict (.safetensors) and its factory") from None
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise SparsecError(f"'{path}' cannot be read as a torch checkpoint: {type(exc).__name__}: "
-                           f"{_first_line(exc)}") from None
+                           f"{first_line(exc)}") from None
     module, example = obj, None
     if isinstance(obj, dict) and "model" in obj:
         module, example = obj["model"], obj.get("example_inputs")
@@ -216,8 +217,6 @@ def _import_factory(spec: str):
         raise SparsecError(f"importing '{target}' for factory '{spec}' failed: {type(exc).__name__}: {exc}") from None
     if not hasattr(module, attr):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        from sparsec.errors import did_you_mean
-
         raise UsageError(f"'{target}' has no attribute '{attr}'{did_you_mean(attr, names)}")
     return getattr(module, attr)
 
@@ -252,7 +251,7 @@ def load_weights(module: nn.Module, path: str) -> None:
         try:
             state = load_file(path)
         except Exception as exc:
-            raise SparsecError(f"weights file '{path}' is not a valid safetensors file ({_first_line(exc)}); it may"
+            raise SparsecError(f"weights file '{path}' is not a valid safetensors file ({first_line(exc)}); it may"
                                " be truncated: download it again") from None
     else:
         try:
@@ -263,7 +262,7 @@ def load_weights(module: nn.Module, path: str) -> None:
                                " unpickles weights with code (--unsafe-pickle applies to a whole-module MODEL only)"
                                ) from None
         except Exception as exc:
-            raise SparsecError(f"weights file '{path}' cannot be read: {type(exc).__name__}: {_first_line(exc)}"
+            raise SparsecError(f"weights file '{path}' cannot be read: {type(exc).__name__}: {first_line(exc)}"
                                ) from None
         if not isinstance(state, dict):
             raise SparsecError(f"weights file '{path}' holds a {type(state).__name__}, not a state dict")
@@ -309,9 +308,9 @@ def load_hf(path: str, *, trust_remote_code: bool = False, source: str | None = 
         if "trust_remote_code" in str(exc):
             raise SparsecError(f"'{path}' needs its own Python code to load; if you trust it, pass"
                                " --trust-remote-code") from None
-        raise SparsecError(f"'{path}': bad Hugging Face config: {_first_line(exc)}") from None
+        raise SparsecError(f"'{path}': bad Hugging Face config: {first_line(exc)}") from None
     except Exception as exc:
-        raise SparsecError(f"'{path}': cannot read config.json: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise SparsecError(f"'{path}': cannot read config.json: {type(exc).__name__}: {first_line(exc)}") from None
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None and arch and not trust_remote_code and getattr(config, "auto_map", None):
@@ -323,7 +322,7 @@ def load_hf(path: str, *, trust_remote_code: bool = False, source: str | None = 
         else:
             model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except Exception as exc:
-        raise SparsecError(f"'{path}': loading the weights failed: {type(exc).__name__}: {_first_line(exc)}"
+        raise SparsecError(f"'{path}': loading the weights failed: {type(exc).__name__}: {first_line(exc)}"
                            " (a truncated or corrupt weights file? download it again)") from None
     model.eval()
     if hasattr(model.config, "use_cache"):
@@ -358,10 +357,6 @@ def _hf_example_inputs(model, tok_dir: str | None) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------------------------- capture
@@ -462,7 +457,7 @@ def capture(loaded: LoadedModel, *, dynamic: bool = True) -> Captured:
 
 def _capture_failure_message(loaded: LoadedModel, exc: Exception, failed: str | None, dynamic: bool) -> str:
     text = str(exc)
-    cause = _first_line(exc)
+    cause = first_line(exc)
     where = f" in module {failed}" if failed else ""
     hints = []
     if "DynamicCache" in text or "Cache" in text and "not a known type" in text:
@@ -493,5 +488,5 @@ def reexport(gm: torch.fx.GraphModule, captured: Captured):
     try:
         return torch.export.export(gm, captured.args, captured.kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as exc:
-        raise SparsecError(f"re-exporting the transformed model failed: {type(exc).__name__}: {_first_line(exc)}"
+        raise SparsecError(f"re-exporting the transformed model failed: {type(exc).__name__}: {first_line(exc)}"
                            " (--debug shows the full trace)") from exc

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsec.errors import SparsecError, UsageError
+from sparsec.errors import SparsecError, UsageError, first_line
 
 INPUT_FILE_TYPES = (".npz", ".safetensors")
 
@@ -49,7 +49,7 @@ def load_inputs_file(path: str) -> dict[str, np.ndarray]:
 
             tensors = load_file(path)
         except Exception as exc:
-            raise SparsecError(f"inputs file '{path}' is not a valid safetensors file: {_first_line(exc)}") from None
+            raise SparsecError(f"inputs file '{path}' is not a valid safetensors file: {first_line(exc)}") from None
         arrays = {}
         for k, t in tensors.items():
             try:
@@ -218,8 +218,3 @@ def run_program(program, named: dict[str, Any], module=None) -> list:
 def output_names(n: int) -> list[str]:
     """The names sparsec gives a program's outputs (the same in ONNX and torch runs)."""
     return [f"output_{i}" for i in range(n)]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from sparsec.errors import SparsecError, UsageError
+from sparsec.errors import SparsecError, UsageError, first_line
 
 #: above this many bytes of weights the model is saved with external data
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -155,8 +155,8 @@ def _exporter_cause(exc: BaseException) -> str:
         return f"{name}: {msg.strip()}"
     for cause in (exc.__cause__, exc.__context__):
         if cause is not None:
-            return f"{type(cause).__name__}: {_first_line(cause)}"
-    return f"{type(exc).__name__}: {_first_line(exc)}"
+            return f"{type(cause).__name__}: {first_line(cause)}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _friendly_dims(program) -> dict[str, str]:
@@ -335,8 +335,3 @@ def verification_failure(v: dict, path: str) -> str:
 def _fsync_file(p: str) -> None:
     with open(p, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsec.errors import SparsecError
+from sparsec.errors import SparsecError, first_line
 from sparsec.inputs import check_inputs, example_inputs, load_inputs_file, onnx_input_spec, run_program
 
 DEFAULT_RTOL = DEFAULT_ATOL = 1e-4
@@ -27,7 +27,7 @@ def onnx_session(path: str, *, threads: int | None = None):
     try:
         return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise SparsecError(f"ONNX Runtime cannot load '{path}': {_first_line(exc)[:300]}") from None
+        raise SparsecError(f"ONNX Runtime cannot load '{path}': {first_line(exc)[:300]}") from None
 
 
 def _to_numpy(v) -> np.ndarray:
@@ -53,7 +53,7 @@ def run_onnx(model: Any, inputs: Any, *, source: str | None = None) -> dict[str,
     try:
         outs = session.run(names, {k: np.ascontiguousarray(arrays[k]) for k in arrays})
     except Exception as exc:
-        raise SparsecError(f"ONNX Runtime failed to run the model on {source}: {_first_line(exc)[:300]}") from None
+        raise SparsecError(f"ONNX Runtime failed to run the model on {source}: {first_line(exc)[:300]}") from None
     return dict(zip(names, outs))
 
 
@@ -151,8 +151,3 @@ def _shorter_variant(arrays: dict[str, np.ndarray], spec: list[dict]):
         out[s["name"]] = np.ascontiguousarray(a[index])
     label = "example inputs cut to " + ", ".join(f"{k}{list(v.shape)}" for k, v in out.items())
     return label, out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
