@@ -1,0 +1,105 @@
+"""sparsec's TIR linear kernels, built with the real TVM for this CPU, against a numpy fp32 reference.
+
+Shapes are not multiples of the column tile; inputs cover sparsity 0 / 0.5 / 0.9, all-zero and batch > 1 (the union
+path). That the sparse kernel really skips weight rows is checked with NaN in the rows of zero inputs: skipped rows
+never reach the output, so it stays finite, while the dense kernel of the same family turns NaN.
+"""
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+
+from sparsec.backends.tvm.env import cpu_target  # noqa: E402
+from sparsec.backends.tvm.kernels import TILE, linear_kernel, pack_weight, reference  # noqa: E402
+
+TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "float16": dict(rtol=2e-3, atol=2e-3),
+       "bfloat16": dict(rtol=1.6e-2, atol=1.6e-2)}
+_CACHE = {}
+
+
+def _kernel(k, n, dtype, sparse, threshold):
+    key = (k, n, dtype, sparse, threshold)
+    if key not in _CACHE:
+        f = linear_kernel(k, n, dtype, sparse=sparse, threshold=threshold).with_attr("global_symbol", "main")
+        _CACHE[key] = tvm.compile(f, cpu_target())["main"]
+    return _CACHE[key]
+
+
+def _input(m, k, sparsity, dtype, g):
+    x = torch.randn(m, k, generator=g)
+    for row in x:
+        row[torch.randperm(k, generator=g)[:round(sparsity * k)]] = 0
+    return x.to(getattr(torch, dtype))
+
+
+def _run(k, n, dtype, sparse, x, w, b, thr=None):
+    td = getattr(torch, dtype)
+    y = torch.full((x.shape[0], n), float("nan"), dtype=td)
+    t = torch.tensor([0.0 if thr is None else thr], dtype=td)
+    _kernel(k, n, dtype, sparse, thr is not None)(x, pack_weight(w), t, b, y)
+    return y
+
+
+def _check(y, x, w, b, dtype, thr=None):
+    want = reference(x.float(), w.float(), thr, b.float())
+    torch.testing.assert_close(y.float(), torch.from_numpy(want).to(getattr(torch, dtype)).float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype,k,n", [("float32", 100, 300), ("float32", 256, 128), ("float16", 100, 300),
+                                       ("bfloat16", 100, 300)])
+def test_sparse_and_dense_match_reference(dtype, k, n):
+    g = torch.Generator().manual_seed(0)
+    td = getattr(torch, dtype)
+    w, b = torch.randn(n, k, generator=g).to(td), torch.randn(n, generator=g).to(td)
+    for sparse in (True, False):
+        for m, s in [(1, 0.0), (1, 0.5), (1, 0.9), (3, 0.5), (5, 0.9)]:
+            x = _input(m, k, s, dtype, g)
+            _check(_run(k, n, dtype, sparse, x, w, b), x, w, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fused_threshold_matches_reference(dtype):
+    k, n = 100, 300
+    g = torch.Generator().manual_seed(1)
+    td = getattr(torch, dtype)
+    w, b = torch.randn(n, k, generator=g).to(td), torch.zeros(n, dtype=td)
+    for m in (1, 4, 6):
+        x = _input(m, k, 0.0, dtype, g)
+        for thr in (0.0, 0.67, 10.0):  # nothing dropped (no exact zeros) / about half / everything
+            y = _run(k, n, dtype, True, x, w, b, thr)
+            _check(y, x, w, b, dtype, thr)
+            if thr == 10.0:
+                assert torch.equal(y, torch.zeros_like(y))
+
+
+def test_all_zero_input_gives_the_bias_exactly():
+    k, n = 100, 300
+    w, b = torch.randn(n, k), torch.randn(n)
+    for m in (1, 5):
+        for sparse in (True, False):
+            assert torch.equal(_run(k, n, "float32", sparse, torch.zeros(m, k), w, b), b.expand(m, n))
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_sparse_kernel_never_reads_rows_of_zero_inputs(m):
+    k, n = 100, 300
+    g = torch.Generator().manual_seed(2)
+    x = _input(m, k, 0.5, "float32", g)
+    x[:, :8] = 1.0  # active in every row; the union of the block is x's nonzero columns
+    dead = (x == 0).all(dim=0)
+    w, b = torch.randn(n, k, generator=g), torch.zeros(n)
+    w_nan = w.clone()
+    w_nan[:, dead] = float("nan")
+    y = _run(k, n, "float32", True, x, w_nan, b)
+    assert torch.isfinite(y).all()
+    _check(y, x, w, b, "float32")
+    assert torch.isnan(_run(k, n, "float32", False, x, w_nan, b)).all()
+
+
+def test_pack_weight_pads_the_last_tile_with_zeros():
+    w = torch.arange(6 * 3, dtype=torch.float32).reshape(6, 3)
+    wp = pack_weight(w)
+    ct = TILE["float32"]
+    assert tuple(wp.shape) == (1, 3, ct)
+    assert torch.equal(wp[0, :, :6], w.T) and torch.equal(wp[0, :, 6:], torch.zeros(3, ct - 6))
