@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from sparsec.errors import SparsecError
+from sparsec.errors import SparsecError, first_line
 
 FORMAT = "sparsec-artifact"
 FORMAT_VERSION = 1
@@ -183,27 +183,93 @@ class Artifact:
         return self.program.module()
 
 
+class _OneOf:
+    """A schema that accepts a value matching any of ``alternatives``."""
+
+    def __init__(self, *alternatives):
+        self.alternatives = alternatives
+
+
+_NUMBER = _OneOf(int, float)
+_DIM = _OneOf(int, {"symbol": _OneOf(str, None), "min": _OneOf(int, None), "max": _OneOf(int, None)})
+#: the fields sparsec reads from a manifest / report, with their types: a list schema holds its items' schema, a dict
+#: schema the schema of each key ("key?" when it may be left out; other keys are allowed), {str: S} a mapping of
+#: anything to S, and {} an empty mapping.
+MANIFEST_SCHEMA = {
+    "pipeline": str, "fingerprint": str, "versions?": dict, "source?": {"model?": str, "kind?": str},
+    "inputs?": [_OneOf({"name": str, "dtype": str, "shape": [_DIM]}, {"name": str, "value": str})],
+    "files": {MODEL_FILE: str, RECIPE_FILE: str, REPORT_FILE: str},
+}
+_STATS = {"mlp_intermediate_sparsity": _NUMBER, "linear_input_sparsity": _NUMBER, "mlp_layers": int,
+          "weight_layers": int}
+REPORT_SCHEMA = {
+    "passes?": [{"name": str, "index": int, "stats?": dict}], "layers?": [{"pass": str, "module": str}],
+    "effect?": _OneOf(None, {"inputs": {str: [int]}, "dense": _STATS, "transformed": _STATS,
+                             "output?": _OneOf({}, {"mean_cosine": _NUMBER, "max_abs_diff": _NUMBER})}),
+}
+
+
+def schema_mismatch(value: Any, schema: Any, where: str = "") -> str | None:
+    """The path of the first place where ``value`` does not fit ``schema`` (None when it fits)."""
+    if isinstance(schema, _OneOf):
+        misses = [schema_mismatch(value, alt, where) for alt in schema.alternatives]
+        return None if None in misses else min(misses, key=len)
+    if schema is None:
+        return None if value is None else where or "(top level)"
+    if isinstance(schema, type):
+        fits = isinstance(value, schema) and not (isinstance(value, bool) and schema is not bool)
+        return None if fits else where or "(top level)"
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return where or "(top level)"
+        return next((m for i, v in enumerate(value) if (m := schema_mismatch(v, schema[0], f"{where}[{i}]"))), None)
+    if not isinstance(value, dict) or not schema and value:  # the schema {} takes only an empty mapping
+        return where or "(top level)"
+    if len(schema) == 1 and next(iter(schema)) is str:  # {str: item}: any keys, each value an item
+        item = schema[str]
+        return next((m for k, v in value.items() if (m := schema_mismatch(v, item, f"{where}.{k}"))), None)
+    for key, sub in schema.items():
+        name = key.rstrip("?")
+        if name not in value:
+            if key.endswith("?"):
+                continue
+            return f"{where}.{name}"
+        if (m := schema_mismatch(value[name], sub, f"{where}.{name}")):
+            return m
+    return None
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        cause = "nested too deeply" if isinstance(exc, RecursionError) else first_line(exc)
+        raise SparsecError(f"'{path}' is not valid JSON ({cause}); the artifact is damaged: re-create it") from None
+
+
 def read_manifest(path: str) -> dict:
+    """The manifest of the artifact directory ``path``, its format, version and fields checked (not the files)."""
     mpath = os.path.join(path, MANIFEST_FILE)
     if not os.path.isdir(path):
         raise SparsecError(f"'{path}' is not a sparsec artifact directory (it does not exist or is not a directory)")
     if not os.path.isfile(mpath):
         raise SparsecError(f"'{path}' is not a sparsec artifact: it has no {MANIFEST_FILE}; create one with"
                            " 'sparsec transform MODEL --pass SPEC -o DIR'")
-    try:
-        with open(mpath, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SparsecError(f"'{mpath}' is not valid JSON ({exc}); the artifact is damaged: re-create it") from None
+    manifest = _read_json(mpath)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SparsecError(f"'{mpath}' is not a sparsec manifest (format must be '{FORMAT}')")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise SparsecError(f"'{path}' has artifact format version {version!r}; this sparsec reads version"
                            f" {FORMAT_VERSION}: re-create it with this sparsec or use the version that made it")
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != {MODEL_FILE, RECIPE_FILE, REPORT_FILE}:
         raise SparsecError(f"'{mpath}' lists no valid 'files' checksums; the artifact is damaged: re-create it")
+    bad = schema_mismatch(manifest, MANIFEST_SCHEMA)
+    if bad:
+        raise SparsecError(f"'{mpath}': field '{bad.lstrip('.')}' is missing or of the wrong type; the artifact is"
+                           " damaged: re-create it")
     return manifest
 
 
@@ -217,10 +283,17 @@ def read_artifact(path: str, *, load_program: bool = True) -> Artifact:
         if sha256_file(fpath) != digest:
             raise SparsecError(f"artifact '{path}': {name} does not match its checksum in {MANIFEST_FILE} (modified"
                                " or damaged); re-create the artifact")
-    with open(os.path.join(path, REPORT_FILE), encoding="utf-8") as f:
-        report = json.load(f)
-    with open(os.path.join(path, RECIPE_FILE), encoding="utf-8") as f:
-        recipe = f.read()
+    report = _read_json(os.path.join(path, REPORT_FILE))
+    bad = schema_mismatch(report, REPORT_SCHEMA)
+    if bad:
+        raise SparsecError(f"artifact '{path}': {REPORT_FILE} field '{bad.lstrip('.')}' is missing or of the wrong"
+                           " type; re-create the artifact")
+    try:
+        with open(os.path.join(path, RECIPE_FILE), encoding="utf-8") as f:
+            recipe = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SparsecError(f"artifact '{path}': {RECIPE_FILE} cannot be read ({first_line(exc)}); re-create the"
+                           " artifact") from None
     art = Artifact(path, manifest, report, recipe)
     if load_program:
         import torch

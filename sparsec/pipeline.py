@@ -67,16 +67,16 @@ class Pipeline:
         for text in assignments:
             m = re.fullmatch(r"([A-Za-z_][\w-]*)(?:#(\d+))?\.([A-Za-z_]\w*)=(.*)", text, re.S)
             if not m:
-                raise UsageError(f"bad --set '{text}': expected PASS.OPTION=VALUE, e.g. teal.sparsity=0.6")
+                raise UsageError(f"bad --set {text!r}: expected PASS.OPTION=VALUE, e.g. teal.sparsity=0.6")
             name, nth, key, raw = m.groups()
             idx = [i for i, c in enumerate(configs) if c.pass_name == name]
             if not idx:
-                raise UsageError(f"bad --set '{text}': pass '{name}' is not in the pipeline"
+                raise UsageError(f"bad --set {text!r}: pass '{name}' is not in the pipeline"
                                  f"{did_you_mean(name, self.names)} (pipeline: {','.join(self.names) or 'empty'})")
             if nth is None and len(idx) > 1:
-                raise UsageError(f"bad --set '{text}': pass '{name}' appears {len(idx)} times; write {name}#1.{key}=…")
+                raise UsageError(f"bad --set {text!r}: pass '{name}' appears {len(idx)} times; write {name}#1.{key}=…")
             if nth is not None and not 1 <= int(nth) <= len(idx):
-                raise UsageError(f"bad --set '{text}': pass '{name}' appears {len(idx)} time(s), not #{nth}")
+                raise UsageError(f"bad --set {text!r}: pass '{name}' appears {len(idx)} time(s), not #{nth}")
             i = idx[int(nth) - 1 if nth else 0]
             value = _parse_set_value(raw, text)
             configs[i] = type(configs[i]).from_options({**configs[i].options(), key: value})
@@ -333,7 +333,7 @@ def from_recipe(data: Any, source: str = "recipe") -> Pipeline:
     if isinstance(data, dict):
         unknown = set(data) - {"version", "passes"}
         if unknown:
-            raise UsageError(f"{source}: unknown top-level key(s) {sorted(unknown)}; a recipe has 'version' and"
+            raise UsageError(f"{source}: unknown top-level key(s) {sorted(unknown, key=repr)}; a recipe has 'version' and"
                              " 'passes'")
         version = data.get("version", RECIPE_VERSION)
         if type(version) is not int or version != RECIPE_VERSION:  # not `true` or 1.0, which == 1
@@ -372,6 +372,8 @@ def parse_yaml(text: str, source: str = "recipe") -> Pipeline:
 
     try:
         data = yaml.safe_load(text)
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise UsageError(f"{source}: not valid YAML: collections nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

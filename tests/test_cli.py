@@ -113,7 +113,8 @@ MODEL_CASES = {
 
 SPEC_CASES = {
     # id: (arguments after MODEL, fragments of the error line); all exit 2
-    "unknown-pass": (["--pass", "relu"], ["unknown pass 'relu'", "did you mean 'relufy'", "valid passes: relufy"]),
+    "unknown-pass": (["--pass", "relu"], ["unknown pass 'relu'", "did you mean 'relufy'", "; valid passes: ",
+                                         "(run 'sparsec passes')"]),
     "unknown-pass-option": (["--pass", "relufy{nope=1}"], ["no such option 'nope' for pass 'relufy'",
                                                            "valid options: to, threshold"]),
     "unknown-cli-option": (["--bogus", "--pass", "relufy"], ["No such option '--bogus'", "sparsec transform --help"]),
