@@ -29,10 +29,10 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PYTEST) -m "not slow"
+	SPARSEC_FUZZ_EXAMPLES=150 $(PYTEST) -m "not slow"
 
 test-all: $(MODELS_STAMP)
-	$(PYTEST)
+	SPARSEC_FUZZ_EXAMPLES=2000 $(PYTEST)
 
 bench: $(MODELS_STAMP)
 	$(PY) benchmarks/capture.py
