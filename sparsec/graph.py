@@ -134,6 +134,8 @@ _WEIGHT_OPERAND = {aten.addmm.default: 2}
 
 def _is_parameter(node) -> bool:
     node = _through_transparent_up(node)
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.mul.Tensor:  # weight * mask
+        return all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args)  # (the prune pass)
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
