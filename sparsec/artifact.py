@@ -137,10 +137,13 @@ def write_artifact(out_dir: str, program, recipe_yaml: str, manifest: dict, repo
         _write_text(os.path.join(tmp, MANIFEST_FILE), json.dumps(full, indent=2, default=_json_default))
         _fsync_dir(tmp)
         if os.path.lexists(out_dir):  # --force: swap the old artifact out only once the new one is complete
-            old = tempfile.mkdtemp(prefix=f".{base}{_TMP_MARK}old-", dir=parent, suffix=f"-{os.getpid()}")
-            os.rename(out_dir, os.path.join(old, base))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            if exchange_paths(tmp, out_dir):  # one atomic step: OUT is always the old or the new artifact
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                old = tempfile.mkdtemp(prefix=f".{base}{_TMP_MARK}old-", dir=parent, suffix=f"-{os.getpid()}")
+                os.rename(out_dir, os.path.join(old, base))
+                os.rename(tmp, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out_dir)
         _fsync_dir(parent)
@@ -148,6 +151,25 @@ def write_artifact(out_dir: str, program, recipe_yaml: str, manifest: dict, repo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def exchange_paths(a: str, b: str) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system or
+    file system cannot, and the caller falls back to two renames."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
 
 
 def _write_text(path: str, text: str) -> None:
