@@ -44,3 +44,5 @@ threshold.register_autograd(_backward, setup_context=_setup_context)
 
 #: The OpOverload that appears in exported graphs (``torch.ops.sparsec.threshold.default``).
 THRESHOLD = torch.ops.sparsec.threshold.default
+
+import sparsec.training  # noqa: E402,F401  defines sparsec::regularize (training taps) a program may contain
