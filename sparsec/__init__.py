@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _API = {"transform", "save", "load", "load_artifact", "list_passes", "trace", "TransformResult", "export_onnx", "run"}
 _CONFIGS = {"RelufyConfig": "sparsec.passes.relufy", "TealConfig": "sparsec.passes.teal"}
 
-__all__ = sorted(_API | set(_CONFIGS) | {"SparsecError", "__version__"})
+__all__ = sorted(_API | set(_CONFIGS) | {"SparsecError", "__version__", "regularization_loss"})
 
 
 def __getattr__(name: str):
@@ -19,6 +19,8 @@ def __getattr__(name: str):
 
     if name in _API:
         return getattr(importlib.import_module("sparsec.api"), name)
+    if name == "regularization_loss":
+        return importlib.import_module("sparsec.training").regularization_loss
     if name in _CONFIGS:
         return getattr(importlib.import_module(_CONFIGS[name]), name)
     raise AttributeError(f"module 'sparsec' has no attribute '{name}'")
