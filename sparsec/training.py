@@ -167,10 +167,14 @@ def _hf_callback_class():
     from transformers import TrainerCallback
 
     class SparsecTrainerCallback(TrainerCallback):
-        """Runs :func:`after_step` after every optimiser step of a ``transformers.Trainer``.
+        """Runs :func:`after_step` after every optimiser step of a ``transformers.Trainer`` (and lets it call
+        ``model.train()`` on an exported module, see :func:`trainable`).
 
         The loss term: override ``Trainer.compute_loss`` to add ``regularization_loss(model, step=state.global_step)``.
         """
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            trainable(model)  # the Trainer calls model.train()
 
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
             after_step(model, state.global_step)  # global_step is incremented after this event

@@ -94,7 +94,7 @@ def _numbers(items: list[str], kind: type, name: str) -> list:
     return values
 
 
-def _mlp_producers(node: fx.Node, max_nodes: int = 64) -> set[fx.Node]:
+def mlp_producers(node: fx.Node, max_nodes: int = 64) -> set[fx.Node]:
     """The linear-like ops whose output reaches ``node`` through elementwise ops (gate/up of a gated MLP, fc1)."""
     found, seen, frontier = set(), set(), [node]
     while frontier and len(seen) < max_nodes:
@@ -122,7 +122,7 @@ def _sites(gm: fx.GraphModule, cfg: RegularizeConfig, matcher: TargetMatcher) ->
         return list(groups.items())
     selected = layers
     if cfg.scope == "mlp":
-        mlp = {n for layer in layers if layer.mlp_intermediate for n in _mlp_producers(layer.input)}
+        mlp = {n for layer in layers if layer.mlp_intermediate for n in mlp_producers(layer.input)}
         selected = [layer for layer in layers if layer.mlp_intermediate or layer.node in mlp]
     groups = {}
     for layer in selected:
