@@ -34,7 +34,7 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
               overrides: Iterable[str] = (), weights: str | None = None, unsafe_pickle: bool = False,
               trust_remote_code: bool = False, dynamic: bool = True, instruments: Iterable = (),
               measure: bool = True, calib_data: str | None = None, calib_samples: int = 16,
-              seq_len: int | None = None, batch_size: int = 4) -> TransformResult:
+              seq_len: int | None = None, batch_size: int = 4, max_memory: int | str | None = None) -> TransformResult:
     """Capture ``model`` with torch.export and run the pipeline ``spec`` on it.
 
     ``model``: an ``nn.Module`` (with ``example_inputs``), an ``ExportedProgram``, or a path / spec string as on the
@@ -46,23 +46,31 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     tokenised with the model's tokenizer, or a .pt/.npy tensor of token ids), else the built-in Wikipedia text when
     the model has a tokenizer; ``calib_samples`` windows of ``seq_len`` tokens (default: 512, or the model's
     maximum), run in batches of ``batch_size`` (see :func:`sparsec.calibration.make_forward_loop`).
+    ``max_memory`` (bytes or e.g. ``"8GiB"``; default: the memory available now): the run is refused before the
+    passes start when its estimate (:mod:`sparsec.resources`) exceeds it.
     """
     from sparsec import frontend
     from sparsec.instruments import default_instruments
     from sparsec.pipeline import as_pipeline
     from sparsec.registry import get_pass
 
+    from sparsec.resources import parse_memory
+
     pipeline = as_pipeline(spec).with_overrides(overrides)
     pipeline.validate_order()
+    budget = None if max_memory is None else parse_memory(max_memory)
     need = [n for n in pipeline.names if get_pass(n).needs_calibration]
     if need and forward_loop is None and calib_data is None and not isinstance(model, (str, os.PathLike)):
         raise SparsecError(f"pass '{need[0]}' needs calibration data and none was given: pass --calib-data FILE on"
                            " the command line, or forward_loop=fn in Python")
     loaded = frontend.load_model(model, example_inputs, weights=weights, unsafe_pickle=unsafe_pickle,
                                  trust_remote_code=trust_remote_code)
-    if need and forward_loop is None:
+    calibrate = bool(need) and forward_loop is None
+    if calibrate:
         forward_loop = _calibration_loop(need[0], loaded, calib_data, calib_samples, seq_len, batch_size)
     captured = frontend.capture(loaded, dynamic=dynamic)
+    _check_memory(captured.program, budget, calib=(calib_samples, _calib_seq_len(loaded, seq_len), batch_size)
+                  if calibrate else None)
     gm = captured.program.module()
     report: dict = {"format": "sparsec-report", "version": 1, "pipeline": pipeline.canonical(), "passes": [],
                     "layers": []}
@@ -90,19 +98,13 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
 def _calibration_loop(pass_name: str, loaded, calib_data, samples: int, seq_len: int | None, batch_size: int):
     """forward_loop from --calib-data or the built-in text; fails before capture, saying how to give data."""
     from sparsec.calibration import make_forward_loop
-    from sparsec.errors import UsageError
 
     if calib_data is None and not loaded.tokenizer_dir:
         raise SparsecError(f"pass '{pass_name}' needs calibration data and none was given (the model has no"
                            " tokenizer for the built-in text): pass --calib-data FILE (.txt, or a .pt/.npy tensor of"
                            " token ids) on the command line, or forward_loop=fn in Python")
     config = getattr(loaded.module, "config", None)
-    limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
-                  if isinstance(getattr(config, k, None), int)), None)
-    if seq_len is None:
-        seq_len = min(512, limit) if limit else 512
-    elif limit and seq_len > limit:
-        raise UsageError(f"--seq-len {seq_len} is longer than the model's maximum of {limit} positions")
+    seq_len = _calib_seq_len(loaded, seq_len)
     first = next(iter([*loaded.args, *loaded.kwargs.values()]), None)
     try:
         return make_forward_loop(calib_data, tokenizer_dir=loaded.tokenizer_dir,
@@ -110,6 +112,34 @@ def _calibration_loop(pass_name: str, loaded, calib_data, samples: int, seq_len:
                                  samples=samples, seq_len=seq_len, batch_size=batch_size)
     except SparsecError as exc:
         raise type(exc)(f"pass '{pass_name}' needs calibration data: {exc.message}") from None
+
+
+def _calib_seq_len(loaded, seq_len: int | None) -> int:
+    """--seq-len, checked against the model's maximum positions; default 512, or that maximum when lower."""
+    from sparsec.errors import UsageError
+
+    config = getattr(loaded.module, "config", None)
+    limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(getattr(config, k, None), int)), None)
+    if seq_len is None:
+        return min(512, limit) if limit else 512
+    if limit and seq_len > limit:
+        raise UsageError(f"--seq-len {seq_len} is longer than the model's maximum of {limit} positions")
+    return seq_len
+
+
+def _check_memory(program, budget: int | None, calib: tuple[int, int, int] | None) -> None:
+    """Refuse the run before the passes start when its memory estimate exceeds the budget; ``calib``: (samples,
+    seq_len, batch_size) of the calibration data, else the example inputs are the largest batch."""
+    from sparsec.resources import check_memory
+
+    if calib is None:
+        check_memory(program, budget=budget)
+        return
+    samples, seq, batch = calib
+    batch = min(batch, samples)
+    check_memory(program, budget=budget, batch=batch, seq=seq, token_bytes=samples * seq * 8,
+                 what=f"a calibration batch of {batch} x {seq} tokens")
 
 
 def run_pipeline(gm, pipeline, args: tuple, kwargs: dict, forward_loop, instruments, report: dict):

@@ -96,9 +96,12 @@ def cli(ctx, debug):
               " 512, or the model's maximum]")
 @click.option("--batch-size", type=int, default=4, show_default=True, metavar="B",
               help="calibration sequences per forward")
+@click.option("--max-memory", metavar="SIZE", help="memory budget, e.g. 8GiB: a run whose estimate (parameters +"
+              " peak activations of a calibration batch) exceeds it is refused before it starts [default: the memory"
+              " available now]")
 @_model_options
 def transform(model, spec, recipe, sets, out, force, dump_ir, as_json, weights, unsafe_pickle, trust_remote_code,
-              static, plugins, calib_data, calib_samples, seq_len, batch_size):
+              static, plugins, calib_data, calib_samples, seq_len, batch_size, max_memory):
     """Rewrite MODEL with a pipeline of passes and write the artifact directory OUT."""
     _load_plugins(plugins)
     pipeline = _load_spec(spec, recipe, sets)
@@ -113,7 +116,8 @@ def transform(model, spec, recipe, sets, out, force, dump_ir, as_json, weights, 
     result = api.transform(model, pipeline, weights=weights, unsafe_pickle=unsafe_pickle,
                            trust_remote_code=trust_remote_code, dynamic=not static,
                            instruments=[DumpIR(dump_ir)] if dump_ir else [], calib_data=calib_data,
-                           calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size)
+                           calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size,
+                           max_memory=max_memory)
     api.save(result, out, force=force)
     summary = {"artifact": out, "pipeline": result.pipeline.canonical(),
                "passes": [{"name": p["name"], "stats": p["stats"], "seconds": p.get("seconds")}

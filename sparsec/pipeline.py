@@ -74,7 +74,8 @@ class Pipeline:
                 raise UsageError(f"bad --set {text!r}: pass '{name}' is not in the pipeline"
                                  f"{did_you_mean(name, self.names)} (pipeline: {','.join(self.names) or 'empty'})")
             if nth is None and len(idx) > 1:
-                raise UsageError(f"bad --set {text!r}: pass '{name}' appears {len(idx)} times; write {name}#1.{key}=…")
+                raise UsageError(f"bad --set {text!r}: pass '{name}' appears {len(idx)} times;"
+                                 f" write {name}#1.{key}=…")
             if nth is not None and not 1 <= int(nth) <= len(idx):
                 raise UsageError(f"bad --set {text!r}: pass '{name}' appears {len(idx)} time(s), not #{nth}")
             i = idx[int(nth) - 1 if nth else 0]
@@ -333,8 +334,8 @@ def from_recipe(data: Any, source: str = "recipe") -> Pipeline:
     if isinstance(data, dict):
         unknown = set(data) - {"version", "passes"}
         if unknown:
-            raise UsageError(f"{source}: unknown top-level key(s) {sorted(unknown, key=repr)}; a recipe has 'version' and"
-                             " 'passes'")
+            raise UsageError(f"{source}: unknown top-level key(s) {sorted(unknown, key=repr)}; a recipe has"
+                             " 'version' and 'passes'")
         version = data.get("version", RECIPE_VERSION)
         if type(version) is not int or version != RECIPE_VERSION:  # not `true` or 1.0, which == 1
             raise UsageError(f"{source}: recipe version {version!r} is not supported; this sparsec reads version"
