@@ -244,7 +244,8 @@ def export_onnx(artifact_or_result: Any, path: str, opset: int | None = None, ve
 
     Dynamic batch/sequence axes, ``sparsec::`` ops lowered to standard ONNX ops, atomic write; ``verify`` compares
     ONNX Runtime with torch on ``inputs`` (default: the example inputs). Options: ``external_data``, ``force``,
-    ``rtol``, ``atol``, ``optimize``. See :func:`sparsec.backends.onnxruntime.export_onnx`.
+    ``rtol``, ``atol``, ``optimize``, ``sparse_kernel`` (none / auto / all). See
+    :func:`sparsec.backends.onnxruntime.export_onnx`.
     """
     from sparsec.backends.onnxruntime import export_onnx as _export
 

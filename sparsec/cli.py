@@ -277,9 +277,12 @@ def inspect(artifact, as_json):
               " [default: the artifact's example inputs, and the same cut to a shorter sequence]")
 @click.option("--rtol", type=float, default=1e-4, show_default=True, help="relative tolerance for --verify")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="absolute tolerance for --verify")
+@click.option("--sparse-kernel", type=click.Choice(["none", "auto", "all"]), default="none", show_default=True,
+              help="thresholded linears as sparsec's ONNX Runtime custom op (built with g++ on first use):"
+              " auto = per layer where measured faster than dense at batch 1, all = everywhere, none = standard ops")
 @click.option("--force", is_flag=True, help="replace FILE if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON document")
-def export(artifact, target, out, opset, external_data, verify, inputs, rtol, atol, force, as_json):
+def export(artifact, target, out, opset, external_data, verify, inputs, rtol, atol, sparse_kernel, force, as_json):
     """Export the artifact directory ARTIFACT to a deployable model (ONNX: dynamic batch/sequence axes)."""
     if inputs and not verify:
         raise UsageError("--inputs gives the inputs of --verify; add --verify")
@@ -293,7 +296,8 @@ def export(artifact, target, out, opset, external_data, verify, inputs, rtol, at
     failure = None
     try:
         result = api.export_onnx(artifact, out, opset=opset, verify=verify, inputs=inputs,
-                                 external_data=external_data, force=force, rtol=rtol, atol=atol)
+                                 external_data=external_data, force=force, rtol=rtol, atol=atol,
+                                 sparse_kernel=sparse_kernel)
     except VerificationError as exc:
         result, failure = exc.result, exc
     for note in result.notes:
@@ -309,6 +313,10 @@ def export(artifact, target, out, opset, external_data, verify, inputs, rtol, at
                    f" {result.seconds:.1f} s)")
         click.echo(f"inputs:  {sig(result.inputs)}")
         click.echo(f"outputs: {sig(result.outputs)}")
+        if result.sparse_kernel:
+            from sparsec.backends.onnxruntime.sparse import summary
+
+            click.echo(f"sparse kernel: {summary(result.sparse_kernel)}")
         v = result.verification
         if v:
             click.echo(f"verify: ONNX Runtime vs torch (rtol {v['rtol']:g}, atol {v['atol']:g})")

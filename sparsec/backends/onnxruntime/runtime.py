@@ -12,22 +12,43 @@ from sparsec.inputs import check_inputs, example_inputs, load_inputs_file, onnx_
 DEFAULT_RTOL = DEFAULT_ATOL = 1e-4
 
 
-def onnx_session(path: str, *, threads: int | None = None):
-    """An ONNX Runtime CPU session for the model file ``path`` (external data beside it is found by ORT)."""
+def onnx_session(model: str | bytes, *, threads: int | None = None, custom_ops: bool | None = None):
+    """An ONNX Runtime CPU session for the model file ``model`` (external data beside it is found by ORT), or for a
+    serialized model (bytes).
+
+    ``custom_ops``: register sparsec's custom-op library (``ai.sparsec``, :mod:`.kernels`): True = always (built if
+    needed), None = when it is already built, or when the model turns out to need it.
+    """
     try:
         import onnxruntime as ort
     except ImportError:
         raise SparsecError("running ONNX models needs onnxruntime: pip install 'sparsec[onnx]'") from None
-    if not os.path.isfile(path):
-        raise SparsecError(f"ONNX model '{path}' does not exist or is not a file")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: warnings would break the one-line error contract
-    if threads:
-        opts.intra_op_num_threads = threads
+    from sparsec.backends.onnxruntime.kernels import DOMAIN, cached_library, library_path
+
+    named = isinstance(model, (str, os.PathLike))
+    if named and not os.path.isfile(model):
+        raise SparsecError(f"ONNX model '{model}' does not exist or is not a file")
+    label = f"'{model}'" if named else "the model"
+
+    def session(library: str | None):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only: warnings would break the one-line error contract
+        if threads:
+            opts.intra_op_num_threads = threads
+        if library:
+            opts.register_custom_ops_library(library)
+        return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+    library = library_path() if custom_ops else cached_library() if custom_ops is None else None
+    if custom_ops and library is None:
+        raise SparsecError(f"{label} uses sparsec's custom ops ({DOMAIN}), which need a C++ compiler (g++) to build;"
+                           " install one (or set CXX), or re-export without --sparse-kernel")
     try:
-        return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        return session(library)
     except Exception as exc:
-        raise SparsecError(f"ONNX Runtime cannot load '{path}': {first_line(exc)[:300]}") from None
+        if custom_ops is None and library is None and DOMAIN in str(exc):
+            return onnx_session(model, threads=threads, custom_ops=True)
+        raise SparsecError(f"ONNX Runtime cannot load {label}: {first_line(exc)[:300]}") from None
 
 
 def _to_numpy(v) -> np.ndarray:

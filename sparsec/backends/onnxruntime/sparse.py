@@ -1,0 +1,290 @@
+"""The sparse path of the ONNX Runtime backend: thresholded linears become ``ai.sparsec::SparseLinear`` nodes.
+
+In the exported graph a TEAL-thresholded linear is ``MatMul(Mul(x, Cast(Greater(Abs(x), t))), Wt)`` (+ ``Add(B)``)
+with ``Wt`` a constant ``[K, N]``. Dense ONNX Runtime does all of that work whatever the sparsity; the custom op
+(:mod:`.kernels`) reads only the weight rows of the active inputs. Per layer the choice is made by measurement:
+for each distinct (K, N, bias, sparsity) the custom op and ORT's dense MatMul are timed at batch 1 (one decode
+token) on random weights with that fraction of zero inputs, and the faster one is kept. The sparsity of a layer
+is measured by running the torch program on its example inputs. The choices are recorded in the model's
+``metadata_props`` (``sparsec.sparse_kernel``).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from sparsec.errors import SparsecError
+
+#: ``--sparse-kernel`` choices: none = standard ops only; auto = per layer, the faster of the two as measured;
+#: all = every thresholded linear the custom op matches
+MODES = ("none", "auto", "all")
+#: the custom op is chosen only when it is at least this much faster than dense (timing noise)
+MARGIN = 1.05
+NO_COMPILER = ("--sparse-kernel all needs a C++ compiler (g++) to build the ONNX Runtime kernels; install g++ (or"
+               " set CXX), or use --sparse-kernel auto to fall back to standard ops")
+
+
+@dataclass
+class ThresholdedLinear:
+    """One ``MatMul(x * (|x| > t), Wt) [+ B]`` found in an ONNX graph (onnx_ir objects)."""
+
+    matmul: Any
+    add: Any  # the bias Add folded in, or None
+    x: Any
+    t: Any
+    wt: Any
+    bias: Any
+    masked: str  # name of the thresholded value (the torch node name of the sparsec::threshold call)
+    layer: str  # module path of the linear
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(int(d) for d in self.wt.shape)
+
+
+def _const(value):
+    from onnx_ir.convenience import get_const_tensor
+
+    return get_const_tensor(value) if value is not None else None
+
+
+def _producer(value, op_type: str):
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+
+def _layer(node) -> str:
+    try:
+        scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
+    except (ValueError, SyntaxError):
+        scopes = []
+    return scopes[-2] if len(scopes) >= 2 and scopes[-2] else node.name or "?"
+
+
+def _threshold_of(masked):
+    """(x, t) when ``masked`` is ``Mul(x, Cast(Greater(Abs(x), t)))`` with a constant float32 scalar t."""
+    import onnx_ir as ir
+
+    mul = _producer(masked, "Mul")
+    if mul is None or len(mul.inputs) != 2:
+        return None
+    for x, mask in (mul.inputs, reversed(mul.inputs)):
+        cast = _producer(mask, "Cast")
+        greater = _producer(cast.inputs[0], "Greater") if cast is not None else None
+        absolute = _producer(greater.inputs[0], "Abs") if greater is not None else None
+        if absolute is None or absolute.inputs[0] is not x:
+            continue
+        t = greater.inputs[1]
+        const = _const(t)
+        if const is None or const.dtype != ir.DataType.FLOAT or const.size != 1:
+            return None
+        return x, t
+    return None
+
+
+def thresholded_linears(model) -> list[ThresholdedLinear]:
+    """Every float32 ``MatMul(x * (|x| > t), Wt)`` with constant 2-D ``Wt`` in the main graph of ``model``."""
+    import onnx_ir as ir
+
+    outputs = set(id(v) for v in model.graph.outputs)
+    found = []
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        masked, wt = node.inputs
+        w = _const(wt)
+        if w is None or w.dtype != ir.DataType.FLOAT or len(w.shape) != 2 or masked.dtype != ir.DataType.FLOAT:
+            continue
+        xt = _threshold_of(masked)
+        if xt is None:
+            continue
+        add = bias = None
+        users = list(node.outputs[0].uses())
+        if len(users) == 1 and id(node.outputs[0]) not in outputs:
+            user = users[0].node
+            if user.op_type == "Add" and user.domain in ("", "ai.onnx"):
+                other = user.inputs[1] if user.inputs[0] is node.outputs[0] else user.inputs[0]
+                b = _const(other)
+                if b is not None and b.dtype == ir.DataType.FLOAT and list(b.shape) == [w.shape[1]]:
+                    add, bias = user, other
+        found.append(ThresholdedLinear(node, add, xt[0], xt[1], wt, bias, masked.name, _layer(node)))
+    return found
+
+
+def threshold_sparsity(program, inputs: dict | None = None) -> dict[str, float]:
+    """``{node name: fraction of zeros}`` of every ``sparsec::threshold`` output of ``program`` (an ExportedProgram)
+    run on ``inputs`` (default: its example inputs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sparsec.inputs import example_inputs, run_program
+    from sparsec.ops import THRESHOLD
+
+    names = [n.name for n in program.graph.nodes if n.op == "call_function" and n.target is THRESHOLD]
+    zeros: list[float] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is THRESHOLD:
+                zeros.append(float((out == 0).float().mean()))
+            return out
+
+    with Record():
+        run_program(program, inputs if inputs is not None else example_inputs(program))
+    if len(zeros) != len(names):
+        return {}
+    return dict(zip(names, zeros))
+
+
+def _linear_model(k: int, n: int, bias: bool, sparse: bool, rng) -> bytes:
+    """A batch-1 thresholded linear as one SparseLinear node, or as ORT's dense MatMul (+ Add) on masked input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparsec.backends.onnxruntime.kernels import DOMAIN
+
+    inits = [numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) * 0.02, "Wt"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "t")]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(n, dtype=np.float32), "B"))
+    opsets = [helper.make_opsetid("", 18)]
+    if sparse:
+        nodes = [helper.make_node("SparseLinear", ["x", "t", "Wt"] + (["B"] if bias else []), ["y"], domain=DOMAIN)]
+        opsets.append(helper.make_opsetid(DOMAIN, 1))
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "Wt"], ["xw" if bias else "y"])]
+        if bias:
+            nodes.append(helper.make_node("Add", ["xw", "B"], ["y"]))
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits)
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10  # what ORT >= 1.20 reads
+    return model.SerializeToString()
+
+
+def decode_inputs(k: int, sparsity: float, count: int, rng) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``count`` batch-1 inputs (x, x * (|x| > 0.5)) with exactly ``round(sparsity * k)`` elements of
+    ``|x| <= 0.5``, at random positions (threshold t = 0.5, as in :func:`_linear_model`)."""
+    out = []
+    n_zero = int(round(sparsity * k))
+    for _ in range(count):
+        mag = rng.uniform(0.55, 3.0, k).astype(np.float32)
+        mag[rng.permutation(k)[:n_zero]] = rng.uniform(0.0, 0.5, n_zero)
+        x = (mag * rng.choice(np.array([-1.0, 1.0], np.float32), k))[None, :]
+        out.append((x, x * (np.abs(x) > 0.5)))
+    return out
+
+
+def time_linear(k: int, n: int, sparsity: float, *, bias: bool = False, threads: int | None = None,
+                reps: int = 15) -> tuple[float, float]:
+    """Median seconds of (dense ORT MatMul on the masked input, SparseLinear) for one batch-1 token, interleaved."""
+    from sparsec.backends.onnxruntime.runtime import onnx_session
+
+    rng = np.random.default_rng(0)
+    dense = onnx_session(_linear_model(k, n, bias, False, rng), threads=threads)
+    sparse = onnx_session(_linear_model(k, n, bias, True, rng), threads=threads, custom_ops=True)
+    pool = decode_inputs(k, sparsity, 4, rng)  # rotating inputs: the active weight rows change as in decoding
+    td, ts = [], []
+    for r in range(reps + 1):
+        x, masked = pool[r % len(pool)]
+        t0 = time.perf_counter()
+        dense.run(None, {"x": masked})
+        t1 = time.perf_counter()
+        sparse.run(None, {"x": x})
+        t2 = time.perf_counter()
+        if r:  # the first round warms up
+            td.append(t1 - t0)
+            ts.append(t2 - t1)
+    return float(np.median(td)), float(np.median(ts))
+
+
+@lru_cache(maxsize=256)
+def _choice(k: int, n: int, bias: bool, sparsity: float, threads: int | None) -> tuple[float, float]:
+    return time_linear(k, n, sparsity, bias=bias, threads=threads)
+
+
+def apply_sparse_kernels(model, program, mode: str, *, threads: int | None = None) -> dict:
+    """Replace thresholded linears of ``model`` (onnx_ir, in place) by SparseLinear nodes per ``mode``.
+
+    ``program``: the ExportedProgram the model came from (its example inputs give each layer's sparsity).
+    Returns what is recorded in the metadata: ``{"mode", "library", "layers": [{layer, shape, sparsity, kernel,
+    dense_us, sparse_us}]}``."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from sparsec.backends.onnxruntime.kernels import DOMAIN, compiler, library_path
+
+    if mode not in MODES:
+        raise SparsecError(f"sparse kernel mode '{mode}' is not one of {', '.join(MODES)}")
+    info: dict = {"mode": mode, "layers": []}
+    found = thresholded_linears(model) if mode != "none" else []
+    if not found:
+        return info
+    lib = library_path()
+    if lib is None:
+        if mode == "all":
+            raise SparsecError(NO_COMPILER)
+        info["note"] = "no C++ compiler found: standard ops kept"
+        return info
+    info["library"] = f"{DOMAIN} SparseLinear ({compiler()} -march=native)"
+    sparsity = threshold_sparsity(program)
+    changed = False
+    for tl in found:
+        k, n = tl.shape
+        s = sparsity.get(tl.masked)
+        entry = {"layer": tl.layer, "shape": [k, n], "sparsity": None if s is None else round(s, 4)}
+        if mode == "all":
+            entry["kernel"] = "sparse"
+        elif s is None:
+            entry["kernel"] = "dense"
+            entry["reason"] = "sparsity not measured"
+        else:
+            dense_s, sparse_s = _choice(k, n, tl.bias is not None, round(s, 2), threads)
+            entry.update(dense_us=round(dense_s * 1e6, 1), sparse_us=round(sparse_s * 1e6, 1),
+                         kernel="sparse" if sparse_s * MARGIN < dense_s else "dense")
+        info["layers"].append(entry)
+        if entry["kernel"] == "sparse":
+            _replace(model, tl)
+            changed = True
+    if changed:
+        model.opset_imports[DOMAIN] = 1
+        RemoveUnusedNodesPass()(model)
+    return info
+
+
+def _replace(model, tl: ThresholdedLinear) -> None:
+    import onnx_ir as ir
+
+    from sparsec.backends.onnxruntime.kernels import DOMAIN
+
+    last = tl.add or tl.matmul
+    inputs = [tl.x, tl.t, tl.wt] + ([tl.bias] if tl.bias is not None else [])
+    node = ir.Node(DOMAIN, "SparseLinear", inputs, name=f"{tl.matmul.name}_sparse", num_outputs=1)
+    old = last.outputs[0]
+    new = node.outputs[0]
+    new.dtype, new.shape = old.dtype, old.shape
+    for key in ("pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy"):
+        if key in tl.matmul.metadata_props:
+            node.metadata_props[key] = tl.matmul.metadata_props[key]
+    model.graph.insert_before(tl.matmul, node)
+    graph_outputs = model.graph.outputs
+    if any(v is old for v in graph_outputs):
+        graph_outputs[[i for i, v in enumerate(graph_outputs) if v is old][0]] = new
+    ir.convenience.replace_all_uses_with(old, new)
+    name = old.name
+    for dead in ([tl.add] if tl.add is not None else []) + [tl.matmul]:
+        model.graph.remove(dead, safe=True)
+    new.name = name
+
+
+def summary(info: dict) -> str:
+    """One line on what :func:`apply_sparse_kernels` did, e.g. '12 of 14 thresholded linears use SparseLinear'."""
+    layers = info.get("layers", [])
+    chosen = sum(1 for e in layers if e["kernel"] == "sparse")
+    line = f"{chosen} of {len(layers)} thresholded linears use SparseLinear (mode {info['mode']})"
+    return line + (f"; {info['note']}" if info.get("note") else "")
