@@ -1,0 +1,157 @@
+"""Batch-1 linear layers on the CPU: sparsec's TVM sparse kernel against dense peers, at several input sparsities.
+
+For each weight shape (K inputs x N outputs) and storage dtype, one process run measures
+  * sparsec TVM sparse  (``sparsec.backends.tvm.kernels``, zero inputs skipped) at sparsity 0 / .25 / .5 / .75 / .9
+  * sparsec TVM dense   (the same kernel family, every row read)
+  * torch ``F.linear``  (x [1, K], W [N, K])
+  * ONNX Runtime MatMul (x [1, K] @ W^T [K, N] as an initializer; fp32 only: ORT's CPU MatMul has no fp16/bf16)
+  * "read W": ``torch.sum`` over a tensor with as many bytes as W: the machine's read bandwidth now
+and reports medians. Protocol (../shared/TVM.md §3.2): TVM and torch calls are interleaved round-robin (the order
+reversed every other round), each call gets a fresh x with exactly round(s*K) zeros at random positions, and a
+96 MB array is read before every timed call so W is never in the cache. ORT runs afterwards in its own block of
+calls, since its spinning thread pool would slow the others. The bound at sparsity s is (1 - s) x "read W" time.
+Threads: 2 unless --threads (TVM_NUM_THREADS, torch.set_num_threads, ORT intra_op_num_threads).
+Usage: python benchmarks/kernels.py [--rounds 31] [--threads 2] [--shapes 4096x11008,11008x4096]
+       [--dtypes float32,float16,bfloat16] [--markdown FILE]
+"""
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=31)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shapes", default="4096x11008,11008x4096")
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16")
+    ap.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
+    args = ap.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"  # OpenBLAS threads spin after a call and slow TVM's pool
+    import numpy as np
+    import torch
+
+    from sparsec.backends.tvm.env import cpu_target, host_cpu, import_tvm, num_threads
+
+    tvm = import_tvm(args.threads)
+    torch.set_num_threads(args.threads)
+    target = cpu_target()
+    flush = np.ones((96 << 20) // 8)
+    rows, lines = [], []
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        for dtype in args.dtypes.split(","):
+            rows.append(bench_one(tvm, target, np, torch, flush, k, n, dtype, args.rounds, args.threads))
+            r = rows[-1]
+            print(f"{k}x{n} {dtype}: " + ", ".join(f"{name} {ms:.2f}" for name, ms in r["ms"].items()), flush=True)
+    head = (f"CPU: {host_cpu()}, {os.cpu_count()} cores, TVM threads {num_threads()}, torch threads"
+            f" {torch.get_num_threads()}; {args.rounds} rounds; peak RSS"
+            f" {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    lines += [head, "", table_ms(rows), "", table_speedup(rows)]
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+def bench_one(tvm, target, np, torch, flush, k, n, dtype, rounds, threads):
+    from sparsec.backends.tvm.kernels import linear_kernel, pack_weight
+
+    td = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(td)
+    wp, bias, thr = pack_weight(w), torch.zeros(n, dtype=td), torch.zeros(1, dtype=td)
+    y = torch.empty(1, n, dtype=td)
+    sparse = tvm.compile(linear_kernel(k, n, dtype, sparse=True).with_attr("global_symbol", "main"), target)["main"]
+    dense = tvm.compile(linear_kernel(k, n, dtype, sparse=False).with_attr("global_symbol", "main"), target)["main"]
+    blob = torch.ones(w.numel() * w.element_size() // 4)  # as many bytes as W, read as fp32
+    xs = {s: [_input(torch, k, s, td, g) for _ in range(16)] for s in SPARSITIES}
+    calls = {f"sparse@{s:g}": (s, lambda x: sparse(x, wp, thr, bias, y)) for s in SPARSITIES}
+    calls.update({"tvm dense": (0.0, lambda x: dense(x, wp, thr, bias, y)),
+                  "torch F.linear": (0.0, lambda x: torch.nn.functional.linear(x, w)),
+                  "read W": (0.0, lambda x: blob.sum())})
+    times = {name: [] for name in calls}
+    with torch.no_grad():
+        for r in range(rounds):
+            order = list(calls) if r % 2 == 0 else list(calls)[::-1]
+            for name in order:
+                s, fn = calls[name]
+                x = xs[s][r % len(xs[s])]
+                flush.sum()
+                t = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - t)
+    ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+    if dtype == "float32":
+        ms["ORT MatMul"] = _ort(np, flush, w, xs[0.0], rounds, threads)
+    return {"k": k, "n": n, "dtype": dtype, "mb": w.numel() * w.element_size() / 1e6, "ms": ms}
+
+
+def _input(torch, k, s, td, g):
+    x = torch.randn(1, k, generator=g)
+    x[0, torch.randperm(k, generator=g)[:round(s * k)]] = 0
+    return x.to(td)
+
+
+def _ort(np, flush, w, xs, rounds, threads):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = w.shape[1]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "wt"], ["y"])], "gemv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[0]])],
+                              [numpy_helper.from_array(np.ascontiguousarray(w.float().numpy().T), "wt")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10  # ORT rejects the IR version onnx's helper writes
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feeds = [x.float().numpy() for x in xs]
+    times = []
+    for r in range(rounds):
+        flush.sum()
+        t = time.perf_counter()
+        sess.run(None, {"x": feeds[r % len(feeds)]})
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def table_ms(rows):
+    head = ("| W (K×N dtype, MB) | torch F.linear | ORT MatMul | TVM dense | read W | sparsec sparse at s = "
+            + " / ".join(f"{s:g}" for s in SPARSITIES) + " | bound at s=0.5 |")
+    out = [head, "|" + "---|" * 7]
+    for r in rows:
+        ms = r["ms"]
+        ort = f"{ms['ORT MatMul']:.2f}" if "ORT MatMul" in ms else "–"
+        sp = " / ".join(f"{ms[f'sparse@{s:g}']:.2f}" for s in SPARSITIES)
+        out.append(f"| {r['k']}×{r['n']} {r['dtype']} ({r['mb']:.0f}) | {ms['torch F.linear']:.2f} | {ort} |"
+                   f" {ms['tvm dense']:.2f} | {ms['read W']:.2f} | {sp} | {0.5 * ms['read W']:.2f} |")
+    return "Median ms per call:\n\n" + "\n".join(out)
+
+
+def table_speedup(rows):
+    out = ["| W | fastest dense | speedup at s = " + " / ".join(f"{s:g}" for s in SPARSITIES)
+           + " | s=0.5: time / bound |", "|---|---|---|---|"]
+    for r in rows:
+        ms = r["ms"]
+        peers = {k: v for k, v in ms.items() if k in ("torch F.linear", "ORT MatMul", "tvm dense")}
+        best = min(peers, key=peers.get)
+        sp = " / ".join(f"{peers[best] / ms[f'sparse@{s:g}']:.2f}" for s in SPARSITIES)
+        out.append(f"| {r['k']}×{r['n']} {r['dtype']} | {peers[best]:.2f} ms ({best}) | {sp} |"
+                   f" {ms['sparse@0.5'] / (0.5 * ms['read W']):.2f} |")
+    return ("Speedup of sparsec sparse over the fastest dense peer of the same run (ideal 1/(1-s) = 1 / 1.33 / 2 / 4"
+            " / 10), and the sparse time at s=0.5 over the bandwidth bound (1.00 = at the bound):\n\n"
+            + "\n".join(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
