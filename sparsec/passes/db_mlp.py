@@ -77,6 +77,11 @@ class ZerothBiases(nn.Module):
 
     def sparsec_strip(self, gm: fx.GraphModule) -> None:
         """Drop the training options; the zeroth biases and norm parameters stay (the model uses them)."""
+        prefix = next(n for n, m in gm.named_modules() if m is self)
+        options = {f"{prefix}.{name}" for name in ("c", "finetune", "uplift_steps")}
+        for node in list(gm.graph.nodes):
+            if node.op == "get_attr" and node.target in options and not node.users:
+                gm.graph.erase_node(node)
         for name in ("c", "finetune", "uplift_steps"):
             delattr(self, name)
 
