@@ -12,8 +12,7 @@ import torch
 import sparsec
 from sparsec.backends.onnxruntime import export_onnx, onnx_session
 from sparsec.backends.onnxruntime import kernels
-from sparsec.backends.onnxruntime.sparse import MARGIN, _linear_model, decode_inputs, thresholded_linears
-from sparsec.errors import SparsecError
+from sparsec.backends.onnxruntime.sparse import MARGIN, NO_COMPILER, _linear_model, decode_inputs, thresholded_linears
 from sparsec.inputs import run_program
 from sparsec.ops import threshold
 
@@ -159,22 +158,43 @@ def test_auto_keeps_the_measured_faster_kernel(teal_stack, tmp_path):
     _matches_torch(path, teal_stack.program)
 
 
-def test_without_a_compiler(teal_stack, tmp_path, monkeypatch):
-    """auto falls back to standard ops (and says so); all fails naming what is missing and writes nothing."""
-    monkeypatch.setattr(kernels, "compiler", lambda: None)
+def test_without_a_compiler(teal_stack, tmp_path, monkeypatch, capsys):
+    """auto falls back to standard ops (and says so); all fails before exporting, naming what is missing."""
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no g++ / c++ to be found
     kernels.library_path.cache_clear()
     try:
+        assert kernels.compiler() is None
         out = export_onnx(teal_stack, tmp_path / "auto.onnx", sparse_kernel="auto")
         assert out.sparse_kernel["note"] == "no C++ compiler found: standard ops kept"
         assert _sparse_nodes(tmp_path / "auto.onnx")[0] == []
-        with pytest.raises(SparsecError, match=r"--sparse-kernel all needs a C\+\+ compiler \(g\+\+\)"):
-            export_onnx(teal_stack, tmp_path / "all.onnx", sparse_kernel="all")
-        assert sorted(os.listdir(tmp_path)) == ["auto.onnx"]
+        art = tmp_path / "art"
+        sparsec.save(teal_stack, str(art))
+        code, _, err = _cli(capsys, "export", str(art), "--to", "onnx", "-o", str(tmp_path / "all.onnx"),
+                            "--sparse-kernel", "all")
+        assert code == 1 and err.strip() == f"error: {NO_COMPILER}"
+        assert sorted(os.listdir(tmp_path)) == ["art", "auto.onnx"]
+        model, inputs = _sparse_model_file(tmp_path)
+        monkeypatch.setenv("SPARSEC_CACHE", str(tmp_path / "cache"))  # not built yet
+        code, _, err = _cli(capsys, "run", model, "--inputs", inputs)
+        assert code == 1 and err.strip() == (
+            f"error: '{model}' uses sparsec's custom ops (ai.sparsec), which need a C++ compiler (g++) to build;"
+            " install one (or set CXX), or re-export without --sparse-kernel")
     finally:
         kernels.library_path.cache_clear()
 
 
-def test_failed_build_is_one_clear_error(tmp_path, monkeypatch):
+def _sparse_model_file(tmp_path):
+    """A one-node SparseLinear model file (k = 8) and an inputs file for it."""
+    path = tmp_path / "sparse.onnx"
+    path.write_bytes(_linear_model(8, 4, False, True, np.random.default_rng(0)))
+    np.savez(tmp_path / "in.npz", x=np.ones((1, 8), np.float32))
+    return str(path), str(tmp_path / "in.npz")
+
+
+def test_failed_build_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """Running a model that needs the kernels builds them; a compiler that fails gives one line, exit 1."""
+    model, inputs = _sparse_model_file(tmp_path)
     broken = tmp_path / "cxx"
     broken.write_text("#!/bin/sh\necho 'sparse_linear.cc:1: error: broken compiler' >&2\nexit 1\n")
     broken.chmod(0o755)
@@ -182,9 +202,10 @@ def test_failed_build_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEC_CACHE", str(tmp_path / "cache"))
     kernels.library_path.cache_clear()
     try:
-        with pytest.raises(SparsecError, match=r"building the ONNX Runtime sparse kernels with .*cxx failed:"
-                                               r" sparse_linear.cc:1: error: broken compiler"):
-            kernels.library_path()
+        code, _, err = _cli(capsys, "run", model, "--inputs", inputs)
+        assert code == 1 and err.strip() == (
+            f"error: building the ONNX Runtime sparse kernels with {broken} failed: sparse_linear.cc:1: error:"
+            " broken compiler (export without --sparse-kernel, or set CXX to a working C++17 compiler)")
         assert os.listdir(tmp_path / "cache" / "ort-kernels") == []  # no partial library
     finally:
         kernels.library_path.cache_clear()
