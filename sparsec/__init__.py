@@ -9,7 +9,8 @@ from sparsec.errors import SparsecError
 __version__ = "0.1.0"
 
 _API = {"transform", "save", "load", "load_artifact", "list_passes", "trace", "TransformResult", "export_onnx", "run"}
-_CONFIGS = {"RelufyConfig": "sparsec.passes.relufy", "TealConfig": "sparsec.passes.teal"}
+_CONFIGS = {"RelufyConfig": "sparsec.passes.relufy", "TealConfig": "sparsec.passes.teal",
+            "PruneConfig": "sparsec.passes.prune", "FoldConfig": "sparsec.passes.fold"}
 
 __all__ = sorted(_API | set(_CONFIGS) | {"SparsecError", "__version__", "regularization_loss"})
 

@@ -15,6 +15,7 @@ from sparsec.errors import UsageError
 from sparsec.graph import TRANSPARENT_OPS, TargetMatcher, WeightLayer, op_name, weight_layers
 from sparsec.passes.base import PassContext, PassResult
 from sparsec.registry import register_pass
+from sparsec.training import register_holder
 
 aten = torch.ops.aten
 
@@ -86,13 +87,18 @@ def parse_n_m(pattern: str) -> tuple[int, int]:
     return n, m
 
 
+@register_holder
 class PruneMasks(nn.Module):
-    """The mask buffers of the pruned weights (one boolean buffer per weight, same shape).
+    """The mask buffers of the pruned weights (one boolean buffer per weight, same shape; True = kept).
 
-    Training hook (:mod:`sparsec.training`): ``sparsec_after_step`` writes the zeros into the weights again, so
-    pruned weights stay exactly zero whatever the optimiser does. ``sparsec_strip(gm)`` folds the masks into the
-    weights and removes them from ``gm`` (see :func:`sparsec.passes.fold.fold_masks`).
+    Training hooks (:mod:`sparsec.training`): ``sparsec_after_step`` writes the zeros into the weights this holder
+    pruned again, so they stay exactly zero whatever writes into them. A holder restored after torch.export or
+    loading has only its buffers; there the forward's ``w * mask`` alone keeps pruned weights at zero: their
+    gradients are zero, so SGD, Adam and AdamW (with or without weight decay) leave them at zero.
+    ``sparsec_strip(gm)`` folds the masks into the weights and removes them (:func:`sparsec.passes.fold.fold_masks`).
     """
+
+    holder_name = HOLDER
 
     def __init__(self):
         super().__init__()
@@ -104,7 +110,7 @@ class PruneMasks(nn.Module):
 
     @torch.no_grad()
     def sparsec_after_step(self, step: int) -> None:
-        for weight, name in self._weights:
+        for weight, name in getattr(self, "_weights", ()):
             weight.mul_(getattr(self, name))
 
     def sparsec_strip(self, gm: fx.GraphModule) -> None:

@@ -200,7 +200,9 @@ def test_fold_removes_the_masks_and_keeps_outputs():
     folded = sparsec.transform(net, "prune{pattern=2:4},fold", example_inputs=(x,), measure=False)
     assert folded.report["passes"][1]["stats"] == {"masks_folded": 4}
     again = sparsec.transform(pruned.program, "fold", measure=False)  # a saved / loaded program folds as well
-    for result in (folded, again):
+    stripped = sparsec.transform(pruned.program, "strip", measure=False)  # strip restores the holder and folds
+    assert stripped.report["passes"][0]["stats"]["holders_stripped"] == 1
+    for result in (folded, again, stripped):
         module = result.module()
         assert not _mask_nodes(module) and not list(module.named_buffers())
         assert torch.equal(module(x), want)
