@@ -8,7 +8,8 @@ from sparsec.errors import SparsecError
 
 __version__ = "0.1.0"
 
-_API = {"transform", "save", "load", "load_artifact", "list_passes", "trace", "TransformResult", "export_onnx", "run"}
+_API = {"transform", "save", "load", "load_artifact", "list_passes", "trace", "TransformResult", "export_onnx", "run",
+        "compile", "load_compiled"}
 _CONFIGS = {"RelufyConfig": "sparsec.passes.relufy", "TealConfig": "sparsec.passes.teal",
             "PruneConfig": "sparsec.passes.prune", "FoldConfig": "sparsec.passes.fold"}
 

@@ -266,6 +266,10 @@ def run(model: str, inputs: Any = None) -> dict:
             raise SparsecError(f"running '{model}' needs inputs: --inputs FILE (.npz or .safetensors, one array per"
                                " model input)")
         return {"backend": "onnxruntime", "outputs": run_onnx(model, inputs)}
+    from sparsec.backends.tvm.build import is_build_dir
+
+    if is_build_dir(model):
+        return _run_build(model, inputs)
     from sparsec.inputs import check_inputs, example_inputs, load_inputs_file, output_names, run_program
 
     art = load_artifact(model)
@@ -278,3 +282,43 @@ def run(model: str, inputs: Any = None) -> dict:
     check_inputs(arrays, art.manifest.get("inputs", []), source=source, what=f"artifact '{model}'")
     outs = run_program(art.program, arrays)
     return {"backend": "torch", "outputs": {n: o.detach().numpy() for n, o in zip(output_names(len(outs)), outs)}}
+
+
+def _run_build(path: str, inputs: Any) -> dict:
+    from sparsec.errors import UsageError
+    from sparsec.inputs import load_inputs_file
+
+    if inputs is None:
+        raise UsageError(f"running the TVM build '{path}' needs inputs: --inputs FILE (.npz or .safetensors, one"
+                         " array per model input)")
+    arrays = load_inputs_file(os.fspath(inputs)) if isinstance(inputs, (str, os.PathLike)) else dict(inputs)
+    return {"backend": "tvm", "outputs": load_compiled(path)(arrays)}
+
+
+def compile(artifact_or_result: Any, out_dir: str, *, target: str = "llvm", threads: int | None = None,
+            sparse: bool = True, force: bool = False) -> dict:
+    """Compile an artifact (directory or :class:`Artifact`) or a :class:`TransformResult` with TVM into the build
+    directory ``out_dir``: linear layers fed by sparse activations call sparsec's sparse kernels, the others its
+    dense kernel (``sparse=False``: dense everywhere). ``threads``: TVM threads at run time (default: all CPUs).
+    Returns the build manifest. See :mod:`sparsec.backends.tvm.build`.
+    """
+    from sparsec.backends.tvm.build import compile_program
+
+    if isinstance(artifact_or_result, TransformResult):
+        program, source = artifact_or_result.program, None
+    else:
+        art = load_artifact(os.fspath(artifact_or_result)) if isinstance(artifact_or_result, (str, os.PathLike)) \
+            else artifact_or_result
+        program, source = art.program, art.path
+    return compile_program(program, out_dir, target=target, threads=threads, sparse=sparse, source=source,
+                           force=force)
+
+
+def load_compiled(path: str, *, threads: int | None = None):
+    """Load a TVM build directory written by :func:`compile`; call the result with ``{input name: array}``.
+
+    Needs no torch model: the weights are in the build. See :class:`sparsec.backends.tvm.build.CompiledModel`.
+    """
+    from sparsec.backends.tvm.build import load_compiled as _load
+
+    return _load(path, threads=threads)

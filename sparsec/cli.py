@@ -70,7 +70,8 @@ def cli(ctx, debug):
     sparsec pipeline show SPEC                       the canonical form of a pipeline
     sparsec inspect OUT/                             the report of an artifact
     sparsec export OUT/ --to onnx -o model.onnx      export to ONNX (--verify: compare with torch)
-    sparsec run model.onnx --inputs FILE             run with ONNX Runtime (or OUT/ with torch)
+    sparsec compile OUT/ -o BUILD/                   compile with TVM and sparsec's sparse kernels
+    sparsec run model.onnx --inputs FILE             run with ONNX Runtime (BUILD/ with TVM, OUT/ with torch)
 
     MODEL: a Hugging Face directory, a .pt2 file, a sparsec artifact, 'package.module:factory' (with --weights
     FILE for a state dict), or builtin:minilm / builtin:gemma3-270m (models that ship in packages).
@@ -327,6 +328,36 @@ def export(artifact, target, out, opset, external_data, verify, inputs, rtol, at
         raise SparsecError(failure.message)
 
 
+@cli.command("compile", context_settings=CONTEXT)
+@click.argument("artifact")
+@click.option("--target", type=click.Choice(["llvm"]), default="llvm", show_default=True,
+              help="llvm: this machine's CPU (named exactly, e.g. znver4)")
+@click.option("--threads", type=click.IntRange(min=1), metavar="N", help="TVM threads at run time [default: all CPUs]")
+@click.option("--dense", is_flag=True, help="use sparsec's dense kernel in every linear layer (a baseline)")
+@click.option("-o", "--output", "out", required=True, metavar="DIR", help="build directory to write")
+@click.option("--force", is_flag=True, help="replace DIR if it is an existing build")
+@click.option("--json", "as_json", is_flag=True, help="print the build manifest as one JSON document")
+def compile_(artifact, target, threads, dense, out, force, as_json):
+    """Compile the artifact directory ARTIFACT with TVM and sparsec's sparse kernels into the build directory DIR."""
+    from sparsec.artifact import check_output_dir, read_manifest
+
+    read_manifest(artifact)  # not an artifact: fail before importing torch
+    check_output_dir(out, force, inputs=[artifact])
+    from sparsec import api
+
+    _progress(f"sparsec: compiling {artifact} for {target}")
+    m = api.compile(artifact, out, target=target, threads=threads, sparse=not dense, force=force)
+    if as_json:
+        _echo_json(m)
+        return
+    click.echo(f"wrote {out} (TVM {m['tvm']}, target {m['target']} cpu {m['cpu']}, {m['threads']} threads;"
+               f" lowered in {m['seconds']['lower']:.1f} s, compiled in {m['seconds']['compile']:.1f} s)")
+    kinds = {}
+    for k in m["kernels"]:
+        kinds[k.split("_")[2]] = kinds.get(k.split("_")[2], 0) + 1
+    click.echo("kernels: " + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())))
+
+
 @cli.command("run", context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--inputs", metavar="FILE", help=".npz or .safetensors, one array per model input (by name)"
@@ -335,7 +366,8 @@ def export(artifact, target, out, opset, external_data, verify, inputs, rtol, at
 @click.option("--force", is_flag=True, help="replace --output FILE if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON document")
 def run(model, inputs, out, force, as_json):
-    """Run MODEL (a .onnx file with ONNX Runtime, or an artifact directory with torch) on --inputs FILE."""
+    """Run MODEL (a .onnx file with ONNX Runtime, a TVM build directory, or an artifact directory with torch) on
+    --inputs FILE."""
     if out:
         if not out.endswith(".npz"):
             raise UsageError(f"--output '{out}' must end in .npz (the outputs are written as a numpy .npz file)")
@@ -344,7 +376,9 @@ def run(model, inputs, out, force, as_json):
                                " --output")
     if not os.path.exists(model):
         raise SparsecError(f"model '{model}' does not exist; give a .onnx file or a sparsec artifact directory")
-    if os.path.isdir(model):
+    from sparsec.backends.tvm.build import is_build_dir
+
+    if os.path.isdir(model) and not is_build_dir(model):
         from sparsec.artifact import read_manifest
 
         read_manifest(model)

@@ -1,0 +1,190 @@
+"""Lower a sparsec program (``torch.export``) to a Relax module whose linear layers call sparsec's TIR kernels.
+
+``aten.linear`` is kept through decomposition and converted by :func:`_convert_linear`: its weight (and bias) are
+evaluated at build time (parameters, or constant expressions of them such as a pruning mask product), packed into
+column tiles (:func:`sparsec.backends.tvm.kernels.pack_weight`) and baked in as constants, so nothing is transposed
+at run time. The kernel is chosen from the op that produces the linear's input:
+
+* ``sparsec::threshold(x, t)``: the sparse kernel with the threshold fused (the thresholded tensor is never made);
+* an op whose output is mostly zeros (relu, relufy's fatrelu ``where(x >= t, x, 0)``, relu², a mask product):
+  the sparse kernel, skipping zero inputs;
+* anything else: the dense kernel of the same family.
+
+Every other op goes through TVM's own ``from_exported_program`` converters.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sparsec.errors import SparsecError, UsageError
+
+#: ATen ops whose output is zero wherever the input is at most a threshold (relufy's outputs).
+_ZERO_MAKERS = {"aten.relu.default", "aten.where.ScalarOther", "aten.where.self"}
+#: Ops that keep their first input's zeros (relu², a mask product).
+_ZERO_KEEPERS = {"aten.pow.Tensor_Scalar", "aten.mul.Tensor"}
+
+
+_VIEWS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"}
+
+
+def input_kind(node) -> str:
+    """'threshold', 'sparse' or 'dense': what produces the linear input ``node``.
+
+    'threshold': ``node`` is a ``sparsec::threshold`` (fused into the kernel); 'sparse': its value is mostly zeros
+    (a relufy activation, or a threshold seen through a reshape); 'dense': anything else.
+    """
+    from sparsec.ops import THRESHOLD
+
+    if getattr(node, "op", None) != "call_function":
+        return "dense"
+    if node.target is THRESHOLD:
+        return "threshold"
+    name = str(node.target)
+    if name in _ZERO_MAKERS:
+        return "sparse"
+    if (name in _ZERO_KEEPERS or name in _VIEWS) and input_kind(node.args[0]) != "dense":
+        return "sparse"
+    return "dense"
+
+
+def _decompose(program):
+    """``program`` in core ATen with ``aten.linear`` kept. Views become reshapes first: torch cannot decompose some
+    views of dynamic-shape transposes (GPT-2's attention output), and a reshape is a view wherever one is possible."""
+    import copy
+
+    import torch
+
+    program = copy.deepcopy(program)
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    program.graph_module.recompile()
+    table = torch.export.default_decompositions()
+    del table[torch.ops.aten.linear.default]
+    return program.run_decompositions(table)
+
+
+class _Constants:
+    """Build-time values of graph nodes that depend only on parameters, buffers and constants."""
+
+    def __init__(self, program):
+        sig = program.graph_signature
+        self.sources = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
+                        **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
+        self.values = {**program.state_dict, **program.constants}
+        self.memo = {}
+
+    def get(self, node):
+        """The tensor value of ``node``, or None when it depends on a user input."""
+        import torch
+        import torch.fx as fx
+
+        if not isinstance(node, fx.Node):
+            return node
+        if node in self.memo:
+            return self.memo[node]
+        value = None
+        if node.op == "placeholder" and node.name in self.sources:
+            value = self.values.get(self.sources[node.name])
+        elif node.op == "call_function":
+            args = [self.get(a) if isinstance(a, fx.Node) else a for a in node.args]
+            if all(a is not None for a, raw in zip(args, node.args) if isinstance(raw, fx.Node)):
+                with torch.no_grad():
+                    value = node.target(*args, **node.kwargs)
+        self.memo[node] = value
+        return value
+
+
+def to_relax(program, *, sparse: bool = True):
+    """The Relax IRModule of ``program`` (an ExportedProgram) with sparsec's kernels in its linear layers.
+
+    ``sparse=False`` uses the dense kernel for every linear layer (the "sparsec TVM dense" baseline).
+    """
+    import torch
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from sparsec.backends.tvm.kernels import linear_kernel, pack_weight
+    from sparsec.graph import module_path
+
+    program = _decompose(program)
+    consts = _Constants(program)
+    funcs = {}
+
+    def convert_linear(node, importer):  # linear(x, W[N, K], b) or addmm(b, x, W[K, N]) (GPT-2's Conv1D)
+        if str(node.target) == "aten.addmm.default":
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                raise SparsecError(f"addmm in '{module_path(node)}' has alpha/beta other than 1, which the TVM"
+                                   " backend does not lower: use the ONNX backend (sparsec export OUT/ --to onnx)")
+            b_node, x_node, w_node = node.args[:3]
+            w = consts.get(w_node)
+            w = w.T if w is not None else None
+        else:
+            x_node, w_node = node.args[0], node.args[1]
+            b_node = node.args[2] if len(node.args) > 2 else None
+            w = consts.get(w_node)
+        if w is None:
+            raise SparsecError(f"linear layer '{module_path(node)}' has a weight computed from the model inputs;"
+                               " the TVM backend needs constant weights: use the ONNX backend (sparsec export --to"
+                               " onnx)")
+        b = consts.get(b_node) if b_node is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        kind = input_kind(x_node) if sparse else "dense"
+        x = importer.env[x_node.args[0] if kind == "threshold" else x_node]
+        thr = float(consts.get(x_node.args[1])) if kind == "threshold" else 0.0
+        dtype = str(x.ty.dtype)
+        n, k = (int(d) for d in w.shape)
+        key = f"sparsec_linear_{kind}_{k}_{n}_{dtype}"
+        bb = importer.block_builder
+        if key not in funcs:
+            funcs[key] = bb.add_func(linear_kernel(k, n, dtype, sparse=kind != "dense", threshold=kind == "threshold"),
+                                     key)
+        lead = list(x.ty.shape)[:-1]
+        m = 1
+        for d in lead:
+            m = m * d
+        x2 = bb.emit(relax.op.reshape(x, [m, k]))
+        args = [x2, relax.const(_np(pack_weight(w, dtype), dtype), dtype),
+                relax.const(_np(torch.tensor([thr]), dtype), dtype), relax.const(_np(b, dtype), dtype)]
+        y = bb.emit(relax.call_tir(funcs[key], args, out_ty=relax.TensorType([m, n], dtype)))
+        return bb.emit(relax.op.reshape(y, [*lead, n]))
+
+    def convert_threshold(node, importer):  # a threshold whose output also feeds non-linear ops
+        x = importer.env[node.args[0]]
+        t = relax.const(float(consts.get(node.args[1])), str(x.ty.dtype))
+        return importer.block_builder.emit(
+            relax.op.where(relax.op.greater(relax.op.abs(x), t), x, relax.const(0, str(x.ty.dtype))))
+
+    try:
+        mod = from_exported_program(program, run_ep_decomposition=False, custom_convert_map={
+            "linear.default": convert_linear, "addmm.default": convert_linear, "threshold.default": convert_threshold})
+    except SparsecError:
+        raise
+    except Exception as exc:
+        raise _unsupported(program, exc) from None
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def _np(t, dtype: str) -> np.ndarray:
+    """``t`` in ``dtype`` as a numpy array; bfloat16 as its uint16 bit pattern (numpy has no bfloat16)."""
+    import torch
+
+    t = t.detach().to(getattr(torch, dtype)).contiguous()
+    return t.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else t.numpy()
+
+
+def _unsupported(program, exc: Exception) -> SparsecError:
+    """A one-line error for an op the importer cannot convert, naming the op and the module it is in."""
+    import re
+
+    from sparsec.errors import first_line
+    from sparsec.graph import module_path
+
+    text = first_line(exc)
+    names = re.findall(r"'([\w.]+)'", text) if "Unsupported" in text else []
+    for node in program.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "__name__", None) in names:
+            where = module_path(node) or "the model's own forward"
+            return UsageError(f"the TVM backend cannot compile op '{node.target}' (in {where}); TVM's importer does"
+                              " not support it: use the ONNX backend (sparsec export OUT/ --to onnx) or remove the op")
+    return SparsecError(f"the TVM importer failed: {type(exc).__name__}: {text}; try the ONNX backend (sparsec"
+                        " export OUT/ --to onnx)")

@@ -1,0 +1,184 @@
+"""Lowering to Relax with sparsec's kernels, TVM build directories, `sparsec compile` / `sparsec run BUILD/`.
+
+Every build is a real TVM compile for this CPU, compared with the torch artifact within rtol/atol 1e-4 on inputs
+of several shapes, including one token (the batch-1 GEMV path of the kernels) and several (the batched path).
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import sparsec
+from sparsec.calibration import token_forward_loop
+from sparsec.errors import SparsecError, UsageError
+from sparsec.inputs import run_program
+from tests.zoo import RELU_OVERRIDE, build
+
+pytest.importorskip("tvm")
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def _feeds():
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for shape in [(2, 12), (1, 5), (1, 1)]:
+        ids = torch.randint(0, 256, shape, generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def _transform(arch, spec):
+    overrides = RELU_OVERRIDE[arch] if spec == "relufy" else {}
+    model, inputs = build(arch, **overrides)
+    loop = token_forward_loop(torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2)))
+    return sparsec.transform(model, spec, example_inputs=inputs, forward_loop=loop, measure=False)
+
+
+def _matches_torch(build_dir, program):
+    compiled = sparsec.load_compiled(str(build_dir))
+    for feed in _feeds():
+        got = compiled(feed)
+        want = run_program(program, feed)
+        assert list(got) == [f"output_{i}" for i in range(len(want))]
+        for g, w in zip(got.values(), want):
+            torch.testing.assert_close(torch.from_numpy(g), w, **TOL)
+    return compiled
+
+
+def _cli(capsys, *args):
+    from sparsec.cli import main
+
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def llama_teal(tmp_path_factory):
+    """(artifact dir, build dir, program): the zoo Llama after teal 0.5, compiled with `sparsec compile`."""
+    from sparsec.cli import main
+
+    result = _transform("llama", "teal{sparsity=0.5}")
+    root = tmp_path_factory.mktemp("llama")
+    art, out = root / "art", root / "build"
+    sparsec.save(result, str(art))
+    try:
+        main(["compile", str(art), "--threads", "2", "-o", str(out)])
+    except SystemExit as exc:
+        assert exc.code == 0
+    return art, out, result.program
+
+
+def test_teal_llama_build_matches_torch(llama_teal):
+    art, out, program = llama_teal
+    assert sorted(os.listdir(out)) == ["manifest.json", "model.so"]
+    assert not [n for n in os.listdir(out.parent) if "sparsec-tmp" in n]
+    compiled = _matches_torch(out, program)
+    m = compiled.manifest
+    assert m["format"] == "sparsec-tvm-build" and m["threads"] == 2 and m["target"] == "llvm"
+    assert m["sparsec"] == sparsec.__version__ and m["source"] == str(art)
+    kinds = {k.split("_")[2] for k in m["kernels"]}
+    assert kinds == {"threshold", "dense"}  # teal's thresholded projections, and lm_head
+
+
+def test_cli_run_build(llama_teal, tmp_path, capsys):
+    _, out, program = llama_teal
+    feed = _feeds()[0]
+    np.savez(tmp_path / "in.npz", **{k: v.numpy() for k, v in feed.items()})
+    code, stdout, err = _cli(capsys, "run", out, "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o.npz", "--json")
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert info["backend"] == "tvm" and info["outputs"] == [{"name": "output_0", "dtype": "float32",
+                                                             "shape": [2, 12, 256]}]
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "o.npz")["output_0"]),
+                               run_program(program, feed)[0], **TOL)
+    code, _, err = _cli(capsys, "run", out)
+    assert code == 2 and "running the TVM build" in _one_error_line(err) and "needs inputs: --inputs FILE" in err
+    np.savez(tmp_path / "bad.npz", input_ids=feed["input_ids"].numpy())
+    code, _, err = _cli(capsys, "run", out, "--inputs", tmp_path / "bad.npz")
+    assert code == 1 and "has no input 'attention_mask'" in _one_error_line(err)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("sparsec", "0.0.1", "was made by sparsec 0.0.1, this is sparsec"),
+    ("cpu", "some-other-cpu", "was compiled for CPU 'some-other-cpu', this machine is"),
+    ("files", {"model.so": "0" * 64}, "model.so is missing or does not match its checksum"),
+])
+def test_build_from_elsewhere_is_refused(llama_teal, tmp_path, capsys, field, value, message):
+    _, out, _ = llama_teal
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m[field] = value
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SparsecError, match="rebuild it here with 'sparsec compile OUT/ -o BUILD/ --force'"):
+        sparsec.load_compiled(str(copy))
+    np.savez(tmp_path / "in.npz", input_ids=np.zeros((1, 2), np.int64), attention_mask=np.ones((1, 2), np.int64))
+    code, _, err = _cli(capsys, "run", copy, "--inputs", tmp_path / "in.npz")
+    assert code == 1 and message in _one_error_line(err)
+
+
+def test_compile_refuses_existing_output_and_non_artifacts(llama_teal, tmp_path, capsys):
+    art, out, _ = llama_teal
+    code, _, err = _cli(capsys, "compile", art, "-o", out)
+    assert code == 1 and "already exists; pass --force" in _one_error_line(err)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    code, _, err = _cli(capsys, "compile", plain, "-o", tmp_path / "b")
+    assert code == 1 and "is not a sparsec artifact" in _one_error_line(err)
+    assert sorted(os.listdir(tmp_path)) == ["plain"]
+
+
+class _Kth(torch.nn.Module):
+    def forward(self, x):
+        return x - x.kthvalue(2, dim=-1, keepdim=True).values
+
+
+class _Unsupported(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.act, self.down, self.tail = torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8), _Kth()
+
+    def forward(self, x):
+        return self.tail(self.down(self.act(self.up(x))))
+
+
+def test_unsupported_op_names_op_and_module(tmp_path, capsys):
+    result = sparsec.transform(_Unsupported().eval(), "relufy", example_inputs=(torch.randn(2, 3, 8),), measure=False)
+    message = ("the TVM backend cannot compile op 'aten.kthvalue.default' (in tail); TVM's importer does not support"
+               " it: use the ONNX backend (sparsec export OUT/ --to onnx) or remove the op")
+    with pytest.raises(UsageError) as info:
+        sparsec.compile(result, str(tmp_path / "b"))
+    assert str(info.value) == message
+    sparsec.save(result, str(tmp_path / "art"))
+    code, _, err = _cli(capsys, "compile", tmp_path / "art", "-o", tmp_path / "b")
+    assert code == 2 and _one_error_line(err) == f"error: {message}"
+    assert sorted(os.listdir(tmp_path)) == ["art"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,spec", [("mistral", "teal{sparsity=0.5}"), ("qwen2", "teal{sparsity=0.5}"),
+                                       ("gpt2", "teal{sparsity=0.5}"), ("llama", "relufy"), ("mistral", "relufy"),
+                                       ("qwen2", "relufy"), ("gpt2", "relufy")])
+def test_zoo_build_matches_torch(arch, spec, tmp_path):
+    result = _transform(arch, spec)
+    manifest = sparsec.compile(result, str(tmp_path / "b"), threads=2)
+    _matches_torch(tmp_path / "b", result.program)
+    kinds = {k.split("_")[2] for k in manifest["kernels"]}
+    # GPT-2's Conv1D reshapes its input before the matmul: the threshold is applied, the kernel skips its zeros
+    fused = spec.startswith("teal") and arch != "gpt2"
+    assert kinds == {"threshold" if fused else "sparse", "dense"}
