@@ -1,4 +1,7 @@
-"""TVM backend: sparsec's own activation-sparse TIR kernels (CPU via LLVM; CUDA source compiled with nvcc).
+"""TVM backend: sparsec's own activation-sparse TIR kernels in a compiled Relax model (CPU via LLVM).
 
 - :mod:`sparsec.backends.tvm.kernels`: the CPU linear kernels (sparse GEMV, dense, batch > 1) and weight packing.
+- :mod:`sparsec.backends.tvm.lower`: torch.export program -> Relax, linear layers -> those kernels.
+- :mod:`sparsec.backends.tvm.build`: build directories (compile, write atomically, check, load, run).
+- :mod:`sparsec.backends.tvm.env`: importing TVM, its thread pool, the host-CPU target.
 """
