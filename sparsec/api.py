@@ -34,7 +34,8 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
               overrides: Iterable[str] = (), weights: str | None = None, unsafe_pickle: bool = False,
               trust_remote_code: bool = False, dynamic: bool = True, instruments: Iterable = (),
               measure: bool = True, calib_data: str | None = None, calib_samples: int = 16,
-              seq_len: int | None = None, batch_size: int = 4, max_memory: int | str | None = None) -> TransformResult:
+              seq_len: int | None = None, batch_size: int = 4, max_memory: int | str | None = None,
+              heldout_loop: Callable | None = None, heldout_samples: int = 4) -> TransformResult:
     """Capture ``model`` with torch.export and run the pipeline ``spec`` on it.
 
     ``model``: an ``nn.Module`` (with ``example_inputs``), an ``ExportedProgram``, or a path / spec string as on the
@@ -46,6 +47,9 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     tokenised with the model's tokenizer, or a .pt/.npy tensor of token ids), else the built-in Wikipedia text when
     the model has a tokenizer; ``calib_samples`` windows of ``seq_len`` tokens (default: 512, or the model's
     maximum), run in batches of ``batch_size`` (see :func:`sparsec.calibration.make_forward_loop`).
+    After a calibrating pass the transformed model is measured on held-out data (``heldout_loop``, a forward_loop;
+    default for a model with a tokenizer: ``heldout_samples`` windows of Wikipedia articles [:60]): per-layer
+    ``heldout_sparsity`` and ``report['sparsity']`` under each definition of :mod:`sparsec.report`.
     ``max_memory`` (bytes or e.g. ``"8GiB"``; default: the memory available now): the run is refused before the
     passes start when its estimate (:mod:`sparsec.resources`) exceeds it.
     """
@@ -68,6 +72,9 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     calibrate = bool(need) and forward_loop is None
     if calibrate:
         forward_loop = _calibration_loop(need[0], loaded, calib_data, calib_samples, seq_len, batch_size)
+    heldout_source = "heldout_loop"
+    if need and heldout_loop is None and loaded.tokenizer_dir and heldout_samples > 0:
+        heldout_loop, heldout_source = _heldout_loop(loaded, seq_len, heldout_samples, batch_size)
     captured = frontend.capture(loaded, dynamic=dynamic)
     _check_memory(captured.program, budget, calib=(calib_samples, _calib_seq_len(loaded, seq_len), batch_size)
                   if calibrate else None)
@@ -88,6 +95,10 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
                             "dense": {k: v for k, v in dense_stats.items() if k != "layers"},
                             "transformed": {k: v for k, v in stats.items() if k != "layers"},
                             "output": compare_outputs(dense_out, out), "layers": stats["layers"]}
+    if need and heldout_loop is not None:
+        from sparsec.report import add_heldout
+
+        add_heldout(report, gm, heldout_loop, heldout_source)
     program = frontend.reexport(gm, captured)
     source = {"model": loaded.source, "kind": loaded.kind}
     if loaded.tokenizer_dir:
@@ -112,6 +123,15 @@ def _calibration_loop(pass_name: str, loaded, calib_data, samples: int, seq_len:
                                  samples=samples, seq_len=seq_len, batch_size=batch_size)
     except SparsecError as exc:
         raise type(exc)(f"pass '{pass_name}' needs calibration data: {exc.message}") from None
+
+
+def _heldout_loop(loaded, seq_len: int | None, samples: int, batch_size: int):
+    from sparsec.calibration import _tokenizer, heldout_text, token_forward_loop, tokenize_windows
+
+    ids = tokenize_windows(heldout_text(), _tokenizer(loaded.tokenizer_dir, "held-out text"),
+                           _calib_seq_len(loaded, seq_len), samples)
+    loop = token_forward_loop(ids, batch_size=batch_size, desc="held-out")
+    return loop, f"Wikipedia articles [:60] (gensim), {ids.shape[0]} x {ids.shape[1]} tokens"
 
 
 def _calib_seq_len(loaded, seq_len: int | None) -> int:

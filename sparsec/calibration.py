@@ -26,6 +26,7 @@ differs from ``p`` by at most the mass of that one bin. ``tests/test_calibration
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any, Callable, Iterable
@@ -83,10 +84,7 @@ class AbsHistogram:
 
     def edges(self) -> torch.Tensor:
         """Lower edges of the bins and the upper edge of the last one (float64, nbins + 1 values; bin 0 starts at 0)."""
-        bits = ((torch.arange(self.nbins + 1, dtype=torch.int64) + self.base) << self.shift).to(torch.int32)
-        e = bits.view(torch.float32).to(torch.float64)
-        e[0] = 0.0
-        return e
+        return _edges(self.m)
 
     def quantile(self, p: float) -> float:
         """Estimate ``torch.quantile(|x|, p)`` over everything seen so far (bound in the module docstring)."""
@@ -128,6 +126,15 @@ class AbsHistogram:
         return (float(counts[:b].sum()) + min(max(inside, 0.0), 1.0) * float(counts[b])) / n
 
 
+@functools.lru_cache(maxsize=None)
+def _edges(m: int) -> torch.Tensor:
+    shift, base, nbins = 23 - m, (127 + _LOW_EXP) << m, (_HIGH_EXP - _LOW_EXP) << m
+    bits = ((torch.arange(nbins + 1, dtype=torch.int64) + base) << shift).to(torch.int32)
+    e = bits.view(torch.float32).to(torch.float64)
+    e[0] = 0.0
+    return e
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -145,6 +152,13 @@ def default_text() -> str:
     from sparsec.data import wiki_articles
 
     return "\n\n".join(text for _, text in wiki_articles()[60:])
+
+
+def heldout_text() -> str:
+    """Held-out text for measuring a calibrated model: Wikipedia articles [:60] (never used for calibration)."""
+    from sparsec.data import wiki_articles
+
+    return "\n\n".join(text for _, text in wiki_articles()[:60])
 
 
 def _tokenizer(tokenizer_dir: str | None, what: str):
@@ -318,3 +332,159 @@ def make_forward_loop(calib_data: str | None, *, tokenizer_dir: str | None = Non
     ids = token_batches(data, seq_len=seq_len, samples=samples, vocab_size=vocab_size,
                         source=f"calibration file '{calib_data}'")
     return token_forward_loop(ids, batch_size=batch_size)
+
+
+# ------------------------------------------------------------------------------- thresholds calibrated in graph order
+
+
+class ThresholdSite:
+    """A tensor of the graph whose consumers each get ``sparsec::threshold`` with its own threshold and target.
+
+    Modes (set by :class:`ThresholdSites`): ``collect`` streams |x| into ``hist``; ``calibrate`` does that and then,
+    within the same forward and before any consumer runs, sets every threshold to the quantile of everything seen so
+    far at its target, and counts the zeros each threshold makes. So the inputs of later sites are already thresholded:
+    calibration runs in graph order on the sparsified model in one pass over the data.
+    """
+
+    def __init__(self, node, consumers: list, module: list[str], bits: int):
+        self.node, self.consumers, self.modules = node, consumers, module
+        self.hist = AbsHistogram(bits)
+        self.thresholds: list[torch.Tensor] = []  # one 0-d buffer per consumer
+        self.targets: list[float] = [0.0] * len(consumers)
+        self.mode = "off"
+        self.zeros = [0] * len(consumers)
+        self.numel = 0
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self.mode == "off":
+            return
+        self.hist.update(x)
+        if self.mode != "calibrate":
+            return
+        self.set_thresholds()
+        a = x.detach().abs()
+        self.numel += a.numel()
+        for j, t in enumerate(self.thresholds):
+            self.zeros[j] += int((a <= t).sum())
+
+    def set_thresholds(self) -> None:
+        """Thresholds from the histogram: the |x| quantile at each target (0 for target 0: only zeros are zeroed)."""
+        values = self.hist.quantiles(self.targets)
+        for t, p, v in zip(self.thresholds, self.targets, values):
+            t.fill_(v if p > 0 else 0.0)
+
+    def measured(self) -> list[float]:
+        return [z / self.numel if self.numel else 0.0 for z in self.zeros]
+
+
+class _Observer(torch.nn.Module):
+    """Identity that streams its input into a :class:`ThresholdSite` (present only while calibrating)."""
+
+    def __init__(self, site: ThresholdSite):
+        super().__init__()
+        self.site = site
+
+    def forward(self, x):
+        self.site.observe(x)
+        return x
+
+
+class ThresholdSites:
+    """Insert ``sparsec::threshold`` between graph tensors and their consumers, with observers for calibration.
+
+    ``groups``: ``(tensor node, [(consumer node, module path), ...])`` in graph order. Each consumer gets a 0-d
+    threshold buffer (in an ``nn.Module`` container named ``prefix`` on ``gm``), initialised to -1 (nothing zeroed),
+    and reads ``threshold(x, t)`` instead of ``x``. :meth:`calibrate` fills the buffers; :meth:`remove_observers`
+    leaves only the thresholds.
+    """
+
+    def __init__(self, gm, groups: list, prefix: str, bits: int):
+        import re
+
+        from sparsec.ops import THRESHOLD
+
+        self.gm = gm
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        holder_name, i = prefix, 1
+        while hasattr(gm, holder_name):
+            holder_name, i = f"{prefix}_{i}", i + 1
+        self.holder = torch.nn.Module()
+        gm.add_module(holder_name, self.holder)
+        graph, used = gm.graph, set()
+        self.sites: list[ThresholdSite] = []
+        self._observers = []
+        for k, (x, consumers) in enumerate(groups):
+            site = ThresholdSite(x, [c for c, _ in consumers], [m for _, m in consumers], bits)
+            obs_name = f"{holder_name}_observer{k}"
+            gm.add_module(obs_name, _Observer(site))
+            with graph.inserting_after(x):
+                obs = graph.call_module(obs_name, (x,))
+            obs.meta.update({key: x.meta[key] for key in ("val", "nn_module_stack") if key in x.meta})
+            self._observers.append((obs, obs_name))
+            for consumer, module in consumers:
+                base = re.sub(r"\W", "_", module) or "input"
+                buf, j = base, 1
+                while buf in used:
+                    buf, j = f"{base}_{j}", j + 1
+                used.add(buf)
+                self.holder.register_buffer(buf, torch.tensor(-1.0, device=device))
+                site.thresholds.append(getattr(self.holder, buf))
+                with graph.inserting_before(consumer):
+                    t = graph.get_attr(f"{holder_name}.{buf}")
+                    thr = graph.call_function(THRESHOLD, (obs, t))
+                for node in (t, thr):  # the consumer's module path, so reports and later passes can target them
+                    node.meta["nn_module_stack"] = consumer.meta.get("nn_module_stack")
+                thr.meta.update({key: x.meta[key] for key in ("val", "stack_trace") if key in x.meta})
+                consumer.replace_input_with(x, thr)
+            self.sites.append(site)
+        graph.lint()
+        gm.recompile()
+
+    def set_mode(self, mode: str) -> None:
+        for s in self.sites:
+            s.mode = mode
+
+    def calibrate(self, forward_loop: Callable, targets: list[list[float]], rounds: int = 1) -> None:
+        """Set every threshold to its target (``targets[i]``: one per consumer of site i) in graph order.
+
+        Each round resets the histograms and runs ``forward_loop`` once; the last round's zero counts are the
+        measured sparsity on the calibration data. Distributed: histograms and counts are all-reduced, and the final
+        thresholds are the quantiles of the merged histograms, identical on every rank."""
+        for s, t in zip(self.sites, targets):
+            s.targets = list(t)
+        for _ in range(rounds):
+            for s in self.sites:
+                s.hist.reset()
+                s.zeros, s.numel = [0] * len(s.thresholds), 0
+            self.set_mode("calibrate")
+            try:
+                with torch.no_grad():
+                    forward_loop(self.gm)
+            finally:
+                self.set_mode("off")
+            for s in self.sites:
+                s.hist.all_reduce()
+                _all_reduce_counts(s)
+                if s.numel == 0:
+                    raise SparsecError(f"calibration data never reached the input of {s.modules[0]}: the"
+                                       " forward_loop ran no batch through the model")
+                s.set_thresholds()
+
+    def remove_observers(self) -> None:
+        graph = self.gm.graph
+        for obs, name in self._observers:
+            obs.replace_all_uses_with(obs.args[0])
+            graph.erase_node(obs)
+            self.gm.delete_submodule(name)
+        self._observers = []
+        graph.lint()
+        self.gm.recompile()
+
+
+def _all_reduce_counts(site: ThresholdSite) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        counts = torch.tensor([site.numel, *site.zeros], dtype=torch.int64)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        site.numel, site.zeros = int(counts[0]), [int(c) for c in counts[1:]]

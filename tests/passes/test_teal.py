@@ -11,6 +11,7 @@ from sparsec.calibration import token_forward_loop
 from sparsec.errors import SparsecError, UsageError
 from sparsec.measure import run_and_count_zeros
 from sparsec.ops import THRESHOLD
+from sparsec.passes.teal import pick_row
 from tests.zoo import build
 
 # thresholds per model: 7 per block for Llama (q,k,v,o,gate,up,down), 4 for GPT-2, 6 for BERT; 2 blocks each
@@ -139,8 +140,6 @@ def test_errors():
         sparsec.transform(_Mlp().eval(), "teal", example_inputs=(x,))
     with pytest.raises(UsageError, match="no linear layer inside numbered transformer blocks"):
         sparsec.transform(_Mlp().eval(), "teal", example_inputs=(x,), forward_loop=lambda m: m(x))
-    with pytest.raises(UsageError, match="allocation=greedy .* is not implemented yet"):
-        sparsec.transform(_Mlp().eval(), "teal{allocation=greedy}", example_inputs=(x,), forward_loop=print)
     with pytest.raises(UsageError, match="prefill=dense is not implemented yet"):
         sparsec.TealConfig(prefill="dense")
     with pytest.raises(UsageError, match="bad value 1.0 for option 'sparsity' of pass 'teal': expected 0.0 <="
@@ -153,6 +152,53 @@ def test_errors():
                                forward_loop=lambda m: [m(torch.randn(64, 8)) for _ in range(4)], measure=False)
     assert [e["module"] for e in result.report["layers"]] == ["fc1", "fc2"]
     assert abs(result.report["layers"][0]["measured_sparsity"] - 0.25) < 0.03
+
+
+@pytest.mark.parametrize("target", [0.25, 0.7])
+def test_graph_order_calibration_hits_the_target_on_held_out_data(target):
+    """Every layer of the transformed model is within 0.02 of the target on held-out data (not just the first)."""
+    model, inputs = build("llama")
+    result = sparsec.transform(model, f"teal{{sparsity={target}}}", example_inputs=inputs,
+                               forward_loop=token_forward_loop(_ids(1, n=64), batch_size=16), measure=False,
+                               heldout_loop=token_forward_loop(_ids(3, n=32), batch_size=16))
+    layers = result.report["layers"]
+    assert len(layers) == 14 and all(abs(e["heldout_sparsity"] - target) <= 0.02 for e in layers), layers
+    assert abs(result.report["sparsity"]["teal_param_weighted"] - target) <= 0.02
+
+
+def test_greedy_allocation(tmp_path):
+    """TEAL's block-wise greedy: a table per block, each layer calibrated to its row's per-projection sparsity."""
+    model, inputs = build("llama")
+    result = sparsec.transform(model, "teal{sparsity=0.5 allocation=greedy greedy_step=0.2}", example_inputs=inputs,
+                               forward_loop=token_forward_loop(_ids(1, n=16), batch_size=8), measure=False,
+                               heldout_loop=token_forward_loop(_ids(3, n=16), batch_size=8))
+    stats = result.report["passes"][0]["stats"]
+    tables = stats["greedy_table"]
+    assert [t["block"] for t in tables] == ["model.layers.0", "model.layers.1"]
+    for table in tables:
+        assert [m.rsplit(".", 1)[-1] for m in table["modules"]] == ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                    "gate_proj", "up_proj", "down_proj"]
+        assert table["weights"] == [1.0, 0.5, 0.5, 1.0, 2.0, 2.0, 2.0]  # parameter counts relative to q
+        rows = table["rows"]
+        assert rows[0] == [0.0, 0.0, [0.0] * 7] and rows[-1][0] >= 0.5 > rows[-2][0]
+        for before, after in zip(rows, rows[1:]):  # one projection raised by its step (0.2 / w_p) per row
+            raised = [i for i in range(7) if after[2][i] != before[2][i]]
+            assert len(raised) == 1 and abs(after[2][raised[0]] - before[2][raised[0]] - 0.2 / table["weights"][
+                raised[0]]) < 1e-5
+            assert after[0] > before[0] and after[1] >= 0
+        row = pick_row(table, 0.5)
+        by_module = {e["module"]: e for e in result.report["layers"]}
+        for module, p in zip(table["modules"], row[2]):
+            e = by_module[module]
+            assert e["target_sparsity"] == p
+            if p > 0:
+                assert abs(e["measured_sparsity"] - p) <= 0.02 and abs(e["heldout_sparsity"] - p) <= 0.03, e
+            else:
+                assert e["threshold"] == 0.0
+    assert abs(stats["measured_sparsity_param_weighted"] - 0.5) <= 0.05
+    sparsec.save(result, str(tmp_path / "out"))  # the table is read back with the artifact
+    report = sparsec.load_artifact(str(tmp_path / "out"), load_program=False).report
+    assert report["passes"][0]["stats"]["greedy_table"] == tables
 
 
 def test_hf_directory_without_tokenizer_needs_data(tmp_path):
