@@ -104,6 +104,9 @@ def cli(ctx, debug):
 def transform(model, spec, recipe, sets, out, force, dump_ir, as_json, weights, unsafe_pickle, trust_remote_code,
               static, plugins, calib_data, calib_samples, seq_len, batch_size, max_memory):
     """Rewrite MODEL with a pipeline of passes and write the artifact directory OUT."""
+    from sparsec.resources import parse_memory
+
+    budget = None if max_memory is None else parse_memory(max_memory)
     _load_plugins(plugins)
     pipeline = _load_spec(spec, recipe, sets)
     pipeline.validate_order()
@@ -118,7 +121,7 @@ def transform(model, spec, recipe, sets, out, force, dump_ir, as_json, weights, 
                            trust_remote_code=trust_remote_code, dynamic=not static,
                            instruments=[DumpIR(dump_ir)] if dump_ir else [], calib_data=calib_data,
                            calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size,
-                           max_memory=max_memory)
+                           max_memory=budget)
     api.save(result, out, force=force)
     summary = {"artifact": out, "pipeline": result.pipeline.canonical(),
                "passes": [{"name": p["name"], "stats": p["stats"], "seconds": p.get("seconds")}
@@ -330,8 +333,9 @@ def export(artifact, target, out, opset, external_data, verify, inputs, rtol, at
 
 @cli.command("compile", context_settings=CONTEXT)
 @click.argument("artifact")
-@click.option("--target", type=click.Choice(["llvm"]), default="llvm", show_default=True,
-              help="llvm: this machine's CPU (named exactly, e.g. znver4)")
+@click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True,
+              help="llvm: this machine's CPU (named exactly, e.g. znver4); cuda: NVIDIA sm_90 (H100/H200), the"
+              " source checked with nvcc at build time, run where a GPU is")
 @click.option("--threads", type=click.IntRange(min=1), metavar="N", help="TVM threads at run time [default: all CPUs]")
 @click.option("--dense", is_flag=True, help="use sparsec's dense kernel in every linear layer (a baseline)")
 @click.option("-o", "--output", "out", required=True, metavar="DIR", help="build directory to write")

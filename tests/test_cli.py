@@ -128,8 +128,81 @@ SPEC_CASES = {
 }
 
 
+CONTRACT_CASES = {
+    # id: (arguments, exit code, fragments of the error line); {d} is the inputs directory, {factory} the factory
+    "inspect-tampered": (["inspect", "{d}/tampered-report"], 1, [
+        "artifact '{d}/tampered-report': report.json does not match its checksum in manifest.json (modified or"
+        " damaged); re-create the artifact"]),
+    "export-tampered": (["export", "{d}/tampered-model", "--to", "onnx", "-o", "m.onnx"], 1, [
+        "artifact '{d}/tampered-model': model.pt2 does not match its checksum in manifest.json"]),
+    "load-tampered": (["transform", "{d}/tampered-model", "--pass", "relufy", "-o", "out"], 1, [
+        "artifact '{d}/tampered-model': model.pt2 does not match its checksum in manifest.json"]),
+    "inspect-newer": (["inspect", "{d}/newer"], 1, [
+        "'{d}/newer' has artifact format version 2; this sparsec reads version 1: re-create it with this sparsec"]),
+    "export-newer": (["export", "{d}/newer", "--to", "onnx", "-o", "m.onnx"], 1, [
+        "'{d}/newer' has artifact format version 2; this sparsec reads version 1"]),
+    "load-newer": (["transform", "{d}/newer", "--pass", "relufy", "-o", "out"], 1, [
+        "'{d}/newer' has artifact format version 2; this sparsec reads version 1"]),
+    "run-newer": (["run", "{d}/newer"], 1, ["'{d}/newer' has artifact format version 2; this sparsec reads version 1"]),
+    "inspect-not-json": (["inspect", "{d}/not-json"], 1, [
+        "'{d}/not-json/manifest.json' is not valid JSON (", "); the artifact is damaged: re-create it"]),
+    "inspect-bad-field": (["inspect", "{d}/bad-field"], 1, [
+        "'{d}/bad-field/manifest.json': field 'source' is missing or of the wrong type; the artifact is damaged:"
+        " re-create it"]),
+    "inspect-missing-file": (["inspect", "{d}/missing-file"], 1, [
+        "artifact '{d}/missing-file' is missing model.pt2; re-create it"]),
+    "max-memory-too-small": (["transform", "{factory}", "--pass", "relufy", "-o", "out", "--max-memory", "1KiB"], 1,
+                             ["not enough memory: the transform needs about ", " (parameters ",
+                              "but the budget is 1.00 KiB (--max-memory); use a smaller model, or raise --max-memory"
+                              " if more memory can be used"]),
+    "max-memory-bad": (["transform", "{factory}", "--pass", "relufy", "-o", "out", "--max-memory", "8gigs"], 2,
+                       ["bad memory size '8gigs': expected a number with a unit, e.g. 8GiB, 512MiB or 2GB"]),
+    "recipe-python-tag": (["transform", "{factory}", "--recipe", "{d}/evil.yaml", "-o", "out"], 2, [
+        "{d}/evil.yaml: not valid YAML at line 1, column 9: could not determine a constructor for the tag"
+        " 'tag:yaml.org,2002:python/object/apply:os.system'"]),
+    "recipe-missing": (["transform", "{factory}", "--recipe", "nope.yaml", "-o", "out"], 2, [
+        "recipe file 'nope.yaml' does not exist"]),
+    "set-malformed": (["transform", "{factory}", "--pass", "relufy", "--set", "relufy.to", "-o", "out"], 2, [
+        "bad --set 'relufy.to': expected PASS.OPTION=VALUE, e.g. teal.sparsity=0.6"]),
+    "set-unknown-pass": (["transform", "{factory}", "--pass", "relufy", "--set", "teal.sparsity=0.5", "-o", "out"], 2,
+                         ["bad --set 'teal.sparsity=0.5': pass 'teal' is not in the pipeline (pipeline: relufy)"]),
+    "remote-code": (["transform", "{d}/remote-code", "--pass", "relufy", "-o", "out"], 1, [
+        "'{d}/remote-code' needs its own Python code to load; if you trust it, pass --trust-remote-code"]),
+    "evil-weights": (["transform", "{factory}", "--weights", "{d}/evil.pt", "--pass", "relufy", "-o", "out"], 1, [
+        "weights file '{d}/evil.pt' is a pickle that safe loading refuses (it may run arbitrary code)",
+        "--unsafe-pickle applies to a whole-module MODEL only"]),
+}
+
+
+def _make_artifacts(d: Path) -> None:
+    """A good artifact and damaged copies: a changed report / model, a newer format version, a manifest that is not
+    JSON, one with a field of the wrong type, one with a file missing."""
+    import shutil
+
+    import sparsec
+
+    namespace = {}
+    exec(FACTORY, namespace)
+    model, example = namespace["factory"]()
+    sparsec.save(sparsec.transform(model, "relufy", example_inputs=example, measure=False), str(d / "art"))
+    for name in ["tampered-report", "tampered-model", "newer", "not-json", "bad-field", "missing-file"]:
+        shutil.copytree(d / "art", d / name)
+    report = d / "tampered-report" / "report.json"
+    report.write_text(report.read_text().replace('"relufy"', '"relufx"', 1))
+    model = d / "tampered-model" / "model.pt2"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 1
+    model.write_bytes(bytes(data))
+    for name, change in [("newer", {"format_version": 2}), ("bad-field", {"source": "x"})]:
+        manifest = json.loads((d / name / "manifest.json").read_text())
+        (d / name / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    (d / "not-json" / "manifest.json").write_text('{"format": "sparsec-artifact",')
+    (d / "missing-file" / "model.pt2").unlink()
+
+
 def _make_inputs(d: Path) -> None:
-    """The user's files: a factory, good / corrupt .pt2 files, state dicts, an evil pickle, an empty directory."""
+    """The user's files: a factory, good / corrupt .pt2 files, state dicts, an evil pickle, an empty directory, a
+    recipe with a Python tag, a Hugging Face directory with its own code, good and damaged artifacts."""
     (d / "mlp.py").write_text(FACTORY)
     program = torch.export.export(nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4)), (torch.randn(2, 4),))
     torch.export.save(program, d / "good.pt2")
@@ -146,12 +219,20 @@ def _make_inputs(d: Path) -> None:
     torch.save(Evil(d / "MARKER"), d / "evil.pt")
     assert b"system" in (d / "evil.pt").read_bytes()
     (d / "emptydir").mkdir()
+    (d / "evil.yaml").write_text(f'passes: !!python/object/apply:os.system ["touch {d}/MARKER"]\n')
+    (d / "remote-code").mkdir()
+    (d / "remote-code" / "config.json").write_text(json.dumps({
+        "model_type": "evil", "architectures": ["EvilModel"],
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"}}))
+    for code in ("configuration_evil.py", "modeling_evil.py"):
+        (d / "remote-code" / code).write_text(f"open({str(d / 'MARKER')!r}, 'w').write('ran')\n")
+    _make_artifacts(d)
 
 
 def _end_to_end(d: Path, factory: str) -> dict:
     """transform -> inspect -> transform again without --force (refused) -> with --force (replaces)."""
     out = d / "out"
-    steps = {"transform": sparsec("transform", factory, "--pass", "relufy", "-o", out, cwd=d)}
+    steps = {"transform": sparsec("transform", factory, "--pass", "relufy", "-o", out, "--max-memory", "8GiB", cwd=d)}
     if steps["transform"].returncode:
         return steps
     steps["files"] = sorted(p.name for p in out.iterdir())
@@ -196,6 +277,8 @@ def runs(inputs, inputs_before, tmp_path_factory):
                   "relufy", "-o", "out")
         for case, (argv, _) in SPEC_CASES.items():
             start(case, sparsec, "transform", factory, *argv, "-o", "out")
+        for case, (argv, _, _) in CONTRACT_CASES.items():
+            start(case, sparsec, *[a.format(d=inputs, factory=factory) for a in argv])
         start("inspect-missing", sparsec, "inspect", "nope")
         start("debug", sparsec, "--debug", "inspect", "nope")
         start("debug-usage", sparsec, "--debug", "pipeline", "show", "relu")
@@ -237,6 +320,17 @@ def test_bad_pipeline_or_usage(case, runs, inputs):
         assert proc.stderr.split("\n")[1] == "  " + argv[1]
     assert not (d / "out").exists()
     assert not temporaries(d, inputs)
+
+
+@pytest.mark.parametrize("case", list(CONTRACT_CASES))
+def test_error_contract(case, runs, inputs):
+    """Damaged artifacts (checked by load, inspect, export and run), unsafe files, resource limits, recipes, --set."""
+    _, code, fragments = CONTRACT_CASES[case]
+    proc, d = result(runs, case)
+    assert_error(proc, code, *[f.format(d=inputs) for f in fragments])
+    assert not (d / "out").exists() and not (d / "m.onnx").exists()
+    assert not temporaries(d, inputs)
+    assert not (inputs / "MARKER").exists(), "code from an input file ran"
 
 
 def test_inspect_a_missing_artifact(runs):
