@@ -473,3 +473,32 @@ def test_inputs_unchanged(runs, inputs, inputs_before):
     for future, _ in runs.values():
         future.result()
     assert snapshot(inputs) == inputs_before, "a command changed or added files beside the user's inputs"
+
+
+def test_every_row_of_errors_md_names_a_test():
+    """docs/errors.md: every row ends with the ids of tests that exist (and, for this module, with cases that exist);
+    a row with bare case ids belongs to a section whose introduction names the test."""
+    root = Path(__file__).parent.parent
+    defined = {name for p in (root / "tests").rglob("test_*.py")
+               for name in re.findall(r"^\s*def (test_\w+)\(", p.read_text(), re.M)}
+    cases = {"test_bad_model": MODEL_CASES, "test_bad_pipeline_or_usage": SPEC_CASES,
+             "test_error_contract": CONTRACT_CASES}
+    rows, intro = 0, ""
+    for line in (root / "docs" / "errors.md").read_text().splitlines():
+        if line.startswith("## "):
+            intro = ""
+        if not line.startswith("|"):
+            intro += line
+            continue
+        if line.startswith(("| Situation", "|---")):
+            continue
+        rows += 1
+        last = line.rstrip(" |").rsplit("|", 1)[-1]
+        ids = re.findall(r"`([^`]*\btest_\w+[^`]*)`", last) or re.findall(r"`([^`]*\btest_\w+)[^`]*`", intro)
+        assert ids, f"this row of docs/errors.md names no test: {line}"
+        for test_id in ids:
+            name, _, case = test_id.split("::")[-1].partition("[")
+            assert name in defined, f"{test_id} (in docs/errors.md) is not a test"
+            if name in cases and case:
+                assert case.rstrip("]") in cases[name], f"{test_id} (in docs/errors.md) is not a case of {name}"
+    assert rows >= 25

@@ -153,14 +153,21 @@ def test_kill_transform_at_every_point(transform_setup, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def export_setup(transform_setup, tmp_path_factory):
-    """Two artifacts (old, new), model.onnx exported from the old one, and the duration of exporting the new one."""
-    pytest.importorskip("onnxruntime")
+def two_artifacts(transform_setup, tmp_path_factory):
+    """A directory with the artifacts 'old' (OLD_SPEC) and 'new' (NEW_SPEC)."""
     base, _ = transform_setup
-    d = tmp_path_factory.mktemp("export")
+    d = tmp_path_factory.mktemp("artifacts")
     shutil.copytree(base / "previous", d / "old")
     made = run_and_kill(["transform", base / "mlp.py:factory", "--pass", NEW_SPEC, "-o", "new"], d, lambda _: False)
     assert made["code"] == 0, made["stderr"]
+    return d
+
+
+@pytest.fixture(scope="module")
+def export_setup(two_artifacts):
+    """model.onnx exported from the old artifact beside both artifacts, and the duration of exporting the new one."""
+    pytest.importorskip("onnxruntime")
+    d = two_artifacts
     old = run_and_kill(["export", "old", "--to", "onnx", "-o", "previous.onnx"], d, lambda _: False)
     assert old["code"] == 0, old["stderr"]
     timed = run_and_kill(["export", "new", "--to", "onnx", "-o", "timed.onnx"], d, lambda _: False)
@@ -220,3 +227,58 @@ def test_kill_export_at_every_point(export_setup, tmp_path):
     assert len(cases) >= 5
     for case in cases.values():
         _check_export_kill(case)
+
+
+# ------------------------------------------------------------------------------------------------ compile (TVM)
+
+
+@pytest.fixture(scope="module")
+def compile_setup(two_artifacts):
+    """BUILD compiled from the old artifact, and the duration of compiling the new one."""
+    pytest.importorskip("tvm")
+    d = two_artifacts
+    old = run_and_kill(["compile", "old", "-o", "previous-build"], d, lambda _: False)
+    assert old["code"] == 0, old["stderr"]
+    timed = run_and_kill(["compile", "new", "-o", "timed-build"], d, lambda _: False)
+    assert timed["code"] == 0, timed["stderr"]
+    return d, timed["seconds"]
+
+
+def _kill_compile(setup, point: str, when, tmp_path: Path) -> dict:
+    base, _ = setup
+    d = tmp_path / f"compile-{point.replace('%', 'pct')}"
+    d.mkdir()
+    for name in ("old", "new"):
+        os.symlink(base / name, d / name)
+    shutil.copytree(base / "previous-build", d / "build")
+    argv = ["compile", "new", "-o", "build", "--force"]
+    return {"d": d, "before": snapshot(d / "build"), "argv": argv, **run_and_kill(argv, d, when)}
+
+
+def _check_compile_kill(case: dict) -> None:
+    from sparsec.backends.tvm.build import read_build_manifest
+
+    d, out = case["d"], case["d"] / "build"
+    assert case["killed"] and case["code"] == -signal.SIGKILL, case
+    if out.exists():  # the previous build byte for byte, or a complete new one (a build swap is two renames, so
+        read_build_manifest(str(out))  # no build at all is possible too)
+        if snapshot(out) != case["before"]:
+            assert json.loads((out / "manifest.json").read_text())["source"] == "new", case
+    again = run_and_kill(case["argv"], d, lambda _: False)
+    assert again["code"] == 0, again["stderr"]
+    assert temporaries(d) == []
+    read_build_manifest(str(out))
+
+
+@pytest.mark.slow
+def test_kill_compile_at_every_point(compile_setup, tmp_path):
+    _, duration = compile_setup
+    points = kill_points(duration, {
+        "temp-dir": a_temporary,
+        "temp-library": in_a_temporary("model.so"),
+        "temp-manifest": in_a_temporary("manifest.json"),
+    })
+    cases = run_all({p: (lambda p=p, w=w: _kill_compile(compile_setup, p, w, tmp_path)) for p, w in points.items()})
+    assert len(cases) >= 5
+    for case in cases.values():
+        _check_compile_kill(case)
