@@ -109,7 +109,7 @@ class AbsHistogram:
             frac = (p * (n - 1) - before + 0.5) / float(counts[b])  # interpolate by rank inside the bin
             frac = min(max(frac, 0.0), 1.0)
             lo, hi = float(edges[b]), float(edges[b + 1])
-            out.append(lo + frac * (hi - lo) if b < self.nbins - 1 else lo)
+            out.append(lo + frac * (hi - lo) if 0 < b < self.nbins - 1 else lo)  # bin 0 (zeros and tiny): 0
         return out
 
     def fraction_at_most(self, t: float) -> float:
