@@ -20,7 +20,8 @@ from sparsec.errors import SparsecError
 FORMAT = "sparsec-tvm-build"
 FORMAT_VERSION = 1
 LIB_FILE, MANIFEST_FILE = "model.so", "manifest.json"
-TARGETS = ("llvm",)
+TARGETS = ("llvm", "cuda")
+CUDA_ARCH = "sm_90"  # H100 / H200
 
 
 def is_build_dir(path: str) -> bool:
@@ -39,21 +40,27 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     import sparsec
     from sparsec.artifact import _TMP_MARK, _fsync_dir, check_output_dir, cleanup_stale_temporaries, input_spec, \
         sha256_file
+    from sparsec.backends.tvm.cuda import cuda_sources, cuda_target, nvcc_compile, require_nvcc
     from sparsec.backends.tvm.env import cpu_target, host_cpu, import_tvm
     from sparsec.backends.tvm.lower import to_relax
 
     if target not in TARGETS:
         raise SparsecError(f"unknown TVM target '{target}'; valid: {', '.join(TARGETS)}")
     check_output_dir(out_dir, force)
+    if target == "cuda":
+        require_nvcc()
     threads = threads or os.cpu_count() or 1
     tvm = import_tvm(threads)
     start = time.perf_counter()
-    mod = to_relax(program, sparse=sparse)
+    mod = to_relax(program, sparse=sparse, target=target)
     kernels = sorted(str(gv.name_hint) for gv in mod.functions if str(gv.name_hint).startswith("sparsec_linear_"))
     lowered = time.perf_counter()
-    executable = tvm.compile(mod, target=cpu_target())
+    executable = tvm.compile(mod, target=cuda_target(CUDA_ARCH) if target == "cuda" else cpu_target())
+    for code in cuda_sources(executable):  # the GPU compiles it on first load: check it compiles now
+        nvcc_compile(code, CUDA_ARCH)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "sparsec": sparsec.__version__,
                 "tvm": tvm.__version__, "target": target, "cpu": host_cpu(), "threads": threads,
+                "arch": CUDA_ARCH if target == "cuda" else None,
                 "sparse": sparse, "kernels": kernels, "inputs": inputs if inputs is not None else input_spec(program),
                 "outputs": len(program.graph_signature.user_outputs), "source": source,
                 "seconds": {"lower": round(lowered - start, 2), "compile": round(time.perf_counter() - lowered, 2)}}
@@ -127,6 +134,8 @@ class CompiledModel:
     def input_names(self) -> list[str]:
         return [s["name"] for s in self.manifest["inputs"] if "dtype" in s]
 
+    device: Any = None
+
     def __call__(self, inputs: dict) -> dict:
         """``{output_i: numpy array}`` for ``inputs`` (``{name: array}``), checked against the build's input spec."""
         import numpy as np
@@ -137,7 +146,8 @@ class CompiledModel:
         tvm = import_tvm()
         arrays = {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in inputs.items()}
         check_inputs(arrays, self.manifest["inputs"], source="inputs", what=f"build '{self.path}'")
-        out = self.vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(arrays[n])) for n in self.input_names])
+        out = self.vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(arrays[n]), device=self.device)
+                                for n in self.input_names])
         outs = list(out) if not hasattr(out, "numpy") else [out]
         return dict(zip(output_names(len(outs)), (o.numpy() for o in outs)))
 
@@ -150,5 +160,13 @@ def load_compiled(path: str, *, threads: int | None = None) -> CompiledModel:
     tvm = import_tvm(threads or manifest.get("threads"))
     from tvm import relax
 
+    device = tvm.cpu()
+    if manifest.get("target") == "cuda":
+        from sparsec.backends.tvm.cuda import require_gpu
+
+        require_gpu()
+        if shutil.which("nvcc"):  # TVM compiles the CUDA source on first load: with nvcc, not NVRTC, if it is here
+            os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+        device = tvm.cuda(0)
     lib = tvm.runtime.load_module(os.path.join(path, LIB_FILE))
-    return CompiledModel(path, manifest, relax.VirtualMachine(lib, tvm.cpu()))
+    return CompiledModel(path, manifest, relax.VirtualMachine(lib, device), device)

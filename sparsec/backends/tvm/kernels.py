@@ -88,11 +88,10 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
         cnt = T.decl_buffer((1,), "int32")
         if m == 1:
             cnt[0] = 0
-            for i in range(k):
-                if take(x[0, i], thr[0]):
-                    idx[cnt[0]] = i
-                    xv[cnt[0]] = T.if_then_else(keep(x[0, i], thr[0]), T.cast(x[0, i], f32), T.float32(0))
-                    cnt[0] = cnt[0] + 1
+            for i in range(k):  # branch-free: always write, advance only past a kept input
+                idx[cnt[0]] = i
+                xv[cnt[0]] = T.if_then_else(keep(x[0, i], thr[0]), T.cast(x[0, i], f32), T.float32(0))
+                cnt[0] = cnt[0] + T.if_then_else(take(x[0, i], thr[0]), 1, 0)
             for r in range(R * (pd + 1)):
                 idx[cnt[0] + r] = 0
             for r in range(R):

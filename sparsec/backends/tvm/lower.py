@@ -95,15 +95,17 @@ class _Constants:
         return value
 
 
-def to_relax(program, *, sparse: bool = True):
+def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
     """The Relax IRModule of ``program`` (an ExportedProgram) with sparsec's kernels in its linear layers.
 
     ``sparse=False`` uses the dense kernel for every linear layer (the "sparsec TVM dense" baseline).
+    ``target='cuda'``: the GPU kernel (:mod:`sparsec.backends.tvm.cuda`), which skips zero inputs in every layer.
     """
     import torch
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
+    from sparsec.backends.tvm.cuda import cuda_linear_kernel, pack_weight_cuda
     from sparsec.backends.tvm.kernels import linear_kernel, pack_weight
     from sparsec.graph import module_path
 
@@ -136,14 +138,16 @@ def to_relax(program, *, sparse: bool = True):
         key = f"sparsec_linear_{kind}_{k}_{n}_{dtype}"
         bb = importer.block_builder
         if key not in funcs:
-            funcs[key] = bb.add_func(linear_kernel(k, n, dtype, sparse=kind != "dense", threshold=kind == "threshold"),
-                                     key)
+            kernel = (cuda_linear_kernel(k, n, dtype, threshold=kind == "threshold") if target == "cuda" else
+                      linear_kernel(k, n, dtype, sparse=kind != "dense", threshold=kind == "threshold"))
+            funcs[key] = bb.add_func(kernel, key)
+        packed = pack_weight_cuda(w, dtype) if target == "cuda" else pack_weight(w, dtype)
         lead = list(x.ty.shape)[:-1]
         m = 1
         for d in lead:
             m = m * d
         x2 = bb.emit(relax.op.reshape(x, [m, k]))
-        args = [x2, relax.const(_np(pack_weight(w, dtype), dtype), dtype),
+        args = [x2, relax.const(_np(packed, dtype), dtype),
                 relax.const(_np(torch.tensor([thr]), dtype), dtype), relax.const(_np(b, dtype), dtype)]
         y = bb.emit(relax.call_tir(funcs[key], args, out_ty=relax.TensorType([m, n], dtype)))
         return bb.emit(relax.op.reshape(y, [*lead, n]))

@@ -143,6 +143,33 @@ def test_compile_refuses_existing_output_and_non_artifacts(llama_teal, tmp_path,
     assert sorted(os.listdir(tmp_path)) == ["plain"]
 
 
+def test_cuda_target_without_nvcc_names_it(llama_teal, tmp_path, capsys, monkeypatch):
+    art, _, _ = llama_teal
+    monkeypatch.setenv("PATH", str(tmp_path))
+    code, _, err = _cli(capsys, "compile", art, "--target", "cuda", "-o", tmp_path / "b")
+    assert code == 1 and _one_error_line(err) == (
+        "error: --target cuda needs the CUDA compiler nvcc, which is not on PATH: install the CUDA toolkit (or add"
+        " its bin/ directory to PATH), or use --target llvm")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_cuda_build_of_teal_llama(llama_teal, tmp_path, capsys):
+    """The whole model for sm_90: sparsec's GPU kernel in the linear layers, dlight for the rest, nvcc-checked."""
+    import ctypes.util
+
+    art, _, _ = llama_teal
+    code, _, err = _cli(capsys, "compile", art, "--target", "cuda", "-o", tmp_path / "b", "--json")
+    assert code == 0, err
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["target"] == "cuda" and m["arch"] == "sm_90" and m["source"] == str(art)
+    assert {k.split("_")[2] for k in m["kernels"]} == {"threshold", "dense"}
+    if ctypes.util.find_library("cuda") is None:
+        np.savez(tmp_path / "in.npz", input_ids=np.zeros((1, 2), np.int64), attention_mask=np.ones((1, 2), np.int64))
+        code, _, err = _cli(capsys, "run", tmp_path / "b", "--inputs", tmp_path / "in.npz")
+        assert code == 1 and "needs the NVIDIA driver (libcuda.so.1 was not found)" in _one_error_line(err)
+
+
 class _Kth(torch.nn.Module):
     def forward(self, x):
         return x - x.kthvalue(2, dim=-1, keepdim=True).values
