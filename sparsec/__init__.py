@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 _API = {"transform", "save", "load", "load_artifact", "list_passes", "trace", "TransformResult", "export_onnx", "run",
         "compile", "load_compiled"}
 _CONFIGS = {"RelufyConfig": "sparsec.passes.relufy", "TealConfig": "sparsec.passes.teal",
+            "RegularizeConfig": "sparsec.passes.regularize", "JSReLUConfig": "sparsec.passes.jsrelu",
+            "DBMLPConfig": "sparsec.passes.db_mlp", "StripConfig": "sparsec.passes.strip",
             "PruneConfig": "sparsec.passes.prune", "FoldConfig": "sparsec.passes.fold"}
 
 __all__ = sorted(_API | set(_CONFIGS) | {"SparsecError", "__version__", "regularization_loss"})
