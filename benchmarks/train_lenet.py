@@ -4,7 +4,7 @@ Every run starts from the same initial weights and sees the same batches (Adam 1
 runs train the module from ``sparsec.transform(model, 'regularize{scope=all ...}')`` (taps on the four ReLU maps,
 penalty = mean per map, summed) with ``loss = CE + sparsec.regularization_loss(model)``, then ``strip``.
 Activation sparsity is DSTF's definition: zeros in the four ReLU maps (act1..act4) over the 10,000 test images,
-element-weighted. Usage: ``python benchmarks/train_lenet.py [--epochs 3] [--out benchmarks/results/train_lenet.md]``
+element-weighted. Usage: ``python benchmarks/train_lenet.py [--epochs 2] [--out benchmarks/results/train_lenet.md]``
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import sparsec  # noqa: E402
 from benchmarks.lenet import LeNet5, fashion_mnist  # noqa: E402
 
-RUNS = [("dense", None), ("L1, λ=0.01", "kind=l1 weight=0.01"), ("L1, λ=0.05", "kind=l1 weight=0.05"),
-        ("TL1 a=1, λ=0.05", "kind=tl1 a=1 weight=0.05"), ("TL1 a=1, λ=0.2", "kind=tl1 a=1 weight=0.2")]
+RUNS = [("dense", None), ("L1, λ=0.05", "kind=l1 weight=0.05"), ("TL1 a=1, λ=0.2", "kind=tl1 a=1 weight=0.2")]
 
 
 @torch.no_grad()
@@ -73,10 +72,10 @@ def train(options: str | None, data, epochs: int) -> tuple[LeNet5, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # the machine is shared: one thread is faster than two contended ones
     train_data, (xte, yte) = fashion_mnist("train"), fashion_mnist("test")
     rows, dense = [], None
     for label, options in RUNS:

@@ -1,10 +1,12 @@
-"""sparsec.training: the HF Trainer callback on a transformed zoo model, and DDP with 2 real torchrun processes."""
+"""sparsec.training: the HF Trainer callback on a transformed zoo model, DDP with 2 real torchrun processes (both
+slow: make test-all), and holder classes restored after export."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -15,6 +17,7 @@ from tests.zoo import build
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_hf_trainer_callback_runs_after_step_and_trains(tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -92,6 +95,7 @@ def batch():
     return torch.randn(8, 6, 8, generator=g), torch.randn(8, 6, 8, generator=g)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path):
     script, out = tmp_path / "worker.py", tmp_path / "out.json"
     script.write_text(WORKER)
