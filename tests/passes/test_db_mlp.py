@@ -75,7 +75,8 @@ def test_scratch_drops_the_norm_bias_and_clamps_gamma():
 
 def test_llama_rmsnorm_zeroth_biases_with_jsrelu_and_shorter_sequences():
     model, inputs = build("llama", hidden_act="relu")
-    result = sparsec.transform(model, "jsrelu{mixing_steps=10},db-mlp{positions=16}", example_inputs=inputs, measure=False)
+    result = sparsec.transform(model, "jsrelu{mixing_steps=10},db-mlp{positions=16}", example_inputs=inputs,
+                               measure=False)
     layers = [e for e in result.report["layers"] if e["op"] == "db-mlp"]
     assert [(e["module"], e["norm"]) for e in layers] == [
         ("model.layers.0.mlp", "model.layers.0.post_attention_layernorm"),
@@ -102,7 +103,7 @@ def test_no_norm_before_the_mlp(capsys):
         def forward(self, x):
             return self.fc2(torch.relu(self.fc1(x)))
 
-    with pytest.raises(UsageError, match="^pass 'db-mlp' \(1st of 1\) failed: db-mlp: no MLP reads the output of a LayerNorm / RMSNorm"):
+    with pytest.raises(UsageError, match=r"^pass 'db-mlp' \(1st of 1\) failed: db-mlp: no MLP reads the output of a"):
         sparsec.transform(NoNorm(), "db-mlp", example_inputs=(torch.randn(2, 3, 8),), measure=False)
     with pytest.raises(SystemExit) as exc:
         main(["pipeline", "show", "db-mlp{c=0}"])

@@ -1,6 +1,5 @@
 """regularize: penalty values against the formulas, gradients, schedules, tap placement, and its errors."""
 import math
-import sys
 
 import pytest
 import torch
@@ -8,10 +7,8 @@ from torch import nn
 
 import sparsec
 from sparsec.training import REGULARIZE, regularization_loss, schedule_weight
+from benchmarks.lenet import LeNet5
 from tests.zoo import build
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[2]))
-from benchmarks.lenet import LeNet5  # noqa: E402
 
 
 class MLP(nn.Module):
