@@ -8,8 +8,9 @@ through one contiguous block of memory (``K * CT`` elements) — no accumulator 
 
 * **sparse** (:func:`linear_kernel` with ``sparse=True``): a serial compaction pass collects the indices and values of
   the inputs that survive (``x != 0``, or ``|x| > thr`` when the kernel fuses a threshold), padded to a multiple of
-  ``R`` with index 0 and value 0; then every tile accumulates ``R`` surviving rows per pass. Zero inputs cost nothing
-  but the compaction test: their weight segments are never read.
+  ``R`` with index 0 and value 0; then every tile accumulates ``R`` surviving rows per pass, prefetching the segments
+  of the rows ``pd`` passes ahead (the hardware prefetcher cannot guess the gaps). Zero inputs cost nothing but the
+  compaction test: their weight segments are never read.
 * **dense** (``sparse=False``): the same loop nest over every row (with the threshold applied, when fused).
 * **batch > 1** (prefill, several tokens): rows ``MB`` at a time with the *union* of their active inputs; every row
   of the block accumulates over that union (a row's inactive inputs contribute exact zeros). With independent masks

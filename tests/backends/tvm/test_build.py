@@ -206,6 +206,4 @@ def test_zoo_build_matches_torch(arch, spec, tmp_path):
     manifest = sparsec.compile(result, str(tmp_path / "b"), threads=2)
     _matches_torch(tmp_path / "b", result.program)
     kinds = {k.split("_")[2] for k in manifest["kernels"]}
-    # GPT-2's Conv1D reshapes its input before the matmul: the threshold is applied, the kernel skips its zeros
-    fused = spec.startswith("teal") and arch != "gpt2"
-    assert kinds == {"threshold" if fused else "sparse", "dense"}
+    assert kinds == {"threshold" if spec.startswith("teal") else "sparse", "dense"}  # dense: lm_head
