@@ -83,7 +83,8 @@ def _symbol_sizes(program, batch: int | None, seq: int | None) -> dict:
         for i, d in enumerate(val.shape):
             if isinstance(d, torch.SymInt):
                 want = batch if i == 0 else seq if i == 1 else None
-                sizes[d.node.expr] = want if want is not None else d.node.hint
+                if want is not None or d.node.hint is not None:
+                    sizes[d.node.expr] = want if want is not None else d.node.hint
     return sizes
 
 
@@ -107,7 +108,9 @@ def _dim(d, sizes: dict) -> int:
     if not isinstance(d, torch.SymInt):
         return int(d)
     expr = d.node.expr.subs(sizes)
-    return int(expr) if expr.is_number else int(d.node.hint)
+    if expr.is_number:
+        return int(expr)
+    return int(d.node.hint) if d.node.hint is not None else 1  # a data-dependent size: unknown before it runs
 
 
 def _attention_scratch(node, sizes: dict) -> int:
