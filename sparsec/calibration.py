@@ -174,12 +174,6 @@ def tokenize_windows(text: str, tokenizer, seq_len: int, samples: int) -> torch.
     """Up to ``samples`` windows of ``seq_len`` tokens from ``text``: BOS (or CLS) + the next tokens (+ SEP)."""
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "longer than the maximum sequence length" warning: we cut windows below
-    try:
-        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    finally:
-        hf_logging.set_verbosity(verbosity)
     head = [i for i in (tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id,)
             if i is not None]
     tail = [tokenizer.sep_token_id] if tokenizer.bos_token_id is None and tokenizer.sep_token_id is not None and head \
@@ -187,6 +181,17 @@ def tokenize_windows(text: str, tokenizer, seq_len: int, samples: int) -> torch.
     body = seq_len - len(head) - len(tail)
     if body < 1:
         raise UsageError(f"--seq-len {seq_len} is too short for the special tokens of this tokenizer")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "longer than the maximum sequence length" warning: we cut windows below
+    try:
+        chars = 16 * body * samples  # tokenise only as much text as the windows need (doubling until enough)
+        while True:
+            ids = tokenizer(text[:chars], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            if len(ids) >= (samples + 1) * body or chars >= len(text):
+                break
+            chars *= 2
+    finally:
+        hf_logging.set_verbosity(verbosity)
     rows = [head + ids[i * body:(i + 1) * body] + tail for i in range(min(samples, len(ids) // body))]
     if not rows:
         raise UsageError(f"the calibration text has {len(ids)} tokens, fewer than one window of --seq-len {seq_len};"

@@ -69,6 +69,7 @@ def cli(ctx, debug):
     sparsec passes [NAME]                            the passes and their options
     sparsec pipeline show SPEC                       the canonical form of a pipeline
     sparsec inspect OUT/                             the report of an artifact
+    sparsec eval OUT/ --ppl TEXTFILE                 perplexity beside the dense model (--embed: encoders)
     sparsec export OUT/ --to onnx -o model.onnx      export to ONNX (--verify: compare with torch)
     sparsec compile OUT/ -o BUILD/                   compile with TVM and sparsec's sparse kernels
     sparsec run model.onnx --inputs FILE             run with ONNX Runtime (BUILD/ with TVM, OUT/ with torch)
@@ -237,12 +238,24 @@ def pipeline_show(spec, fmt, sets, plugins):
 @cli.command(context_settings=CONTEXT)
 @click.argument("artifact")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON document")
-def inspect(artifact, as_json):
+@click.option("--plot", metavar="FILE.png", help="draw per-layer sparsity (target, calibration, held-out) as a chart")
+@click.option("--force", is_flag=True, help="replace --plot FILE if it exists")
+def inspect(artifact, as_json, plot, force):
     """Print the report of an artifact directory written by 'sparsec transform'."""
     from sparsec import api
+    from sparsec.report import layer_table
 
+    if plot:
+        if not plot.lower().endswith(".png"):
+            raise UsageError(f"--plot '{plot}' must end in .png")
+        if os.path.lexists(plot) and not force:
+            raise SparsecError(f"--plot file '{plot}' already exists; pass --force to replace it")
     art = api.load_artifact(artifact, load_program=False)
     report = art.report
+    if plot:
+        from sparsec.report import plot_layers
+
+        plot_layers(report.get("layers", []), plot)
     if as_json:
         _echo_json({"manifest": art.manifest, **report})
         return
@@ -252,20 +265,59 @@ def inspect(artifact, as_json):
     click.echo(f"pipeline: {m.get('pipeline')}")
     click.echo(f"versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()))
     for p in report.get("passes", []):
-        stats = ", ".join(f"{k}={v}" for k, v in p.get("stats", {}).items())
+        stats = ", ".join(f"{k}={v}" for k, v in p.get("stats", {}).items() if not isinstance(v, (dict, list)))
         click.echo(f"pass {p['index'] + 1} {p['name']}: {stats}")
-    layers = report.get("layers", [])
-    if layers:
-        keys = [k for k in layers[0] if k not in ("pass", "module")]
-        width = max(len(layer["module"]) for layer in layers)
-        click.echo(f"\n{'module':<{width}}  pass      " + "  ".join(keys))
-        for layer in layers:
-            click.echo(f"{layer['module']:<{width}}  {layer['pass']:<8}  " +
-                       "  ".join(str(layer.get(k, "")) for k in keys))
+    lines = layer_table(report.get("layers", []))
+    if lines:
+        click.echo("")
+        for line in lines:
+            click.echo(line)
+    sparsity = report.get("sparsity")
+    if sparsity:
+        click.echo(f"\nsparsity of the transformed model on held-out data ({sparsity['heldout_data']}):")
+        for key, label in (("teal_param_weighted", "TEAL (parameter-weighted, thresholded linear inputs)"),
+                           ("linear_input_element_weighted", "all weight-layer inputs, element-weighted"),
+                           ("mlp_intermediate", "MLP intermediate (down-projection inputs)"),
+                           ("weight_bytes_skipped", "weight bytes a sparse kernel skips")):
+            if sparsity.get(key) is not None:
+                click.echo(f"  {label}: {sparsity[key]:.1%}")
+    if plot:
+        click.echo(f"\nwrote {plot}")
     effect = report.get("effect")
     if effect:
         click.echo("")
         _print_effect(effect)
+
+
+@cli.command("eval", context_settings=CONTEXT)
+@click.argument("artifact")
+@click.option("--ppl", metavar="TEXTFILE", help="causal LMs: perplexity of the transformed and the dense model")
+@click.option("--embed", metavar="TEXTFILE", help="encoders: mean cosine similarity of transformed vs dense"
+              " embeddings, one text per line")
+@click.option("--seq-len", type=int, default=512, show_default=True, metavar="L", help="tokens per window (--ppl) or"
+              " at most per line (--embed)")
+@click.option("--samples", type=int, default=16, show_default=True, metavar="N", help="windows (--ppl) or lines"
+              " (--embed)")
+@click.option("--batch-size", type=int, default=4, show_default=True, metavar="B", help="sequences per forward")
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON document")
+def eval_(artifact, ppl, embed, seq_len, samples, batch_size, as_json):
+    """Evaluate the artifact ARTIFACT beside the dense model it was made from."""
+    from sparsec.artifact import read_manifest
+
+    read_manifest(artifact)  # not an artifact: fail before importing torch
+    from sparsec.evaluate import evaluate
+
+    _progress(f"sparsec: evaluating {artifact}")
+    r = evaluate(artifact, ppl=ppl, embed=embed, seq_len=seq_len, samples=samples, batch_size=batch_size)
+    if as_json:
+        _echo_json(r)
+        return
+    if r["metric"] == "perplexity":
+        click.echo(f"perplexity on {r['samples']} x {r['seq_len']} tokens of {r['text']}: transformed"
+                   f" {r['transformed']:.3f}, dense {r['dense']:.3f}")
+    else:
+        click.echo(f"embeddings of {r['samples']} lines of {r['text']}: mean cosine transformed vs dense"
+                   f" {r['mean_cosine']:.4f} (min {r['min_cosine']:.4f})")
 
 
 @cli.command("export", context_settings=CONTEXT)

@@ -138,5 +138,16 @@ def plot_layers(layers: list[dict], path: str) -> None:
     ax.legend()
     ax.set_title("per-layer activation sparsity")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp.png",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
