@@ -80,16 +80,28 @@ def run_all(jobs: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def transform_setup(tmp_path_factory):
-    """The factory file and a previous complete artifact (OLD_SPEC); the duration of an uninterrupted run."""
+    """A directory with the factory file and a previous complete artifact (OLD_SPEC)."""
+    import sparsec
+
     d = tmp_path_factory.mktemp("transform")
     (d / "mlp.py").write_text(FACTORY)
-    first = run_and_kill(["transform", d / "mlp.py:factory", "--pass", OLD_SPEC, "-o", "previous"], d, lambda _: False)
-    assert first["code"] == 0, first["stderr"]
-    return d, first["seconds"]
+    namespace = {}
+    exec(FACTORY, namespace)
+    model, example = namespace["factory"]()
+    sparsec.save(sparsec.transform(model, OLD_SPEC, example_inputs=example), str(d / "previous"))
+    return d
 
 
-def _kill_transform(setup, point: str, when, tmp_path: Path, previous: bool = True) -> dict:
-    base, _ = setup
+@pytest.fixture(scope="module")
+def transform_duration(transform_setup):
+    """Seconds of an uninterrupted `sparsec transform` of the factory."""
+    d = transform_setup
+    timed = run_and_kill(["transform", d / "mlp.py:factory", "--pass", NEW_SPEC, "-o", "timed"], d, lambda _: False)
+    assert timed["code"] == 0, timed["stderr"]
+    return timed["seconds"]
+
+
+def _kill_transform(base: Path, point: str, when, tmp_path: Path, previous: bool = True) -> dict:
     d = tmp_path / point.replace("%", "pct")
     d.mkdir()
     if previous:
@@ -134,8 +146,8 @@ def test_kill_transform_while_it_writes(transform_setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_transform_at_every_point(transform_setup, tmp_path):
-    _, duration = transform_setup
+def test_kill_transform_at_every_point(transform_setup, transform_duration, tmp_path):
+    duration = transform_duration
     points = kill_points(duration, {
         "temp-dir": a_temporary,
         "temp-report": in_a_temporary("report.json"),
@@ -155,7 +167,7 @@ def test_kill_transform_at_every_point(transform_setup, tmp_path):
 @pytest.fixture(scope="module")
 def two_artifacts(transform_setup, tmp_path_factory):
     """A directory with the artifacts 'old' (OLD_SPEC) and 'new' (NEW_SPEC)."""
-    base, _ = transform_setup
+    base = transform_setup
     d = tmp_path_factory.mktemp("artifacts")
     shutil.copytree(base / "previous", d / "old")
     made = run_and_kill(["transform", base / "mlp.py:factory", "--pass", NEW_SPEC, "-o", "new"], d, lambda _: False)
