@@ -122,3 +122,52 @@ def test_forward_loop_runs_without_grad():
     loop = token_forward_loop(torch.zeros(3, 4, dtype=torch.int64), batch_size=2)
     loop(lambda input_ids, attention_mask: grads.append(torch.is_grad_enabled()))
     assert grads == [False, False] and loop.samples == 3 and loop.tokens == 12
+
+
+_WORKER = """
+import json, sys, torch, torch.distributed as dist
+import sparsec
+from sparsec.calibration import token_forward_loop
+from tests.zoo import build
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+ids = torch.randint(0, 256, (64, 32), generator=torch.Generator().manual_seed(1))
+mine = ids.reshape(world, -1, 32)[rank]  # each rank holds its own share of the data
+model, inputs = build("llama")
+result = sparsec.transform(model, "teal{sparsity=0.5}", example_inputs=inputs, measure=False,
+                           forward_loop=token_forward_loop(mine, batch_size=16))
+json.dump(result.report["layers"], open(f"{sys.argv[1]}/rank{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path):
+    """torchrun --nproc-per-node 2 (gloo, CPU), half the data per rank: every rank gets the thresholds of one process
+    over all the data (the first layer's exactly, as its histogram merges exactly; later layers within 2%, their
+    inputs having passed earlier thresholds that were still settling while each process streamed its data)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "worker.py").write_text(_WORKER)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    for n in (1, 2):
+        (tmp_path / str(n)).mkdir()
+        proc = subprocess.run([torchrun, "--nproc-per-node", str(n), "--master-port", str(29500 + n + os.getpid() % 300),
+                               str(tmp_path / "worker.py"), str(tmp_path / str(n))], cwd=root, capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.load(open(tmp_path / "1" / "rank0.json"))
+    r0, r1 = (json.load(open(tmp_path / "2" / f"rank{r}.json")) for r in (0, 1))
+    assert r0 == r1  # identical on every rank, measured sparsity included (counts are all-reduced)
+    assert [e["module"] for e in r0] == [e["module"] for e in one] and len(one) == 14
+    for i, (a, b) in enumerate(zip(r0, one)):
+        if i < 3:  # q, k, v of block 0 read the dense embedding: the merged histogram is the single one
+            assert a["threshold"] == b["threshold"]
+        assert abs(a["threshold"] - b["threshold"]) <= 0.02 * b["threshold"], (a, b)
+        assert abs(a["measured_sparsity"] - b["measured_sparsity"]) <= 0.01
