@@ -125,12 +125,13 @@ def _check_transform_kill(case: dict) -> None:
         read_artifact(str(out)).module()  # checksums verified, the program loads
     else:
         assert case["before"] is None, f"the previous artifact is gone: {case}"
-    for tmp in temporaries(d):  # what the kill left is hidden, and never a loadable artifact unless complete
+    for tmp in temporaries(d):  # what the kill left is hidden, and refused by load unless it is complete
         assert tmp.name.startswith(".")
         try:
-            read_artifact(str(tmp)).module()
+            art = read_artifact(str(tmp))
         except SparsecError:
-            pass
+            continue
+        art.module()  # accepted: every checksum matched, so it is a complete artifact whose program loads
     again = run_and_kill(case["argv"], d, lambda _: False)
     assert again["code"] == 0, again["stderr"]
     assert temporaries(d) == []
