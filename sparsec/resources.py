@@ -7,7 +7,6 @@ available now (the system's, or the cgroup's limit when that is lower).
 """
 from __future__ import annotations
 
-import os
 import re
 
 from sparsec.errors import SparsecError, UsageError
