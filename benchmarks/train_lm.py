@@ -34,8 +34,8 @@ def runs(steps: int) -> list[tuple[str, str | None]]:
     q = steps // 4
     return [("ReLU (vanilla)", None),
             ("jsrelu,db-mlp (scratch)", "jsrelu,db-mlp{mode=scratch positions=64}"),
-            ("ReLU + L1 constant λ=2", "regularize{weight=2}"),
-            ("ReLU + L1 progressive → λ=2", f"regularize{{weight=2 schedule=progressive peaks={{0.1,0.5,1}}"
+            ("ReLU + L1 constant λ=1", "regularize{weight=1}"),
+            ("ReLU + L1 progressive → λ=1", f"regularize{{weight=1 schedule=progressive peaks={{0.1,0.5,1}}"
                                            f" ends={{{q},{2 * q},{3 * q}}}}}")]
 
 
