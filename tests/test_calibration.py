@@ -171,3 +171,44 @@ def test_torchrun_two_processes_match_one(tmp_path):
             assert a["threshold"] == b["threshold"]
         assert abs(a["threshold"] - b["threshold"]) <= 0.02 * b["threshold"], (a, b)
         assert abs(a["measured_sparsity"] - b["measured_sparsity"]) <= 0.01
+
+
+def test_bad_calibration_input_errors_through_the_cli(tmp_path, capsys):
+    """One line, exit code, nothing written: the rows of docs/errors.md, section 'Calibration'."""
+    from tests.test_eval import run_cli
+    from tests.zoo import build
+
+    model, _ = build("llama")  # vocabulary 256, no tokenizer
+    model.save_pretrained(tmp_path / "m")
+    capsys.readouterr()  # save_pretrained's progress bar
+    torch.save(torch.empty(0, dtype=torch.int64), tmp_path / "empty.pt")
+    torch.save(torch.tensor([[1, 2, 300]]), tmp_path / "vocab.pt")
+    torch.save(torch.zeros(2, 3, 4, dtype=torch.int64), tmp_path / "rank.pt")
+    torch.save(torch.zeros(4, 7), tmp_path / "float.pt")
+    (tmp_path / "mlp.py").write_text("import torch\n\nclass Mlp(torch.nn.Module):\n    def __init__(self):\n"
+                                     "        super().__init__()\n        self.fc = torch.nn.Linear(8, 2)\n\n"
+                                     "    def forward(self, x):\n        return self.fc(x)\n\n\ndef factory():\n"
+                                     "    return Mlp().eval(), (torch.randn(2, 8),)\n")
+    torch.save(torch.randn(16, 8), tmp_path / "x.pt")
+    m, pre = tmp_path / "m", "error: pass 'teal' needs calibration data: calibration file"
+    cases = [
+        ([m, "--calib-data", tmp_path / "empty.pt"], 2, f"{pre} '{tmp_path / 'empty.pt'}' is empty"),
+        ([m, "--calib-data", tmp_path / "vocab.pt"], 2, f"{pre} '{tmp_path / 'vocab.pt'}' holds token id 300, outside"
+                                                         " the vocabulary [0, 256)"),
+        ([m, "--calib-data", tmp_path / "rank.pt"], 2, f"{pre} '{tmp_path / 'rank.pt'}' has rank 3 (shape (2, 3, 4));"
+                                                        " token ids are a 1-D stream or a 2-D (samples, seq_len) tensor"),
+        ([m, "--calib-data", tmp_path / "float.pt"], 2, f"{pre} '{tmp_path / 'float.pt'}' holds float data of shape"
+                                                         " (4, 7); float inputs must have the shape of the model's first"
+                                                         " input (N, 16), token ids must be integers"),
+        ([m], 1, "error: pass 'teal' needs calibration data and none was given (the model has no tokenizer for the"
+                 " built-in text): pass --calib-data FILE (.txt, or a .pt/.npy tensor of token ids) on the command"
+                 " line, or forward_loop=fn in Python"),
+        ([f"{tmp_path / 'mlp.py'}:factory", "--calib-data", tmp_path / "x.pt"], 2,
+         "error: pass 'teal' (1st of 1) failed: teal: no linear layer inside numbered transformer blocks"
+         " (scope=blocks) matched the targets; list the model's layers with 'sparsec trace MODEL' and give targets=…"
+         " (module paths, 're:REGEX' or class names), or scope=all"),
+    ]
+    for args, want_code, message in cases:
+        code, _, err = run_cli(capsys, "transform", *args, "--pass", "teal", "-o", tmp_path / "out")
+        assert (code, err.strip()) == (want_code, message), (args, err)
+        assert not (tmp_path / "out").exists()
