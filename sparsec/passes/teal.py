@@ -12,7 +12,7 @@ from torch import nn
 
 from sparsec.calibration import ThresholdSites, progress
 from sparsec.config import PassConfig, option
-from sparsec.errors import SparsecError, UsageError
+from sparsec.errors import UsageError
 from sparsec.graph import TRANSPARENT_OPS, TargetMatcher, WeightLayer, module_stack, weight_layers
 from sparsec.passes.base import PassContext, PassResult
 from sparsec.registry import register_pass
