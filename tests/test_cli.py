@@ -479,8 +479,9 @@ def test_inputs_unchanged(runs, inputs, inputs_before):
 
 def test_every_row_of_errors_md_names_a_test():
     """docs/errors.md: every row ends with the ids of tests that exist (and, for this module, with cases that exist);
-    a row with bare case ids belongs to a section whose introduction names the test. A row marked '—' (with the
-    reason) states openly that no test can check it here; at least 25 rows are tested."""
+    a row with bare case ids belongs to a section whose introduction names the test; a row may name a test file
+    instead. A row marked '—' (with the reason) states openly that no test can check it here; at least 25 rows are
+    tested."""
     root = Path(__file__).parent.parent
     defined = {name for p in (root / "tests").rglob("test_*.py")
                for name in re.findall(r"^\s*def (test_\w+)\(", p.read_text(), re.M)}
@@ -500,7 +501,9 @@ def test_every_row_of_errors_md_names_a_test():
         if last.startswith("—"):
             continue
         ids = test_id.findall(last) or test_id.findall(intro)
-        assert ids, f"this row of docs/errors.md names no test: {line}"
+        files = re.findall(r"`(tests/[\w/]+\.py)`", last)
+        assert ids or files, f"this row of docs/errors.md names no test: {line}"
+        assert all((root / f).is_file() for f in files), f"a test file named in docs/errors.md is missing: {line}"
         tested += 1
         for name, case in ids:
             assert name in defined, f"{name} (in docs/errors.md) is not a test"
