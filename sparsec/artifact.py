@@ -224,10 +224,14 @@ MANIFEST_SCHEMA = {
 }
 _STATS = {"mlp_intermediate_sparsity": _NUMBER, "linear_input_sparsity": _NUMBER, "mlp_layers": int,
           "weight_layers": int}
+_FRACTION = _OneOf(_NUMBER, None)
 REPORT_SCHEMA = {
-    "passes?": [{"name": str, "index": int, "stats?": dict}], "layers?": [{"pass": str, "module": str}],
+    "passes?": [{"name": str, "index": int, "stats?": dict}], "layers?": [dict],
     "effect?": _OneOf(None, {"inputs": {str: [int]}, "dense": _STATS, "transformed": _STATS,
                              "output?": _OneOf({}, {"mean_cosine": _NUMBER, "max_abs_diff": _NUMBER})}),
+    "sparsity?": _OneOf(None, {}, {"heldout_data": str, "teal_param_weighted?": _FRACTION,
+                                   "linear_input_element_weighted?": _FRACTION, "mlp_intermediate?": _FRACTION,
+                                   "weight_bytes_skipped?": _FRACTION}),
 }
 
 

@@ -200,7 +200,7 @@ def test_set_values(pipeline, sets):
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    """A real artifact (a tiny MLP relufied), written by sparsec.save."""
+    """A real artifact (a tiny MLP relufied, written by sparsec.save) with a held-out sparsity section."""
     import torch
     from torch import nn
 
@@ -217,6 +217,12 @@ def artifact(tmp_path_factory):
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("fuzz") / "art"
     sparsec.save(sparsec.transform(MLP(), "relufy", example_inputs=(torch.randn(2, 8),)), str(out))
+    report = json.loads((out / REPORT_FILE).read_text())  # the held-out section a calibrated pass adds, to mutate too
+    report["sparsity"] = {"heldout_data": "text.txt", "teal_param_weighted": 0.5, "mlp_intermediate": None}
+    (out / REPORT_FILE).write_text(json.dumps(report))
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["files"][REPORT_FILE] = sha256_file(str(out / REPORT_FILE))
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
     return out
 
 
