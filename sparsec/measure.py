@@ -36,7 +36,7 @@ def run_and_count_zeros(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[
     from sparsec.frontend import bind_inputs
 
     bound = bind_inputs(gm, args, kwargs)
-    flat = [bound[n.name] for n in gm.graph.nodes if n.op == "placeholder"]
+    flat = [bound[n.target] for n in gm.graph.nodes if n.op == "placeholder"]
     with torch.no_grad():
         out = _ZeroCounter(gm, counts).run(*flat)
 

@@ -105,3 +105,14 @@ def test_python_configs_and_overrides():
     assert result.pipeline.canonical() == ("relufy{to=fatrelu threshold=0.25 shift=0.0 scope=mlp targets={}"
                                            " ignore={}}")
     assert isinstance(result.pipeline, Pipeline)
+
+
+def test_forward_argument_named_like_a_builtin():
+    """nn.Sequential's forward takes `input`; torch.export names that placeholder `input_1`."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    x = torch.randn(2, 8)
+    result = sparsec.transform(model, "relufy", example_inputs=(x,))
+    dense = torch.nn.functional.gelu(model[0](x))
+    expected = (dense > 0).logical_not().float().mean().item()  # zeros ReLU makes in the MLP intermediate
+    assert result.report["effect"]["transformed"]["mlp_intermediate_sparsity"] == pytest.approx(expected)
