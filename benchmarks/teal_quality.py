@@ -1,0 +1,150 @@
+"""Quality and calibration cost of teal (uniform, greedy) and cats on the real Gemma 3 270M and MiniLM.
+
+    .venv/bin/python benchmarks/teal_quality.py [--parts cost,minilm,gemma] [--sparsities 0.25,0.4,0.5]
+        [--methods uniform,greedy,cats]
+
+- gemma: perplexity on 16 x 512 tokens of Wikipedia articles [:60] (gensim), calibration on articles [60:]
+  (16 x 512 tokens, the default), at each sparsity for each method; sparsity 0 = the dense model.
+- cost: the teal pass calibrating Gemma 3 270M on 4 x 512 tokens vs the dense forward over the same tokens
+  (interleaved repetitions, medians), and its peak RSS above the dense forward's (sampled every 5 ms).
+- minilm: mean cosine of transformed vs dense sentence embeddings on 64 held-out Wikipedia sentences at 0.5.
+Prints a markdown table per part.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+
+import psutil
+import torch
+
+
+def _gemma_ids(samples: int, seq_len: int = 512):
+    from transformers import AutoTokenizer
+
+    from sparsec.calibration import heldout_text, tokenize_windows
+    from sparsec.models import gemma3_270m_dir
+
+    tok = AutoTokenizer.from_pretrained(str(gemma3_270m_dir()))
+    return tokenize_windows(heldout_text(), tok, seq_len, samples)
+
+
+def _spec(method: str, p: float) -> str:
+    if method == "cats":
+        return f"cats{{sparsity={p}}}"
+    return f"teal{{sparsity={p} allocation={method}}}"
+
+
+def gemma(sparsities, methods) -> None:
+    import sparsec
+    from sparsec.evaluate import perplexity
+    from sparsec.frontend import load_model
+
+    ids = _gemma_ids(16)
+    dense = perplexity(load_model("builtin:gemma3-270m").module.eval(), ids)
+    print("| method | " + " | ".join(f"{p}" for p in [0.0, *sparsities]) + " |", flush=True)
+    print("|---|" + "---|" * (len(sparsities) + 1))
+    for method in methods:
+        cells = [f"{dense:.2f}"]
+        for p in sparsities:
+            start = time.perf_counter()
+            result = sparsec.transform("builtin:gemma3-270m", _spec(method, p), measure=False, heldout_samples=0)
+            seconds = time.perf_counter() - start
+            cells.append(f"{perplexity(result.module(), ids):.2f}")
+            print(f"  {method} {p}: ppl {cells[-1]}, transform {seconds:.0f} s", flush=True)
+        print(f"| {method} | " + " | ".join(cells) + " |", flush=True)
+
+
+class _PeakRSS:
+    def __init__(self):
+        self.proc, self.peak, self.stop = psutil.Process(), 0, False
+
+    def __enter__(self):
+        self.base = self.peak = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def cost(reps: int = 3) -> None:
+    from sparsec import frontend
+    from sparsec.calibration import token_forward_loop
+    from sparsec.passes.base import PassContext
+    from sparsec.passes.teal import TealConfig
+    from sparsec.registry import get_pass
+
+    ids = _gemma_ids(4)
+    captured = frontend.capture(frontend.load_model("builtin:gemma3-270m"))
+    loop = token_forward_loop(ids, batch_size=4)
+    teal = get_pass("teal").fn
+    dense_s, calib_s, dense_mem, calib_mem = [], [], [], []
+    for _ in range(reps):  # interleaved
+        gm = captured.program.module()
+        with _PeakRSS() as m:
+            start = time.perf_counter()
+            loop(gm)
+            dense_s.append(time.perf_counter() - start)
+        dense_mem.append(m.peak - m.base)
+        gm = captured.program.module()
+        with _PeakRSS() as m:
+            start = time.perf_counter()
+            teal(gm, TealConfig(sparsity=0.5), PassContext(captured.args, captured.kwargs, loop))
+            calib_s.append(time.perf_counter() - start)
+        calib_mem.append(m.peak - m.base)
+    d, c = statistics.median(dense_s), statistics.median(calib_s)
+    extra = (statistics.median(calib_mem) - statistics.median(dense_mem)) / 2 ** 30
+    print("| what (Gemma 3 270M, 4 x 512 tokens) | median s | ratio |\n|---|---|---|")
+    print(f"| dense forward | {d:.2f} | 1.00 |\n| teal calibration (uniform, 0.5) | {c:.2f} | {c / d:.2f} |")
+    print(f"\npeak RSS above the dense forward's: {extra:.3f} GiB ({reps} interleaved repetitions)", flush=True)
+
+
+def minilm(methods) -> None:
+    import sparsec
+    from sparsec.data import wiki_sentences
+    from sparsec.evaluate import embeddings
+    from sparsec.frontend import load_model
+
+    loaded = load_model("builtin:minilm")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(loaded.tokenizer_dir)
+    sentences = wiki_sentences(64)  # articles [:60]: never used for calibration
+    dense = embeddings(loaded.module.eval(), tok, sentences, 128)
+    print("| MiniLM, sparsity 0.5 | mean cosine to dense |\n|---|---|")
+    for method in [m for m in methods if m != "cats"]:  # MiniLM's MLP is not gated
+        result = sparsec.transform("builtin:minilm", _spec(method, 0.5), measure=False, heldout_samples=0,
+                                   seq_len=128)
+        cos = torch.nn.functional.cosine_similarity(dense, embeddings(result.module(), tok, sentences, 128), dim=-1)
+        print(f"| teal {method} | {float(cos.mean()):.4f} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="cost,minilm,gemma")
+    ap.add_argument("--sparsities", default="0.25,0.4,0.5")
+    ap.add_argument("--methods", default="uniform,greedy,cats")
+    args = ap.parse_args()
+    parts, methods = args.parts.split(","), args.methods.split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {psutil.cpu_count()} CPUs")
+    if "cost" in parts:
+        cost()
+    if "minilm" in parts:
+        minilm(methods)
+    if "gemma" in parts:
+        gemma([float(p) for p in args.sparsities.split(",")], methods)
+
+
+if __name__ == "__main__":
+    main()
