@@ -5,6 +5,7 @@ of the tools, the canonical pipeline, the input spec, a fingerprint and a sha256
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -118,15 +119,7 @@ def write_artifact(out_dir: str, program, recipe_yaml: str, manifest: dict, repo
     import torch
 
     check_output_dir(out_dir, force)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    cleanup_stale_temporaries(parent)
-    base = os.path.basename(os.path.abspath(out_dir))
-    tmp = tempfile.mkdtemp(prefix=f".{base}{_TMP_MARK}", dir=parent, suffix=f"-{os.getpid()}")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the artifact gets the mode of a plain mkdir
+    with atomic_directory(out_dir) as tmp:
         torch.export.save(program, os.path.join(tmp, MODEL_FILE))
         _write_text(os.path.join(tmp, RECIPE_FILE), recipe_yaml)
         _write_text(os.path.join(tmp, REPORT_FILE), json.dumps(report, indent=2, default=_json_default))
@@ -135,9 +128,28 @@ def write_artifact(out_dir: str, program, recipe_yaml: str, manifest: dict, repo
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "fingerprint": fingerprint,
                 "files": files}
         _write_text(os.path.join(tmp, MANIFEST_FILE), json.dumps(full, indent=2, default=_json_default))
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str):
+    """Yield a new temporary sibling of ``out_dir`` to fill. When the block ends without an error the temporary
+    takes ``out_dir``'s place (an existing ``out_dir``, which the caller has allowed, is swapped out in one atomic
+    step where the system can and then removed); on an error, or if the process is killed, ``out_dir`` is untouched
+    and the temporary is removed (by :func:`cleanup_stale_temporaries` on the next run, if killed)."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    cleanup_stale_temporaries(parent)
+    base = os.path.basename(os.path.abspath(out_dir))
+    tmp = tempfile.mkdtemp(prefix=f".{base}{_TMP_MARK}", dir=parent, suffix=f"-{os.getpid()}")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output gets the mode of a plain mkdir
+        yield tmp
         _fsync_dir(tmp)
-        if os.path.lexists(out_dir):  # --force: swap the old artifact out only once the new one is complete
-            if exchange_paths(tmp, out_dir):  # one atomic step: OUT is always the old or the new artifact
+        if os.path.lexists(out_dir):  # --force: swap the old output out only once the new one is complete
+            if exchange_paths(tmp, out_dir):  # one atomic step: OUT is always the old or the new output
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 old = tempfile.mkdtemp(prefix=f".{base}{_TMP_MARK}old-", dir=parent, suffix=f"-{os.getpid()}")
@@ -150,7 +162,6 @@ def write_artifact(out_dir: str, program, recipe_yaml: str, manifest: dict, repo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def exchange_paths(a: str, b: str) -> bool:

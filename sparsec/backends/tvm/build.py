@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,8 +37,7 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     """Lower ``program`` (an ExportedProgram) with sparsec's kernels, compile it for ``target`` and write the build
     directory ``out_dir`` atomically. Returns the manifest."""
     import sparsec
-    from sparsec.artifact import _TMP_MARK, _fsync_dir, check_output_dir, cleanup_stale_temporaries, input_spec, \
-        sha256_file
+    from sparsec.artifact import atomic_directory, check_output_dir, input_spec, sha256_file
     from sparsec.backends.tvm.cuda import cuda_sources, cuda_target, nvcc_compile, require_nvcc
     from sparsec.backends.tvm.env import cpu_target, host_cpu, import_tvm
     from sparsec.backends.tvm.lower import to_relax
@@ -64,30 +62,11 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
                 "sparse": sparse, "kernels": kernels, "inputs": inputs if inputs is not None else input_spec(program),
                 "outputs": len(program.graph_signature.user_outputs), "source": source,
                 "seconds": {"lower": round(lowered - start, 2), "compile": round(time.perf_counter() - lowered, 2)}}
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    cleanup_stale_temporaries(parent)
-    base = os.path.basename(os.path.abspath(out_dir))
-    tmp = tempfile.mkdtemp(prefix=f".{base}{_TMP_MARK}", dir=parent, suffix=f"-{os.getpid()}")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+    with atomic_directory(out_dir) as tmp:
         executable.export_library(os.path.join(tmp, LIB_FILE))
         manifest["files"] = {LIB_FILE: sha256_file(os.path.join(tmp, LIB_FILE))}
         with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8") as f:
             f.write(json.dumps(manifest, indent=2) + "\n")
-        _fsync_dir(tmp)
-        if os.path.lexists(out_dir):  # --force: swap the old build out only once the new one is complete
-            old = tempfile.mkdtemp(prefix=f".{base}{_TMP_MARK}old-", dir=parent, suffix=f"-{os.getpid()}")
-            os.rename(out_dir, os.path.join(old, base))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
