@@ -1,6 +1,7 @@
 """IR helpers over ``torch.fx`` graphs captured by ``torch.export``: module paths, targets, data-flow queries."""
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, field
 
@@ -160,6 +161,16 @@ def weight_layers(gm: fx.GraphModule) -> list[WeightLayer]:
         out.append(WeightLayer(node, node.args[a_idx], module_path(node), _from_weight_layer(node.args[a_idx])))
     return out
 
+
+def weight_numel(gm: fx.GraphModule, layer: WeightLayer) -> int:
+    """Elements of the weight matrix of ``layer`` (0 when it is not a parameter of ``gm``)."""
+    node = _through_transparent_up(layer.node.args[_WEIGHT_OPERAND.get(layer.node.target, 1)])
+    if node.op == "call_function" and node.target is aten.mul.Tensor:  # weight * mask (the prune pass)
+        node = _through_transparent_up(node.args[0])
+    try:
+        return int(operator.attrgetter(node.target)(gm).numel())
+    except (AttributeError, TypeError):
+        return 0
 
 def _from_weight_layer(node: fx.Node, max_nodes: int = 64) -> bool:
     seen, frontier = set(), [node]

@@ -23,9 +23,8 @@ def measure_layers(gm, forward_loop: Callable) -> dict[str, dict]:
     """Run ``forward_loop`` through ``gm`` and count zeros in the input of every weight layer.
 
     Returns ``{module: {"input_sparsity", "mlp_intermediate", "weight_bytes"}}`` (graph order)."""
-    from sparsec.graph import weight_layers
+    from sparsec.graph import weight_layers, weight_numel
     from sparsec.measure import run_and_count_zeros
-    from sparsec.passes.teal import weight_numel
 
     acc: dict[str, list] = {}
 

@@ -1,7 +1,6 @@
 """teal: training-free magnitude thresholding of linear-layer inputs (TEAL, arXiv 2408.14690; METHODS.md §2)."""
 from __future__ import annotations
 
-import operator
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -13,7 +12,7 @@ from torch import nn
 from sparsec.calibration import ThresholdSites, progress
 from sparsec.config import PassConfig, option
 from sparsec.errors import UsageError
-from sparsec.graph import TRANSPARENT_OPS, TargetMatcher, WeightLayer, module_stack, weight_layers
+from sparsec.graph import TargetMatcher, WeightLayer, module_stack, weight_layers, weight_numel
 from sparsec.passes.base import PassContext, PassResult
 from sparsec.registry import register_pass
 
@@ -81,17 +80,6 @@ def _candidates(gm: fx.GraphModule, cfg: TealConfig, matcher: TargetMatcher) -> 
         if matcher.selects(layer.node):
             out.append(layer)
     return out
-
-
-def weight_numel(gm: fx.GraphModule, layer: WeightLayer) -> int:
-    """Elements of the weight matrix of ``layer`` (0 when it is not a parameter of ``gm``)."""
-    node = layer.node.args[2 if layer.node.target is aten.addmm.default else 1]
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in TRANSPARENT_OPS:
-        node = node.args[0]
-    try:
-        return int(operator.attrgetter(node.target)(gm).numel())
-    except (AttributeError, TypeError):
-        return 0
 
 
 @register_pass("teal", TealConfig, needs_calibration=True, after=("relufy",))

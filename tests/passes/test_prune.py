@@ -331,3 +331,13 @@ def test_errors_in_python():
     net, x = _net()
     with pytest.raises(UsageError, match="no linear or convolution layer with a weight parameter matched"):
         sparsec.transform(net, "prune{ignore={ConvNet}}", example_inputs=(x,), measure=False)
+
+
+def test_masked_weights_keep_their_size_for_later_passes():
+    """teal's parameter-weighted sparsity and the report's byte counts read the weight size through the mask."""
+    from sparsec.graph import weight_layers, weight_numel
+
+    net, x = _net()
+    gm = sparsec.transform(net, "prune{sparsity=0.5}", example_inputs=(x,), measure=False).module()
+    sizes = {layer.module: weight_numel(gm, layer) for layer in weight_layers(gm)}
+    assert sizes == {name: w.numel() for name, w in _weights(net).items()}
