@@ -7,19 +7,8 @@ import pytest
 import torch
 
 import sparsec
-from sparsec.cli import main
 from sparsec.evaluate import perplexity
-
-
-def run_cli(capsys, *args):
-    """(exit code, stdout, stderr) of the sparsec command line, in process."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.cli_helpers import run_cli
 
 
 def tiny_llama_with_tokenizer(path):

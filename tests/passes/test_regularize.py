@@ -9,6 +9,7 @@ import sparsec
 from sparsec.training import REGULARIZE, regularization_loss, schedule_weight
 from benchmarks.lenet import LeNet5
 from tests.zoo import build
+from tests.cli_helpers import run_cli
 
 
 class MLP(nn.Module):
@@ -151,14 +152,6 @@ def test_yaml_numbers_are_accepted():
     assert cfg.peaks == ["0.005", "0.05"] and cfg.ends == ["10", "20"]
 
 
-def _cli(capsys, *args):
-    from sparsec.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    return exc.value.code, capsys.readouterr().err.strip()
-
-
 @pytest.mark.parametrize("spec, message", [
     ("regularize{kind=l3}", "bad value 'l3' for option 'kind' of pass 'regularize': expected one of l1, tl1"),
     ("regularize{weight=-1}", "bad value -1.0 for option 'weight' of pass 'regularize': expected 0.0 <= weight"),
@@ -174,7 +167,8 @@ def _cli(capsys, *args):
 ], ids=["unknown-kind", "negative-weight", "a-zero", "unequal-stages", "decreasing-ends", "peaks-not-progressive",
         "linear-no-warmup"])
 def test_bad_options(capsys, spec, message):
-    code, err = _cli(capsys, "pipeline", "show", spec)
+    code, _, err = run_cli(capsys, "pipeline", "show", spec)
+    err = err.strip()
     first = err.splitlines()[0]
     assert code == 2 and first.startswith("error: ") and first.endswith(message), (code, err)
 

@@ -16,6 +16,7 @@ from sparsec.backends.onnxruntime.export import VerificationError
 from sparsec.errors import SparsecError
 from sparsec.inputs import example_inputs, run_program
 from tests.zoo import build
+from tests.cli_helpers import one_error_line, run_cli
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -240,33 +241,15 @@ def test_failed_save_leaves_no_partial_file(mlp_artifact, tmp_path, monkeypatch)
 # ------------------------------------------------------------------------------------------------------ the CLI
 
 
-def _cli(capsys, *args):
-    from sparsec.cli import main
-
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_error_line(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 def test_cli_export_verify_and_run(mlp_artifact, tmp_path, capsys):
     model = tmp_path / "m.onnx"
-    code, out, err = _cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(model), "--verify")
+    code, out, err = run_cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(model), "--verify")
     assert code == 0, err
     assert "max abs err" in out and "max rel err" in out and "BEYOND" not in out
     assert "x float32[batch, seq, 16]" in out
     x = np.random.default_rng(0).standard_normal((3, 5, 16)).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x)
-    code, out, err = _cli(capsys, "run", str(model), "--inputs", str(tmp_path / "in.npz"), "--output",
+    code, out, err = run_cli(capsys, "run", str(model), "--inputs", str(tmp_path / "in.npz"), "--output",
                           str(tmp_path / "onnx.npz"), "--json")
     assert code == 0, err
     info = json.loads(out)
@@ -275,27 +258,27 @@ def test_cli_export_verify_and_run(mlp_artifact, tmp_path, capsys):
     from safetensors.numpy import save_file
 
     save_file({"x": x}, str(tmp_path / "in.safetensors"))
-    code, out, err = _cli(capsys, "run", mlp_artifact, "--inputs", str(tmp_path / "in.safetensors"), "-o",
+    code, out, err = run_cli(capsys, "run", mlp_artifact, "--inputs", str(tmp_path / "in.safetensors"), "-o",
                           str(tmp_path / "torch.npz"))
     assert code == 0, err
     assert "output_0: float32[3, 5, 16]" in out and "torch" in out
     got, want = np.load(tmp_path / "onnx.npz"), np.load(tmp_path / "torch.npz")
     np.testing.assert_allclose(got["output_0"], want["output_0"], **TOL)
     # existing --output without --force
-    code, _, err = _cli(capsys, "run", str(model), "--inputs", str(tmp_path / "in.npz"), "-o",
+    code, _, err = run_cli(capsys, "run", str(model), "--inputs", str(tmp_path / "in.npz"), "-o",
                         str(tmp_path / "onnx.npz"))
-    assert code == 1 and "already exists; pass --force" in _one_error_line(err)
+    assert code == 1 and "already exists; pass --force" in one_error_line(err)
     # a .onnx needs inputs
-    code, _, err = _cli(capsys, "run", str(model))
-    assert code == 1 and "needs inputs: --inputs FILE" in _one_error_line(err)
+    code, _, err = run_cli(capsys, "run", str(model))
+    assert code == 1 and "needs inputs: --inputs FILE" in one_error_line(err)
 
 
 def test_cli_export_bad_input(mlp_artifact, tmp_path, capsys):
     target = tmp_path / "m.onnx"
     not_artifact = tmp_path / "plain"
     not_artifact.mkdir()
-    code, _, err = _cli(capsys, "export", str(not_artifact), "--to", "onnx", "-o", str(target))
-    assert code == 1 and "is not a sparsec artifact" in _one_error_line(err)
+    code, _, err = run_cli(capsys, "export", str(not_artifact), "--to", "onnx", "-o", str(target))
+    assert code == 1 and "is not a sparsec artifact" in one_error_line(err)
     np.savez(tmp_path / "missing.npz", y=np.zeros((2, 6, 16), np.float32))
     np.savez(tmp_path / "shape.npz", x=np.zeros((2, 6, 8), np.float32))
     np.savez(tmp_path / "rank.npz", x=np.zeros((6, 16), np.float32))
@@ -307,21 +290,21 @@ def test_cli_export_bad_input(mlp_artifact, tmp_path, capsys):
                 "absent.npz": "inputs file '{}' does not exist"}
     for name, message in expected.items():
         f = str(tmp_path / name)
-        code, _, err = _cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(target), "--verify",
+        code, _, err = run_cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(target), "--verify",
                             "--inputs", f)
-        assert code == 1 and message.format(f) in _one_error_line(err), err
-        code, _, err = _cli(capsys, "run", mlp_artifact, "--inputs", f)
+        assert code == 1 and message.format(f) in one_error_line(err), err
+        code, _, err = run_cli(capsys, "run", mlp_artifact, "--inputs", f)
         assert code == 1, err
-        _one_error_line(err)
+        one_error_line(err)
     assert not target.exists()
-    code, _, err = _cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(target), "--inputs",
+    code, _, err = run_cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(target), "--inputs",
                         str(tmp_path / "shape.npz"))
-    assert code == 2 and "add --verify" in _one_error_line(err)
+    assert code == 2 and "add --verify" in one_error_line(err)
     target.write_bytes(b"keep me")
-    code, _, err = _cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(target))
-    assert code == 1 and "already exists; pass --force" in _one_error_line(err)
+    code, _, err = run_cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(target))
+    assert code == 1 and "already exists; pass --force" in one_error_line(err)
     assert target.read_bytes() == b"keep me"
-    code, _, err = _cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(target), "--force", "--json")
+    code, _, err = run_cli(capsys, "export", mlp_artifact, "--to", "onnx", "-o", str(target), "--force", "--json")
     assert code == 0, err
     assert onnx.load(str(target)).producer_name == "sparsec"
     assert sorted(os.listdir(tmp_path)) == sorted(["plain", "m.onnx", *[n for n in expected if n != "absent.npz"]])

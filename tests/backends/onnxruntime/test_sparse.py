@@ -15,6 +15,7 @@ from sparsec.backends.onnxruntime import kernels
 from sparsec.backends.onnxruntime.sparse import MARGIN, NO_COMPILER, _linear_model, decode_inputs, thresholded_linears
 from sparsec.inputs import run_program
 from sparsec.ops import threshold
+from tests.cli_helpers import run_cli
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -170,13 +171,13 @@ def test_without_a_compiler(teal_stack, tmp_path, monkeypatch, capsys):
         assert _sparse_nodes(tmp_path / "auto.onnx")[0] == []
         art = tmp_path / "art"
         sparsec.save(teal_stack, str(art))
-        code, _, err = _cli(capsys, "export", str(art), "--to", "onnx", "-o", str(tmp_path / "all.onnx"),
+        code, _, err = run_cli(capsys, "export", str(art), "--to", "onnx", "-o", str(tmp_path / "all.onnx"),
                             "--sparse-kernel", "all")
         assert code == 1 and err.strip() == f"error: {NO_COMPILER}"
         assert sorted(os.listdir(tmp_path)) == ["art", "auto.onnx"]
         model, inputs = _sparse_model_file(tmp_path)
         monkeypatch.setenv("SPARSEC_CACHE", str(tmp_path / "cache"))  # not built yet
-        code, _, err = _cli(capsys, "run", model, "--inputs", inputs)
+        code, _, err = run_cli(capsys, "run", model, "--inputs", inputs)
         assert code == 1 and err.strip() == (
             f"error: '{model}' uses sparsec's custom ops (ai.sparsec), which need a C++ compiler (g++) to build;"
             " install one (or set CXX), or re-export without --sparse-kernel")
@@ -202,7 +203,7 @@ def test_failed_build_is_one_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SPARSEC_CACHE", str(tmp_path / "cache"))
     kernels.library_path.cache_clear()
     try:
-        code, _, err = _cli(capsys, "run", model, "--inputs", inputs)
+        code, _, err = run_cli(capsys, "run", model, "--inputs", inputs)
         assert code == 1 and err.strip() == (
             f"error: building the ONNX Runtime sparse kernels with {broken} failed: sparse_linear.cc:1: error:"
             " broken compiler (export without --sparse-kernel, or set CXX to a working C++17 compiler)")
@@ -219,33 +220,21 @@ def test_thresholded_linears_needs_the_whole_pattern():
     assert thresholded_linears(model) == []  # MatMul(x, Wt): no threshold in front
 
 
-def _cli(capsys, *args):
-    from sparsec.cli import main
-
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_export_sparse_kernel_and_run(teal_stack, tmp_path, capsys):
     art = tmp_path / "art"
     sparsec.save(teal_stack, str(art))
     model = tmp_path / "m.onnx"
-    code, out, err = _cli(capsys, "export", str(art), "--to", "onnx", "-o", str(model), "--sparse-kernel", "all",
+    code, out, err = run_cli(capsys, "export", str(art), "--to", "onnx", "-o", str(model), "--sparse-kernel", "all",
                           "--verify")
     assert code == 0, err
     assert "sparse kernel: 4 of 4 thresholded linears use SparseLinear (mode all)" in out and "BEYOND" not in out
     x = np.random.default_rng(0).standard_normal((1, 1, 256)).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x)
-    code, out, err = _cli(capsys, "run", str(model), "--inputs", str(tmp_path / "in.npz"), "-o",
+    code, out, err = run_cli(capsys, "run", str(model), "--inputs", str(tmp_path / "in.npz"), "-o",
                           str(tmp_path / "out.npz"))
     assert code == 0, err
     want = run_program(teal_stack.program, {"x": torch.from_numpy(x)})[0]
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "out.npz")["output_0"]), want, **TOL)
-    code, _, err = _cli(capsys, "export", str(art), "--to", "onnx", "-o", str(tmp_path / "n.onnx"),
+    code, _, err = run_cli(capsys, "export", str(art), "--to", "onnx", "-o", str(tmp_path / "n.onnx"),
                         "--sparse-kernel", "fast")
     assert code == 2 and "'fast' is not one of 'none', 'auto', 'all'" in err

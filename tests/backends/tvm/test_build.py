@@ -16,6 +16,7 @@ from sparsec.calibration import token_forward_loop
 from sparsec.errors import SparsecError, UsageError
 from sparsec.inputs import run_program
 from tests.zoo import RELU_OVERRIDE, build
+from tests.cli_helpers import one_error_line, run_cli
 
 pytest.importorskip("tvm")
 
@@ -47,24 +48,6 @@ def _matches_torch(build_dir, program):
         for g, w in zip(got.values(), want):
             torch.testing.assert_close(torch.from_numpy(g), w, **TOL)
     return compiled
-
-
-def _cli(capsys, *args):
-    from sparsec.cli import main
-
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_error_line(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -99,18 +82,18 @@ def test_cli_run_build(llama_teal, tmp_path, capsys):
     _, out, program = llama_teal
     feed = _feeds()[0]
     np.savez(tmp_path / "in.npz", **{k: v.numpy() for k, v in feed.items()})
-    code, stdout, err = _cli(capsys, "run", out, "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o.npz", "--json")
+    code, stdout, err = run_cli(capsys, "run", out, "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o.npz", "--json")
     assert code == 0, err
     info = json.loads(stdout)
     assert info["backend"] == "tvm" and info["outputs"] == [{"name": "output_0", "dtype": "float32",
                                                              "shape": [2, 12, 256]}]
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "o.npz")["output_0"]),
                                run_program(program, feed)[0], **TOL)
-    code, _, err = _cli(capsys, "run", out)
-    assert code == 2 and "running the TVM build" in _one_error_line(err) and "needs inputs: --inputs FILE" in err
+    code, _, err = run_cli(capsys, "run", out)
+    assert code == 2 and "running the TVM build" in one_error_line(err) and "needs inputs: --inputs FILE" in err
     np.savez(tmp_path / "bad.npz", input_ids=feed["input_ids"].numpy())
-    code, _, err = _cli(capsys, "run", out, "--inputs", tmp_path / "bad.npz")
-    assert code == 1 and "has no input 'attention_mask'" in _one_error_line(err)
+    code, _, err = run_cli(capsys, "run", out, "--inputs", tmp_path / "bad.npz")
+    assert code == 1 and "has no input 'attention_mask'" in one_error_line(err)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -128,26 +111,26 @@ def test_build_from_elsewhere_is_refused(llama_teal, tmp_path, capsys, field, va
     with pytest.raises(SparsecError, match="rebuild it here with 'sparsec compile OUT/ -o BUILD/ --force'"):
         sparsec.load_compiled(str(copy))
     np.savez(tmp_path / "in.npz", input_ids=np.zeros((1, 2), np.int64), attention_mask=np.ones((1, 2), np.int64))
-    code, _, err = _cli(capsys, "run", copy, "--inputs", tmp_path / "in.npz")
-    assert code == 1 and message in _one_error_line(err)
+    code, _, err = run_cli(capsys, "run", copy, "--inputs", tmp_path / "in.npz")
+    assert code == 1 and message in one_error_line(err)
 
 
 def test_compile_refuses_existing_output_and_non_artifacts(llama_teal, tmp_path, capsys):
     art, out, _ = llama_teal
-    code, _, err = _cli(capsys, "compile", art, "-o", out)
-    assert code == 1 and "already exists; pass --force" in _one_error_line(err)
+    code, _, err = run_cli(capsys, "compile", art, "-o", out)
+    assert code == 1 and "already exists; pass --force" in one_error_line(err)
     plain = tmp_path / "plain"
     plain.mkdir()
-    code, _, err = _cli(capsys, "compile", plain, "-o", tmp_path / "b")
-    assert code == 1 and "is not a sparsec artifact" in _one_error_line(err)
+    code, _, err = run_cli(capsys, "compile", plain, "-o", tmp_path / "b")
+    assert code == 1 and "is not a sparsec artifact" in one_error_line(err)
     assert sorted(os.listdir(tmp_path)) == ["plain"]
 
 
 def test_cuda_target_without_nvcc_names_it(llama_teal, tmp_path, capsys, monkeypatch):
     art, _, _ = llama_teal
     monkeypatch.setenv("PATH", str(tmp_path))
-    code, _, err = _cli(capsys, "compile", art, "--target", "cuda", "-o", tmp_path / "b")
-    assert code == 1 and _one_error_line(err) == (
+    code, _, err = run_cli(capsys, "compile", art, "--target", "cuda", "-o", tmp_path / "b")
+    assert code == 1 and one_error_line(err) == (
         "error: --target cuda needs the CUDA compiler nvcc, which is not on PATH: install the CUDA toolkit (or add"
         " its bin/ directory to PATH), or use --target llvm")
     assert os.listdir(tmp_path) == []
@@ -159,15 +142,15 @@ def test_cuda_build_of_teal_llama(llama_teal, tmp_path, capsys):
     import ctypes.util
 
     art, _, _ = llama_teal
-    code, _, err = _cli(capsys, "compile", art, "--target", "cuda", "-o", tmp_path / "b", "--json")
+    code, _, err = run_cli(capsys, "compile", art, "--target", "cuda", "-o", tmp_path / "b", "--json")
     assert code == 0, err
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert m["target"] == "cuda" and m["arch"] == "sm_90" and m["source"] == str(art)
     assert {k.split("_")[2] for k in m["kernels"]} == {"threshold", "dense"}
     if ctypes.util.find_library("cuda") is None:
         np.savez(tmp_path / "in.npz", input_ids=np.zeros((1, 2), np.int64), attention_mask=np.ones((1, 2), np.int64))
-        code, _, err = _cli(capsys, "run", tmp_path / "b", "--inputs", tmp_path / "in.npz")
-        assert code == 1 and "needs the NVIDIA driver (libcuda.so.1 was not found)" in _one_error_line(err)
+        code, _, err = run_cli(capsys, "run", tmp_path / "b", "--inputs", tmp_path / "in.npz")
+        assert code == 1 and "needs the NVIDIA driver (libcuda.so.1 was not found)" in one_error_line(err)
 
 
 class _Kth(torch.nn.Module):
@@ -192,8 +175,8 @@ def test_unsupported_op_names_op_and_module(tmp_path, capsys):
         sparsec.compile(result, str(tmp_path / "b"))
     assert str(info.value) == message
     sparsec.save(result, str(tmp_path / "art"))
-    code, _, err = _cli(capsys, "compile", tmp_path / "art", "-o", tmp_path / "b")
-    assert code == 2 and _one_error_line(err) == f"error: {message}"
+    code, _, err = run_cli(capsys, "compile", tmp_path / "art", "-o", tmp_path / "b")
+    assert code == 2 and one_error_line(err) == f"error: {message}"
     assert sorted(os.listdir(tmp_path)) == ["art"]
 
 
