@@ -315,12 +315,9 @@ def make_forward_loop(calib_data: str | None, *, tokenizer_dir: str | None = Non
         return token_forward_loop(tokenize_windows(default_text(), tok, seq_len, samples), batch_size=batch_size)
     ext = os.path.splitext(calib_data)[1].lower()
     if ext in (".txt", ".text", ".md"):
-        if not os.path.isfile(calib_data):
-            raise UsageError(f"calibration file '{calib_data}' does not exist")
-        with open(calib_data, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        if not text.strip():
-            raise UsageError(f"calibration file '{calib_data}' is empty")
+        from sparsec.data import read_text_file
+
+        text = read_text_file(calib_data, "calibration file")
         tok = _tokenizer(tokenizer_dir, f"--calib-data {calib_data} (text)")
         return token_forward_loop(tokenize_windows(text, tok, seq_len, samples), batch_size=batch_size)
     if ext not in (".pt", ".pth", ".npy"):

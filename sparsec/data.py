@@ -1,13 +1,26 @@
-"""Offline text shipped in packages: English Wikipedia articles from gensim's test data (../shared/MODELS.md §3.1)."""
+"""Text for calibration and evaluation: the user's text files, and offline text shipped in packages (English
+Wikipedia articles from gensim's test data, ../shared/MODELS.md §3.1)."""
 from __future__ import annotations
 
 import bz2
 import functools
 import importlib.util
+import os
 import pathlib
 import re
 
-from sparsec.errors import SparsecError
+from sparsec.errors import SparsecError, UsageError
+
+def read_text_file(path: str, what: str) -> str:
+    """The text of a user's UTF-8 file (undecodable bytes replaced); ``what`` names it in errors ("--ppl file")."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} '{path}' does not exist")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if not text.strip():
+        raise UsageError(f"{what} '{path}' is empty; give a text file")
+    return text
+
 
 _WIKI = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 

@@ -13,17 +13,8 @@ import os
 
 import torch
 
+from sparsec.data import read_text_file
 from sparsec.errors import SparsecError, UsageError
-
-
-def _read_text(path: str, flag: str) -> str:
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag} file '{path}' does not exist")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    if not text.strip():
-        raise UsageError(f"{flag} file '{path}' is empty; give a text file")
-    return text
 
 
 def _first_tensor(out) -> torch.Tensor:
@@ -74,7 +65,7 @@ def evaluate(artifact: str, *, ppl: str | None = None, embed: str | None = None,
     for name, value in (("--seq-len", seq_len), ("--samples", samples), ("--batch-size", batch_size)):
         if value < 1:
             raise UsageError(f"{name} must be at least 1, got {value}")
-    text = _read_text(ppl or embed, "--ppl" if ppl else "--embed")
+    text = read_text_file(ppl or embed, "--ppl file" if ppl else "--embed file")
     art = load_artifact(artifact)
     source = art.manifest.get("source", {})
     if not source.get("tokenizer"):
