@@ -333,9 +333,11 @@ def eval_(artifact, ppl, embed, seq_len, samples, batch_size, as_json):
               " [default: the artifact's example inputs, and the same cut to a shorter sequence]")
 @click.option("--rtol", type=float, default=1e-4, show_default=True, help="relative tolerance for --verify")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="absolute tolerance for --verify")
-@click.option("--sparse-kernel", type=click.Choice(["none", "auto", "all"]), default="none", show_default=True,
-              help="thresholded linears as sparsec's ONNX Runtime custom op (built with g++ on first use):"
-              " auto = per layer where measured faster than dense at batch 1, all = everywhere, none = standard ops")
+@click.option("--sparse-kernel", type=click.Choice(["none", "auto", "all", "gather"]), default="none",
+              show_default=True, help="thresholded linears for batch-1 decode: auto = per layer the fastest as"
+              " measured at batch 1 (sparsec's ONNX Runtime custom op, built with g++ on first use; the standard-op"
+              " gather of active weight rows; dense), all = the custom op everywhere, gather = the standard-op"
+              " gather everywhere, none = standard ops as exported")
 @click.option("--force", is_flag=True, help="replace FILE if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON document")
 def export(artifact, target, out, opset, external_data, verify, inputs, rtol, atol, sparse_kernel, force, as_json):

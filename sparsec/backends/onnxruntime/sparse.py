@@ -1,12 +1,18 @@
-"""The sparse path of the ONNX Runtime backend: thresholded linears become ``ai.sparsec::SparseLinear`` nodes.
+"""The sparse path of the ONNX Runtime backend: faster formulations of thresholded linears for batch-1 decode.
 
 In the exported graph a TEAL-thresholded linear is ``MatMul(Mul(x, Cast(Greater(Abs(x), t))), Wt)`` (+ ``Add(B)``)
-with ``Wt`` a constant ``[K, N]``. Dense ONNX Runtime does all of that work whatever the sparsity; the custom op
-(:mod:`.kernels`) reads only the weight rows of the active inputs. Per layer the choice is made by measurement:
-for each distinct (K, N, bias, sparsity) the custom op and ORT's dense MatMul are timed at batch 1 (one decode
-token) on random weights with that fraction of zero inputs, and the faster one is kept. The sparsity of a layer
-is measured by running the torch program on its example inputs. The choices are recorded in the model's
-``metadata_props`` (``sparsec.sparse_kernel``).
+with ``Wt`` a constant ``[K, N]``. Dense ONNX Runtime does all of that work whatever the sparsity. Two
+replacements read only the weight rows of the active inputs:
+
+- ``sparse``: sparsec's custom op ``ai.sparsec::SparseLinear`` (:mod:`.kernels`, needs a C++ compiler);
+- ``gather``: standard ONNX ops only, ``If(Size(x) == K)`` (exactly one row, a decode token):
+  ``MatMul(Gather(x, i), Gather(Wt, i))`` with ``i = NonZero(|x| > t)``; else the original dense MatMul. Any
+  ONNX runtime runs it, for any batch and sequence length; the gathered rows are copied once per call.
+
+Per layer the choice is made by measurement: for each distinct (K, N, bias, sparsity) each formulation is timed
+at batch 1 (one decode token) on random weights with that fraction of zero inputs, and the fastest is kept when it
+beats dense ORT by :data:`MARGIN`. The sparsity of a layer is measured by running the torch program on its example
+inputs. The choices are recorded in the model's ``metadata_props`` (``sparsec.sparse_kernel``).
 """
 from __future__ import annotations
 
@@ -21,9 +27,9 @@ import numpy as np
 
 from sparsec.errors import SparsecError
 
-#: ``--sparse-kernel`` choices: none = standard ops only; auto = per layer, the faster of the two as measured;
-#: all = every thresholded linear the custom op matches
-MODES = ("none", "auto", "all")
+#: ``--sparse-kernel`` choices: none = standard ops only; auto = per layer, the fastest as measured; all = SparseLinear
+#: for every thresholded linear; gather = the standard-op gather formulation for every thresholded linear
+MODES = ("none", "auto", "all", "gather")
 #: the custom op is chosen only when it is at least this much faster than dense (timing noise)
 MARGIN = 1.05
 NO_COMPILER = ("--sparse-kernel all needs a C++ compiler (g++) to build the ONNX Runtime kernels; install g++ (or"
@@ -38,6 +44,7 @@ class ThresholdedLinear:
     add: Any  # the bias Add folded in, or None
     x: Any
     t: Any
+    keep: Any  # the boolean mask |x| > t
     wt: Any
     bias: Any
     masked: str  # name of the thresholded value (the torch node name of the sparsec::threshold call)
@@ -68,7 +75,7 @@ def _layer(node) -> str:
 
 
 def _threshold_of(masked):
-    """(x, t) when ``masked`` is ``Mul(x, Cast(Greater(Abs(x), t)))`` with a constant float32 scalar t."""
+    """(x, t, |x| > t) when ``masked`` is ``Mul(x, Cast(Greater(Abs(x), t)))`` with a constant float32 scalar t."""
     import onnx_ir as ir
 
     mul = _producer(masked, "Mul")
@@ -84,7 +91,7 @@ def _threshold_of(masked):
         const = _const(t)
         if const is None or const.dtype != ir.DataType.FLOAT or const.size != 1:
             return None
-        return x, t
+        return x, t, greater.outputs[0]
     return None
 
 
@@ -113,7 +120,7 @@ def thresholded_linears(model) -> list[ThresholdedLinear]:
                 b = _const(other)
                 if b is not None and b.dtype == ir.DataType.FLOAT and list(b.shape) == [w.shape[1]]:
                     add, bias = user, other
-        found.append(ThresholdedLinear(node, add, xt[0], xt[1], wt, bias, masked.name, _layer(node)))
+        found.append(ThresholdedLinear(node, add, *xt, wt, bias, masked.name, _layer(node)))
     return found
 
 
@@ -142,8 +149,15 @@ def threshold_sparsity(program, inputs: dict | None = None) -> dict[str, float]:
     return dict(zip(names, zeros))
 
 
-def _linear_model(k: int, n: int, bias: bool, sparse: bool, rng) -> bytes:
-    """A batch-1 thresholded linear as one SparseLinear node, or as ORT's dense MatMul (+ Add) on masked input."""
+#: the formulations of a thresholded linear that :func:`time_linear` can time
+KERNELS = ("dense", "sparse", "gather")
+
+
+def _linear_model(k: int, n: int, bias: bool, kernel: str, rng, rows=(1,)) -> bytes:
+    """A thresholded linear on input ``x`` of shape ``[*rows, k]`` (t = 0.5), as ``kernel``: ``dense`` = ORT's MatMul
+    (+ Add) on the already-masked input (no thresholding work counted), ``sparse`` = one SparseLinear node,
+    ``gather`` = the exported thresholded graph with the gather formulation put in by :func:`apply_sparse_kernels`."""
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from sparsec.backends.onnxruntime.kernels import DOMAIN
@@ -153,17 +167,28 @@ def _linear_model(k: int, n: int, bias: bool, sparse: bool, rng) -> bytes:
     if bias:
         inits.append(numpy_helper.from_array(rng.standard_normal(n, dtype=np.float32), "B"))
     opsets = [helper.make_opsetid("", 18)]
-    if sparse:
+    if kernel == "sparse":
         nodes = [helper.make_node("SparseLinear", ["x", "t", "Wt"] + (["B"] if bias else []), ["y"], domain=DOMAIN)]
         opsets.append(helper.make_opsetid(DOMAIN, 1))
     else:
-        nodes = [helper.make_node("MatMul", ["x", "Wt"], ["xw" if bias else "y"])]
+        nodes = [helper.make_node("Abs", ["x"], ["ax"]), helper.make_node("Greater", ["ax", "t"], ["keep"]),
+                 helper.make_node("Cast", ["keep"], ["keepf"], to=TensorProto.FLOAT),
+                 helper.make_node("Mul", ["x", "keepf"], ["masked"])] if kernel == "gather" else []
+        nodes.append(helper.make_node("MatMul", ["masked" if nodes else "x", "Wt"], ["xw" if bias else "y"]))
         if bias:
             nodes.append(helper.make_node("Add", ["xw", "B"], ["y"]))
-    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits)
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*rows, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*rows, n])], inits)
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 10  # what ORT >= 1.20 reads
+    if kernel == "gather":
+        import onnx_ir as ir
+
+        m = ir.from_proto(onnx.shape_inference.infer_shapes(model))  # the value types the match checks
+        (tl,) = thresholded_linears(m)
+        _replace_gather(m, tl)
+        _drop_unused(m)
+        model = ir.to_proto(m)
     return model.SerializeToString()
 
 
@@ -181,42 +206,40 @@ def decode_inputs(k: int, sparsity: float, count: int, rng) -> list[tuple[np.nda
 
 
 def time_linear(k: int, n: int, sparsity: float, *, bias: bool = False, threads: int | None = None,
-                reps: int = 15) -> tuple[float, float]:
-    """Median seconds of (dense ORT MatMul on the masked input, SparseLinear) for one batch-1 token, interleaved."""
+                reps: int = 15, kernels: tuple[str, ...] = ("dense", "sparse")) -> dict[str, float]:
+    """Median seconds per batch-1 token of each of ``kernels`` (see :func:`_linear_model`; the same weights), the
+    repetitions interleaved. ``dense`` runs on the masked input, the others on the raw input."""
     from sparsec.backends.onnxruntime.runtime import onnx_session
 
     rng = np.random.default_rng(0)
-    dense = onnx_session(_linear_model(k, n, bias, False, rng), threads=threads)
-    sparse = onnx_session(_linear_model(k, n, bias, True, rng), threads=threads, custom_ops=True)
+    weights_seed = int(rng.integers(1 << 31))
+    sessions = {kind: onnx_session(_linear_model(k, n, bias, kind, np.random.default_rng(weights_seed)),
+                                   threads=threads, custom_ops=kind == "sparse") for kind in kernels}
     pool = decode_inputs(k, sparsity, 4, rng)  # rotating inputs: the active weight rows change as in decoding
-    td, ts = [], []
+    times: dict[str, list[float]] = {kind: [] for kind in kernels}
     for r in range(reps + 1):
         x, masked = pool[r % len(pool)]
-        t0 = time.perf_counter()
-        dense.run(None, {"x": masked})
-        t1 = time.perf_counter()
-        sparse.run(None, {"x": x})
-        t2 = time.perf_counter()
-        if r:  # the first round warms up
-            td.append(t1 - t0)
-            ts.append(t2 - t1)
-    return float(np.median(td)), float(np.median(ts))
+        for kind, session in sessions.items():
+            feed = {"x": masked if kind == "dense" else x}
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            if r:  # the first round warms up
+                times[kind].append(time.perf_counter() - t0)
+    return {kind: float(np.median(ts)) for kind, ts in times.items()}
 
 
 @lru_cache(maxsize=256)
-def _choice(k: int, n: int, bias: bool, sparsity: float, threads: int | None) -> tuple[float, float]:
-    return time_linear(k, n, sparsity, bias=bias, threads=threads)
+def _choice(k: int, n: int, bias: bool, sparsity: float, threads: int | None,
+            kernels: tuple[str, ...]) -> dict[str, float]:
+    return time_linear(k, n, sparsity, bias=bias, threads=threads, kernels=kernels)
 
 
 def apply_sparse_kernels(model, program, mode: str, *, threads: int | None = None) -> dict:
-    """Replace thresholded linears of ``model`` (onnx_ir, in place) by SparseLinear nodes per ``mode``.
+    """Replace thresholded linears of ``model`` (onnx_ir, in place) per ``mode`` (see :data:`MODES`).
 
     ``program``: the ExportedProgram the model came from (its example inputs give each layer's sparsity).
     Returns what is recorded in the metadata: ``{"mode", "library", "layers": [{layer, shape, sparsity, kernel,
-    dense_us, sparse_us}]}``."""
-    import onnx_ir as ir
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
+    dense_us, sparse_us, gather_us}]}`` (``kernel``: dense, sparse or gather; the timings in auto mode only)."""
     from sparsec.backends.onnxruntime.kernels import DOMAIN, compiler, library_path
 
     if mode not in MODES:
@@ -225,53 +248,115 @@ def apply_sparse_kernels(model, program, mode: str, *, threads: int | None = Non
     found = thresholded_linears(model) if mode != "none" else []
     if not found:
         return info
-    lib = library_path()
-    if lib is None:
+    candidates = ("sparse", "gather")
+    if mode in ("auto", "all") and library_path() is None:
         if mode == "all":
             raise SparsecError(NO_COMPILER)
-        info["note"] = "no C++ compiler found: standard ops kept"
-        return info
-    info["library"] = f"{DOMAIN} SparseLinear ({compiler()} -march=native)"
+        info["note"] = "no C++ compiler found: SparseLinear left out, the standard-op gather timed alone"
+        candidates = ("gather",)
+    if "sparse" in candidates and mode != "gather":
+        info["library"] = f"{DOMAIN} SparseLinear ({compiler()} -march=native)"
     sparsity = threshold_sparsity(program)
-    changed = False
     for tl in found:
         k, n = tl.shape
         s = sparsity.get(tl.masked)
         entry = {"layer": tl.layer, "shape": [k, n], "sparsity": None if s is None else round(s, 4)}
-        if mode == "all":
-            entry["kernel"] = "sparse"
+        if mode in ("all", "gather"):
+            entry["kernel"] = "sparse" if mode == "all" else "gather"
         elif s is None:
             entry["kernel"] = "dense"
             entry["reason"] = "sparsity not measured"
         else:
-            dense_s, sparse_s = _choice(k, n, tl.bias is not None, round(s, 2), threads)
-            entry.update(dense_us=round(dense_s * 1e6, 1), sparse_us=round(sparse_s * 1e6, 1),
-                         kernel="sparse" if sparse_s * MARGIN < dense_s else "dense")
+            timed = _choice(k, n, tl.bias is not None, round(s, 2), threads, ("dense", *candidates))
+            entry.update({f"{kind}_us": round(sec * 1e6, 1) for kind, sec in timed.items()})
+            best = min(candidates, key=timed.get)
+            entry["kernel"] = best if timed[best] * MARGIN < timed["dense"] else "dense"
         info["layers"].append(entry)
         if entry["kernel"] == "sparse":
-            _replace(model, tl)
-            changed = True
-    if changed:
-        model.opset_imports[DOMAIN] = 1
-        RemoveUnusedNodesPass()(model)
+            _replace_sparse(model, tl)
+            model.opset_imports[DOMAIN] = 1
+        elif entry["kernel"] == "gather":
+            _replace_gather(model, tl)
+    if any(e["kernel"] != "dense" for e in info["layers"]):
+        _drop_unused(model)
     return info
 
 
-def _replace(model, tl: ThresholdedLinear) -> None:
+def _drop_unused(model) -> None:
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)
+
+
+def _replace_sparse(model, tl: ThresholdedLinear) -> None:
     import onnx_ir as ir
 
     from sparsec.backends.onnxruntime.kernels import DOMAIN
 
-    last = tl.add or tl.matmul
     inputs = [tl.x, tl.t, tl.wt] + ([tl.bias] if tl.bias is not None else [])
     node = ir.Node(DOMAIN, "SparseLinear", inputs, name=f"{tl.matmul.name}_sparse", num_outputs=1)
-    old = last.outputs[0]
-    new = node.outputs[0]
+    _swap(model, tl, [node])
+
+
+class _Builder:
+    """Standard-op nodes named ``{prefix}_{i}`` (their outputs too), collected in ``nodes``."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.nodes = prefix, []
+
+    def __call__(self, op_type: str, *inputs, **attributes):
+        import onnx_ir as ir
+
+        name = f"{self.prefix}_{op_type}_{len(self.nodes)}"
+        node = ir.Node("", op_type, inputs, ir.convenience.convert_attributes(attributes), num_outputs=1, name=name)
+        node.outputs[0].name = name
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def const(self, values):
+        import onnx_ir as ir
+
+        return self("Constant", value=ir.tensor(np.asarray(values, np.int64)))
+
+
+def _replace_gather(model, tl: ThresholdedLinear) -> None:
+    """``If(Size(x) == K, then: gather of the active rows, else: the dense MatMul)`` in place of the linear."""
+    import onnx_ir as ir
+
+    k, n = tl.shape
+    prefix = f"{tl.matmul.name}_gather"
+    one_row = _Builder(prefix)  # one token: y = x[i] @ Wt[i] with i = NonZero(|x| > t)
+    active = one_row("Reshape", one_row("NonZero", one_row("Reshape", tl.keep, one_row.const([-1]))),
+                     one_row.const([-1]))
+    y = one_row("MatMul", one_row("Gather", one_row("Reshape", tl.x, one_row.const([-1])), active, axis=0),
+                one_row("Gather", tl.wt, active, axis=0))
+    if tl.bias is not None:
+        y = one_row("Add", y, tl.bias)
+    y = one_row("Reshape", y, one_row("Concat", one_row("Shape", tl.x, end=-1), one_row.const([n]), axis=0))
+    rows = _Builder(f"{prefix}_rows")  # several tokens: the original formulation
+    y_rows = rows("MatMul", tl.matmul.inputs[0], tl.wt)
+    if tl.bias is not None:
+        y_rows = rows("Add", y_rows, tl.bias)
+    outer = _Builder(prefix + "_if")
+    cond = outer("Equal", outer("Size", tl.x), outer.const(k))
+    branches = {"then_branch": ir.Graph([], [y], nodes=one_row.nodes, name=f"{prefix}_one_row"),
+                "else_branch": ir.Graph([], [y_rows], nodes=rows.nodes, name=f"{prefix}_rows")}
+    node = ir.Node("", "If", [cond], [ir.AttrGraph(key, g) for key, g in branches.items()], num_outputs=1,
+                   name=f"{prefix}_If")
+    _swap(model, tl, [*outer.nodes, node])
+
+
+def _swap(model, tl: ThresholdedLinear, nodes: list) -> None:
+    """Put ``nodes`` (the last one's output replaces the linear's) before the MatMul; remove the MatMul (and Add)."""
+    import onnx_ir as ir
+
+    last = tl.add or tl.matmul
+    old, new = last.outputs[0], nodes[-1].outputs[0]
     new.dtype, new.shape = old.dtype, old.shape
     for key in ("pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy"):
         if key in tl.matmul.metadata_props:
-            node.metadata_props[key] = tl.matmul.metadata_props[key]
-    model.graph.insert_before(tl.matmul, node)
+            nodes[-1].metadata_props[key] = tl.matmul.metadata_props[key]
+    model.graph.insert_before(tl.matmul, nodes)
     graph_outputs = model.graph.outputs
     if any(v is old for v in graph_outputs):
         graph_outputs[[i for i, v in enumerate(graph_outputs) if v is old][0]] = new
@@ -283,8 +368,10 @@ def _replace(model, tl: ThresholdedLinear) -> None:
 
 
 def summary(info: dict) -> str:
-    """One line on what :func:`apply_sparse_kernels` did, e.g. '12 of 14 thresholded linears use SparseLinear'."""
+    """One line on what :func:`apply_sparse_kernels` did, e.g. '12 of 14 thresholded linears use SparseLinear, 0 the
+    standard-op gather (mode auto)'."""
     layers = info.get("layers", [])
-    chosen = sum(1 for e in layers if e["kernel"] == "sparse")
-    line = f"{chosen} of {len(layers)} thresholded linears use SparseLinear (mode {info['mode']})"
+    sparse, gather = (sum(1 for e in layers if e["kernel"] == kind) for kind in ("sparse", "gather"))
+    line = (f"{sparse} of {len(layers)} thresholded linears use SparseLinear, {gather} the standard-op gather"
+            f" (mode {info['mode']})")
     return line + (f"; {info['note']}" if info.get("note") else "")

@@ -1,4 +1,5 @@
-"""The sparse ONNX Runtime path: sparsec's SparseLinear custom op (built with g++), per-layer choice, export, CLI.
+"""The sparse ONNX Runtime path: sparsec's SparseLinear custom op (built with g++), the standard-op gather
+formulation, the per-layer choice, export, CLI.
 
 Every check runs real ONNX Runtime sessions with the real compiled library and compares with torch at 1e-4.
 """
@@ -12,6 +13,7 @@ import torch
 import sparsec
 from sparsec.backends.onnxruntime import export_onnx, onnx_session
 from sparsec.backends.onnxruntime import kernels
+from sparsec.backends.onnxruntime import sparse as sparse_module
 from sparsec.backends.onnxruntime.sparse import MARGIN, NO_COMPILER, _linear_model, decode_inputs, thresholded_linears
 from sparsec.inputs import run_program
 from sparsec.ops import threshold
@@ -146,35 +148,82 @@ def test_all_replaces_every_thresholded_linear(teal_stack, tmp_path):
     _matches_torch(path, teal_stack.program)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_gather_matches_torch_for_any_rows(bias):
+    """The standard-op gather formulation on dynamic [batch, seq, K] input: one row takes the gather branch, several
+    rows the dense one; sparsity 0 / about 0.4 / about 0.9 / 1 (no active input: the bias alone)."""
+    k, n = 300, 130
+    model = onnx.load_from_string(_linear_model(k, n, bias, "gather", np.random.default_rng(3), rows=("b", "s")))
+    init = {i.name: onnx.numpy_helper.to_array(i).copy() for i in model.graph.initializer}
+    assert [node.op_type for node in model.graph.node if node.op_type in ("If", "MatMul")] == ["If"]
+    assert {node.domain for node in model.graph.node} == {""}
+    session = onnx_session(model.SerializeToString(), threads=2)
+    g = np.random.default_rng(0)
+    for shape in [(1, 1, k), (1, 7, k), (3, 1, k), (2, 3, k)]:
+        for scale in (100.0, 1.0, 0.3, 0.0):
+            x = (g.standard_normal(shape) * scale).astype(np.float32)
+            got = session.run(None, {"x": x})[0]
+            assert got.shape == shape[:-1] + (n,)
+            torch.testing.assert_close(torch.from_numpy(got), _reference(x, 0.5, init["Wt"], init.get("B")), **TOL)
+
+
+def test_gather_mode_uses_standard_ops_only(teal_stack, tmp_path):
+    """--sparse-kernel gather: every thresholded linear becomes an If with the gather branch; no custom domain."""
+    path = tmp_path / "m.onnx"
+    out = export_onnx(teal_stack, path, verify=True, sparse_kernel="gather")
+    assert out.verification["ok"]
+    assert [(e["layer"], e["kernel"]) for e in out.sparse_kernel["layers"]] == [
+        ("layers.0.up", "gather"), ("layers.0.down", "gather"), ("layers.1.up", "gather"), ("layers.1.down", "gather")]
+    proto = onnx.load(str(path))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("If") == 4 and "MatMul" not in ops
+    assert {n.domain for n in proto.graph.node} | {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+    _matches_torch(path, teal_stack.program)  # a (1, 1) token (gather branch) and a (3, 11) batch (dense branch)
+
+
+def test_time_linear_times_each_kernel_on_the_same_inputs():
+    timed = sparse_module.time_linear(64, 32, 0.9, reps=3, kernels=("dense", "sparse", "gather"))
+    assert sorted(timed) == ["dense", "gather", "sparse"] and all(t > 0 for t in timed.values())
+
+
 def test_auto_keeps_the_measured_faster_kernel(teal_stack, tmp_path):
     path = tmp_path / "m.onnx"
     out = export_onnx(teal_stack, path, sparse_kernel="auto")
     layers = out.sparse_kernel["layers"]
     assert len(layers) == 4
     for e in layers:
-        assert e["kernel"] == ("sparse" if e["sparse_us"] * MARGIN < e["dense_us"] else "dense")
+        best = min(("sparse", "gather"), key=lambda kind: e[f"{kind}_us"])
+        assert e["kernel"] == (best if e[f"{best}_us"] * MARGIN < e["dense_us"] else "dense")
     nodes, meta = _sparse_nodes(path)
     assert len(nodes) == sum(e["kernel"] == "sparse" for e in layers)
+    ifs = [n for n in onnx.load(str(path)).graph.node if n.op_type == "If"]
+    assert len(ifs) == sum(e["kernel"] == "gather" for e in layers)
     assert json.loads(meta["sparsec.sparse_kernel"])["layers"] == layers
     _matches_torch(path, teal_stack.program)
 
 
 def test_without_a_compiler(teal_stack, tmp_path, monkeypatch, capsys):
-    """auto falls back to standard ops (and says so); all fails before exporting, naming what is missing."""
+    """auto times the standard-op gather alone (and says so); gather needs no compiler; all fails before exporting,
+    naming what is missing."""
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no g++ / c++ to be found
     kernels.library_path.cache_clear()
     try:
         assert kernels.compiler() is None
         out = export_onnx(teal_stack, tmp_path / "auto.onnx", sparse_kernel="auto")
-        assert out.sparse_kernel["note"] == "no C++ compiler found: standard ops kept"
+        assert out.sparse_kernel["note"] == ("no C++ compiler found: SparseLinear left out, the standard-op gather"
+                                             " timed alone")
+        assert {e["kernel"] for e in out.sparse_kernel["layers"]} <= {"gather", "dense"}
+        assert all("sparse_us" not in e and "gather_us" in e for e in out.sparse_kernel["layers"])
         assert _sparse_nodes(tmp_path / "auto.onnx")[0] == []
+        export_onnx(teal_stack, tmp_path / "gather.onnx", sparse_kernel="gather")
+        assert _sparse_nodes(tmp_path / "gather.onnx")[0] == []
         art = tmp_path / "art"
         sparsec.save(teal_stack, str(art))
         code, _, err = run_cli(capsys, "export", str(art), "--to", "onnx", "-o", str(tmp_path / "all.onnx"),
                             "--sparse-kernel", "all")
         assert code == 1 and err.strip() == f"error: {NO_COMPILER}"
-        assert sorted(os.listdir(tmp_path)) == ["art", "auto.onnx"]
+        assert sorted(os.listdir(tmp_path)) == ["art", "auto.onnx", "gather.onnx"]
         model, inputs = _sparse_model_file(tmp_path)
         monkeypatch.setenv("SPARSEC_CACHE", str(tmp_path / "cache"))  # not built yet
         code, _, err = run_cli(capsys, "run", model, "--inputs", inputs)
@@ -188,7 +237,7 @@ def test_without_a_compiler(teal_stack, tmp_path, monkeypatch, capsys):
 def _sparse_model_file(tmp_path):
     """A one-node SparseLinear model file (k = 8) and an inputs file for it."""
     path = tmp_path / "sparse.onnx"
-    path.write_bytes(_linear_model(8, 4, False, True, np.random.default_rng(0)))
+    path.write_bytes(_linear_model(8, 4, False, "sparse", np.random.default_rng(0)))
     np.savez(tmp_path / "in.npz", x=np.ones((1, 8), np.float32))
     return str(path), str(tmp_path / "in.npz")
 
@@ -216,7 +265,7 @@ def test_thresholded_linears_needs_the_whole_pattern():
     """A MatMul on a plain input, or with a non-constant weight, is not a candidate."""
     import onnx_ir as ir
 
-    model = ir.from_proto(onnx.load_from_string(_linear_model(8, 4, False, False, np.random.default_rng(0))))
+    model = ir.from_proto(onnx.load_from_string(_linear_model(8, 4, False, "dense", np.random.default_rng(0))))
     assert thresholded_linears(model) == []  # MatMul(x, Wt): no threshold in front
 
 
@@ -227,7 +276,8 @@ def test_cli_export_sparse_kernel_and_run(teal_stack, tmp_path, capsys):
     code, out, err = run_cli(capsys, "export", str(art), "--to", "onnx", "-o", str(model), "--sparse-kernel", "all",
                           "--verify")
     assert code == 0, err
-    assert "sparse kernel: 4 of 4 thresholded linears use SparseLinear (mode all)" in out and "BEYOND" not in out
+    assert ("sparse kernel: 4 of 4 thresholded linears use SparseLinear, 0 the standard-op gather (mode all)" in out
+            and "BEYOND" not in out)
     x = np.random.default_rng(0).standard_normal((1, 1, 256)).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x)
     code, out, err = run_cli(capsys, "run", str(model), "--inputs", str(tmp_path / "in.npz"), "-o",
@@ -237,4 +287,4 @@ def test_cli_export_sparse_kernel_and_run(teal_stack, tmp_path, capsys):
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "out.npz")["output_0"]), want, **TOL)
     code, _, err = run_cli(capsys, "export", str(art), "--to", "onnx", "-o", str(tmp_path / "n.onnx"),
                         "--sparse-kernel", "fast")
-    assert code == 2 and "'fast' is not one of 'none', 'auto', 'all'" in err
+    assert code == 2 and "'fast' is not one of 'none', 'auto', 'all', 'gather'" in err
