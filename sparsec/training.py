@@ -12,6 +12,9 @@ Passes that need work during training insert holder submodules into the graph mo
   (re-applying pruning masks, clipping zeroth biases, advancing mixing schedules).
 - ``sparsec_strip(self, gm: fx.GraphModule) -> None``: run by the ``strip`` pass before export; it removes the
   holder's training-only parts from ``gm`` (e.g. folds pruning masks into the weights).
+- ``sparsec_restore(self, owner: nn.Module, name: str) -> None`` (optional): run once when
+  :func:`restore_holders` gives the holder its class back (``owner.<name>`` is the holder); it rebuilds what
+  torch.export does not keep (e.g. the pruned weights, found through ``owner``'s graph).
 
 ``torch.export`` keeps a holder's parameters and buffers but not its class: the module of a (re-)exported program
 has a plain ``nn.Module`` at the holder's path. A holder class therefore keeps all its state in parameters and
@@ -140,6 +143,9 @@ def restore_holders(model: nn.Module) -> None:
         cls = _HOLDERS.get(base)
         if cls is not None and type(module) is nn.Module:
             module.__class__ = cls
+            if hasattr(cls, "sparsec_restore"):
+                owner, _, attr = name.rpartition(".")
+                module.sparsec_restore(model.get_submodule(owner), attr)
 
 
 def after_step(model: nn.Module, step: int) -> None:

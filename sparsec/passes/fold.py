@@ -4,15 +4,12 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
 from sparsec.config import PassConfig
 from sparsec.passes.base import PassContext, PassResult
-from sparsec.passes.prune import HOLDER, set_parameter
+from sparsec.passes.prune import HOLDER, mask_nodes, set_parameter
 from sparsec.registry import register_pass
-
-aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -26,16 +23,10 @@ class FoldConfig(PassConfig):
     """
 
 
-def _is_mask(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target is aten.mul.Tensor and len(node.args) == 2
-            and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args)
-            and node.args[1].target.split(".", 1)[0].startswith(HOLDER))
-
-
 def fold_masks(gm: fx.GraphModule) -> list[dict]:
     """Fold every prune mask of ``gm`` into its weight; returns ``{parameter, weight_sparsity}`` per weight."""
     folded = []
-    for node in [n for n in gm.graph.nodes if _is_mask(n)]:
+    for node in mask_nodes(gm):
         weight, mask = node.args
         value = operator.attrgetter(weight.target)(gm).detach() * operator.attrgetter(mask.target)(gm)
         param = set_parameter(gm, weight.target, value)

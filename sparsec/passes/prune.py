@@ -87,14 +87,22 @@ def parse_n_m(pattern: str) -> tuple[int, int]:
     return n, m
 
 
+def mask_nodes(gm: nn.Module) -> list[fx.Node]:
+    """The ``weight * mask`` nodes of the prune pass in ``gm``'s graph (none when it has no graph)."""
+    graph = getattr(gm, "graph", None)
+    return [node for node in (graph.nodes if graph is not None else ())
+            if node.op == "call_function" and node.target is aten.mul.Tensor and len(node.args) == 2
+            and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args)
+            and node.args[1].target.split(".", 1)[0].startswith(HOLDER)]
+
+
 @register_holder
 class PruneMasks(nn.Module):
     """The mask buffers of the pruned weights (one boolean buffer per weight, same shape; True = kept).
 
     Training hooks (:mod:`sparsec.training`): ``sparsec_after_step`` writes the zeros into the weights this holder
-    pruned again, so they stay exactly zero whatever writes into them. A holder restored after torch.export or
-    loading has only its buffers; there the forward's ``w * mask`` alone keeps pruned weights at zero: their
-    gradients are zero, so SGD, Adam and AdamW (with or without weight decay) leave them at zero.
+    pruned again, so they stay exactly zero whatever writes into them. torch.export and loading keep only the
+    buffers; ``sparsec_restore`` finds the pruned weights again through the graph's ``w * mask`` nodes.
     ``sparsec_strip(gm)`` folds the masks into the weights and removes them (:func:`sparsec.passes.fold.fold_masks`).
     """
 
@@ -108,9 +116,14 @@ class PruneMasks(nn.Module):
         self.register_buffer(name, mask)
         self._weights.append((weight, name))
 
+    def sparsec_restore(self, owner: fx.GraphModule, name: str) -> None:
+        """Bind the weights again after torch.export / loading: ``owner`` holds this holder as ``name``."""
+        self._weights = [(operator.attrgetter(node.args[0].target)(owner), node.args[1].target[len(name) + 1:])
+                         for node in mask_nodes(owner) if node.args[1].target.startswith(f"{name}.")]
+
     @torch.no_grad()
     def sparsec_after_step(self, step: int) -> None:
-        for weight, name in getattr(self, "_weights", ()):
+        for weight, name in self._weights:
             weight.mul_(getattr(self, name))
 
     def sparsec_strip(self, gm: fx.GraphModule) -> None:

@@ -1,4 +1,6 @@
 """prune and fold: weight masks on a small conv net and the Hugging Face zoo; training, folding, ONNX export."""
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -191,6 +193,35 @@ def test_after_step_writes_the_zeros_back():
         gm.fc1.weight.fill_(1.0)  # e.g. an optimiser or a checkpoint load wrote into pruned positions
     after_step(gm, 0)
     assert torch.equal(gm.fc1.weight == 0, ~holder.fc1_weight)
+
+
+def test_after_step_keeps_zeros_in_a_loaded_artifact(tmp_path):
+    """prune -> save -> load, the dense weights written back into the pruned positions (e.g. resuming from a dense
+    checkpoint), 10 Adam steps with weight decay: after_step finds the weights again and keeps them zero."""
+    model, inputs = build("llama")
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    result = sparsec.transform(model, "prune{sparsity=0.5}", example_inputs=inputs, measure=False)
+    sparsec.save(result, str(tmp_path / "m"))
+    loaded = sparsec.load(str(tmp_path / "m"))
+    holder = dict(loaded.named_modules())["sparsec_prune"]
+    pruned = {e["parameter"]: getattr(holder, re.sub(r"\W", "_", e["parameter"])) for e in result.report["layers"]}
+    params = dict(loaded.named_parameters())
+    assert len(pruned) == 15
+    with torch.no_grad():
+        for name in pruned:
+            params[name].copy_(dense[name])
+    opt = torch.optim.Adam(loaded.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(10):
+        ids = torch.randint(0, 256, (2, 12))
+        loss = loaded(input_ids=ids, attention_mask=torch.ones_like(ids))[0].square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        after_step(loaded, step)
+    for name, mask in pruned.items():
+        w = params[name].detach()
+        assert int((~mask).sum()) > 0 and bool((w[~mask] == 0).all()), name
+        assert not torch.equal(w[mask], dense[name][mask]), name  # the kept weights trained
 
 
 def test_fold_removes_the_masks_and_keeps_outputs():
