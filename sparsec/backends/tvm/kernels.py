@@ -1,19 +1,22 @@
 """sparsec's TIR kernels for ``y = x @ W.T`` on the CPU: activation-sparse and dense, one family.
 
 Weights are packed once, at build time, by :func:`pack_weight` into column tiles: ``W [N, K]`` becomes
-``Wp [NT, K, CT]`` (``NT = ceil(N / CT)``, zero columns pad the last tile), so tile ``j`` of row ``k`` is
-``W[j*CT:(j+1)*CT, k]``, one contiguous ``CT``-element segment. A task owns one column tile: its ``CT`` fp32
-accumulators live in registers, and it reads only the segments of the input rows it needs, walking forward
-through one contiguous block of memory (``K * CT`` elements) — no accumulator traffic, prefetcher-friendly.
+``Wp [NT, K, CT]`` (``CT`` a multiple of 16, zero columns pad the last tile), so tile ``j`` of row ``k`` is
+``W[j*CT:(j+1)*CT, k]``, one contiguous ``CT``-element segment. There is one tile per thread (more when a tile
+would exceed ``MAX_TILE`` columns): each task walks forward through one contiguous block of memory (``K * CT``
+elements) and keeps its ``CT`` fp32 accumulators in L1. Wide tiles matter for sparsity: a skipped input row is a
+gap of a whole ``CT``-element segment, so the hardware prefetcher streams the kept segments instead of fetching
+half of the skipped ones (128-column tiles, with accumulators in registers, ran 1.3-1.5x slower at 50 % sparsity,
+see benchmarks/results/kernels.md).
 
 * **sparse** (:func:`linear_kernel` with ``sparse=True``): a serial compaction pass collects the indices and values of
   the inputs that survive (``x != 0``, or ``|x| > thr`` when the kernel fuses a threshold), padded to a multiple of
-  ``R`` with index 0 and value 0; then every tile accumulates ``R`` surviving rows per pass, prefetching the segments
-  of the rows ``pd`` passes ahead (the hardware prefetcher cannot guess the gaps). Zero inputs cost nothing but the
-  compaction test: their weight segments are never read.
+  ``R`` with index 0 and value 0; then every tile accumulates ``R`` surviving rows per pass over its accumulators.
+  Zero inputs cost nothing but the compaction test: their weight segments are never read.
 * **dense** (``sparse=False``): the same loop nest over every row (with the threshold applied, when fused).
 * **batch > 1** (prefill, several tokens): rows ``MB`` at a time with the *union* of their active inputs; every row
-  of the block accumulates over that union (a row's inactive inputs contribute exact zeros). With independent masks
+  of the block accumulates over that union (a row's inactive inputs contribute exact zeros), ``R`` union rows per
+  pass over the ``MB`` rows' accumulators (each weight vector loaded once for ``MB * R`` FMAs). With independent masks
   the union fills quickly (at 50 % sparsity, 4 rows touch 94 % of the weights), so for ``M > 1`` this is the dense
   kernel's cost at worst, never more.
 
@@ -26,44 +29,57 @@ import math
 import numpy as np
 
 DTYPES = ("float32", "float16", "bfloat16")
-#: Column-tile width per storage dtype: 128 fp32 accumulators = 8 AVX-512 registers.
-TILE = {"float32": 128, "float16": 128, "bfloat16": 128}
 VL = 16  # fp32 lanes per vector (AVX-512)
+MAX_TILE = 8192  # output columns per tile at most: 32 KiB of fp32 accumulators
 MB = 4  # rows of x per block when M > 1
-R = 4  # surviving input rows per accumulator pass (gemv)
-PD = 4  # software prefetch distance, in accumulator passes (gemv)
+R = 4  # surviving input rows per accumulator pass
 
 
-def num_tiles(n: int, dtype: str) -> int:
-    return math.ceil(n / TILE[dtype])
+def num_tiles(n: int, threads: int | None = None) -> int:
+    """Column tiles for ``n`` outputs: a multiple of ``threads`` (default: TVM's pool size now), ``MAX_TILE`` wide
+    at most, ``VL`` wide at least."""
+    if threads is None:
+        from sparsec.backends.tvm.env import num_threads
+
+        threads = num_threads()
+    return max(1, min(threads * math.ceil(n / (threads * MAX_TILE)), n // VL))
 
 
-def pack_weight(w, dtype: str | None = None):
-    """``W [N, K]`` (torch tensor, nn.Linear layout) -> ``Wp [NT, K, CT]`` in ``dtype`` (default: w's)."""
+def tile_width(n: int, tiles: int) -> int:
+    """Columns per tile when ``n`` outputs are split into ``tiles`` tiles (a multiple of ``VL``)."""
+    return math.ceil(n / tiles / VL) * VL
+
+
+def pack_weight(w, dtype: str | None = None, *, tiles: int | None = None):
+    """``W [N, K]`` (torch tensor, nn.Linear layout) -> ``Wp [NT, K, CT]`` in ``dtype`` (default: w's).
+
+    ``tiles``: NT (default :func:`num_tiles`); the kernel must be built with the same number.
+    """
     import torch
 
     dtype = dtype or str(w.dtype).removeprefix("torch.")
-    ct = TILE[dtype]
     n, k = w.shape
-    nt = num_tiles(n, dtype)
+    nt = tiles or num_tiles(n)
+    ct = tile_width(n, nt)
     wt = torch.zeros(nt * ct, k, dtype=getattr(torch, dtype))
     wt[:n] = w.detach()
     return wt.reshape(nt, ct, k).permute(0, 2, 1).contiguous()
 
 
 def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True, threshold: bool = False,
-                  pd: int = PD):
+                  tiles: int | None = None):
     """A PrimFunc ``(x [M, K], Wp [NT, K, CT], thr [1], bias [N], y [M, N])``, ``M`` symbolic.
 
     ``y = x' @ W.T + bias`` with ``x' = x * (|x| > thr)`` when ``threshold`` else ``x`` (pass zeros for no bias).
     ``sparse``: skip the weight rows of zero (or dropped) inputs. ``thr`` is ignored unless ``threshold``.
+    ``tiles``: NT, as given to :func:`pack_weight` (default :func:`num_tiles`).
     """
     from tvm.script import tirx as T
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
-    ct = TILE[dtype]
-    nt = num_tiles(n, dtype)
+    nt = tiles or num_tiles(n)
+    ct = tile_width(n, nt)
     nv = ct // VL
     f32 = "float32"
     zero = T.cast(0, dtype)
@@ -75,7 +91,6 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
         return keep(v, t) if sparse else T.bool(True)
 
     hit0 = 0 if sparse else 1
-    lane_bytes = 4 if dtype == "float32" else 2
 
     @T.prim_func(private=True)
     def f(x_h: T.handle, wp: T.Buffer((nt, k, ct), dtype), thr: T.Buffer((1,), dtype), b: T.Buffer((n,), dtype),
@@ -84,7 +99,7 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         y = T.match_buffer(y_h, (m, n), dtype)
-        idx = T.decl_buffer((k + R * (pd + 1),), "int32")
+        idx = T.decl_buffer((k + R,), "int32")
         xv = T.decl_buffer((MB * (k + R),), f32)
         cnt = T.decl_buffer((1,), "int32")
         if m == 1:
@@ -93,22 +108,17 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
                 idx[cnt[0]] = i
                 xv[cnt[0]] = T.if_then_else(keep(x[0, i], thr[0]), T.cast(x[0, i], f32), T.float32(0))
                 cnt[0] = cnt[0] + T.if_then_else(take(x[0, i], thr[0]), 1, 0)
-            for r in range(R * (pd + 1)):
-                idx[cnt[0] + r] = 0
             for r in range(R):
+                idx[cnt[0] + r] = 0
                 xv[cnt[0] + r] = T.float32(0)
             for j in T.parallel(nt):
                 acc = T.decl_buffer((ct,), f32)
-                for vo in T.unroll(nv):
+                for vo in range(nv):
                     for vi in T.vectorized(VL):
                         acc[vo * VL + vi] = T.float32(0)
                 for jb in range((cnt[0] + R - 1) // R):
-                    for r in T.unroll(R * (pd > 0)):
-                        for cl in T.unroll(ct * lane_bytes // 64):
-                            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                                wp[j, idx[(jb + pd) * R + r], cl * 64 // lane_bytes]), 0, 3, 1))
-                    for r in T.unroll(R):
-                        for vo in T.unroll(nv):
+                    for vo in range(nv):
+                        for r in T.unroll(R):
                             for vi in T.vectorized(VL):
                                 acc[vo * VL + vi] = acc[vo * VL + vi] + T.cast(
                                     wp[j, idx[jb * R + r], vo * VL + vi], f32) * xv[jb * R + r]
@@ -132,18 +142,23 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
                                 mb * MB + r < m and keep(x[T.min(mb * MB + r, m - 1), i], thr[0]),
                                 T.cast(x[T.min(mb * MB + r, m - 1), i], f32), T.float32(0))
                         cnt[0] = cnt[0] + 1
+                for q in range(R):  # pad to a multiple of R
+                    idx[cnt[0] + q] = 0
+                    for r in range(MB):
+                        xv[r * (k + R) + cnt[0] + q] = T.float32(0)
                 for j in T.parallel(nt):
                     acc = T.decl_buffer((MB * ct,), f32)
-                    for r in T.unroll(MB):
-                        for vo in T.unroll(nv):
+                    for r in range(MB):
+                        for vo in range(nv):
                             for vi in T.vectorized(VL):
                                 acc[r * ct + vo * VL + vi] = T.float32(0)
-                    for q in range(cnt[0]):
-                        for vo in T.unroll(nv):
+                    for qb in range((cnt[0] + R - 1) // R):
+                        for vo in range(nv):
                             for r in T.unroll(MB):
-                                for vi in T.vectorized(VL):
-                                    acc[r * ct + vo * VL + vi] = acc[r * ct + vo * VL + vi] + T.cast(
-                                        wp[j, idx[q], vo * VL + vi], f32) * xv[r * (k + R) + q]
+                                for q in T.unroll(R):
+                                    for vi in T.vectorized(VL):
+                                        acc[r * ct + vo * VL + vi] = acc[r * ct + vo * VL + vi] + T.cast(
+                                            wp[j, idx[qb * R + q], vo * VL + vi], f32) * xv[r * (k + R) + qb * R + q]
                     for r in range(MB):
                         if mb * MB + r < m:
                             for c in range(ct):

@@ -11,17 +11,19 @@ import torch
 tvm = pytest.importorskip("tvm")
 
 from sparsec.backends.tvm.env import cpu_target  # noqa: E402
-from sparsec.backends.tvm.kernels import TILE, linear_kernel, pack_weight, reference  # noqa: E402
+from sparsec.backends.tvm.kernels import (MAX_TILE, VL, linear_kernel, num_tiles, pack_weight,  # noqa: E402
+                                          reference, tile_width)
 
 TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "float16": dict(rtol=2e-3, atol=2e-3),
        "bfloat16": dict(rtol=1.6e-2, atol=1.6e-2)}
 _CACHE = {}
 
 
-def _kernel(k, n, dtype, sparse, threshold):
-    key = (k, n, dtype, sparse, threshold)
+def _kernel(k, n, dtype, sparse, threshold, tiles=None):
+    key = (k, n, dtype, sparse, threshold, tiles)
     if key not in _CACHE:
-        f = linear_kernel(k, n, dtype, sparse=sparse, threshold=threshold).with_attr("global_symbol", "main")
+        f = linear_kernel(k, n, dtype, sparse=sparse, threshold=threshold, tiles=tiles).with_attr(
+            "global_symbol", "main")
         _CACHE[key] = tvm.compile(f, cpu_target())["main"]
     return _CACHE[key]
 
@@ -33,11 +35,11 @@ def _input(m, k, sparsity, dtype, g):
     return x.to(getattr(torch, dtype))
 
 
-def _run(k, n, dtype, sparse, x, w, b, thr=None):
+def _run(k, n, dtype, sparse, x, w, b, thr=None, tiles=None):
     td = getattr(torch, dtype)
     y = torch.full((x.shape[0], n), float("nan"), dtype=td)
     t = torch.tensor([0.0 if thr is None else thr], dtype=td)
-    _kernel(k, n, dtype, sparse, thr is not None)(x, pack_weight(w), t, b, y)
+    _kernel(k, n, dtype, sparse, thr is not None, tiles)(x, pack_weight(w, tiles=tiles), t, b, y)
     return y
 
 
@@ -46,16 +48,17 @@ def _check(y, x, w, b, dtype, thr=None):
     torch.testing.assert_close(y.float(), torch.from_numpy(want).to(getattr(torch, dtype)).float(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype,k,n", [("float32", 100, 300), ("float32", 256, 128), ("float16", 100, 300),
-                                       ("bfloat16", 100, 300)])
-def test_sparse_and_dense_match_reference(dtype, k, n):
+@pytest.mark.parametrize("dtype,k,n,tiles", [("float32", 100, 300, None), ("float32", 256, 128, 1),
+                                             ("float32", 37, 300, 3), ("float16", 100, 300, None),
+                                             ("bfloat16", 100, 300, None)])
+def test_sparse_and_dense_match_reference(dtype, k, n, tiles):
     g = torch.Generator().manual_seed(0)
     td = getattr(torch, dtype)
     w, b = torch.randn(n, k, generator=g).to(td), torch.randn(n, generator=g).to(td)
     for sparse in (True, False):
         for m, s in [(1, 0.0), (1, 0.5), (1, 0.9), (3, 0.5), (5, 0.9)]:
             x = _input(m, k, s, dtype, g)
-            _check(_run(k, n, dtype, sparse, x, w, b), x, w, b, dtype)
+            _check(_run(k, n, dtype, sparse, x, w, b, tiles=tiles), x, w, b, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -98,8 +101,16 @@ def test_sparse_kernel_never_reads_rows_of_zero_inputs(m):
 
 
 def test_pack_weight_pads_the_last_tile_with_zeros():
-    w = torch.arange(6 * 3, dtype=torch.float32).reshape(6, 3)
-    wp = pack_weight(w)
-    ct = TILE["float32"]
-    assert tuple(wp.shape) == (1, 3, ct)
-    assert torch.equal(wp[0, :, :6], w.T) and torch.equal(wp[0, :, 6:], torch.zeros(3, ct - 6))
+    w = torch.arange(40 * 3, dtype=torch.float32).reshape(40, 3)
+    wp = pack_weight(w, tiles=2)
+    assert tuple(wp.shape) == (2, 3, 32)  # 20 columns per tile, rounded up to a multiple of VL = 16
+    assert torch.equal(wp[0], w[:32].T) and torch.equal(wp[1, :, :8], w[32:].T)
+    assert torch.equal(wp[1, :, 8:], torch.zeros(3, 24))
+
+
+def test_one_tile_per_thread_unless_a_tile_would_be_too_wide():
+    assert num_tiles(11008, threads=2) == 2 and tile_width(11008, 2) == 5504
+    assert num_tiles(4096, threads=2) == 2 and num_tiles(4096, threads=16) == 16
+    assert num_tiles(2 * MAX_TILE + 1, threads=2) == 4  # a multiple of the thread count
+    assert num_tiles(VL, threads=8) == 1  # never narrower than one vector
+    assert num_tiles(300) == num_tiles(300, threads=tvm.get_global_func("runtime.NumThreads")())
