@@ -59,6 +59,9 @@ class TealConfig(PassConfig):
     greedy_step: float = option(0.05, gt=0.0, le=0.5, help="greedy: sparsity step of a projection as large as the"
                                 " block's first one (step_p = greedy_step / w_p; TEAL: 0.05)")
     greedy_samples: int = option(2, ge=1, help="greedy: calibration sequences the search runs each block on")
+    greedy_table: str = option("search", help="greedy: 'search' runs the search; or an artifact directory whose"
+                               " report holds a teal greedy table of this model searched up to at least this"
+                               " sparsity: its rows are looked up, no search (TEAL: one table for every target)")
     scope: Literal["blocks", "all"] = option("blocks", help="blocks: linears inside numbered blocks (not the LM"
                                              " head); all: every weight layer matched by targets")
     targets: list[str] = option([], help="module paths, 're:REGEX' or class names of the weight layers to"
@@ -67,6 +70,8 @@ class TealConfig(PassConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.greedy_table != "search" and self.allocation != "greedy":
+            raise UsageError("teal: greedy_table=DIR needs allocation=greedy (it reuses a greedy table)")
         if self.prefill != "all":
             raise UsageError(f"teal: prefill={self.prefill} is not implemented yet; only prefill=all (threshold"
                              " every token) is available")
@@ -102,7 +107,8 @@ def teal(gm: fx.GraphModule, cfg: TealConfig, ctx: PassContext) -> PassResult:
     tables = []
     try:
         if cfg.allocation == "greedy" and cfg.sparsity > 0:
-            tables = greedy_search(gm, sites, layers, site_of, numel, ctx, cfg)
+            tables = (greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) if cfg.greedy_table == "search"
+                      else tables_from(cfg.greedy_table, layers, cfg.sparsity))
             for table in tables:
                 row = pick_row(table, cfg.sparsity)
                 for module, p in zip(table["modules"], row[2]):
@@ -156,6 +162,30 @@ def pick_row(table: dict, target: float) -> list:
     return min(table["rows"], key=lambda row: abs(row[0] - target))
 
 
+def tables_from(path: str, layers: list[WeightLayer], sparsity: float) -> list[dict]:
+    """The greedy tables in the report of the artifact ``path``, checked against this model's layers and target."""
+    from sparsec.artifact import read_artifact
+
+    report = read_artifact(path, load_program=False).report
+    tables = next((p["stats"]["greedy_table"] for p in report["passes"]
+                   if p.get("name") == "teal" and "greedy_table" in p.get("stats", {})), None)
+    if tables is None:
+        raise UsageError(f"teal: greedy_table='{path}': its report has no teal greedy table; make one with"
+                         " 'teal{allocation=greedy sparsity=P}' (P at least the highest target you will look up)")
+    ours = [la.module for la in layers if block_of(la.module) is not None]
+    theirs = [m for t in tables for m in t["modules"]]
+    if theirs != ours:
+        raise UsageError(f"teal: greedy_table='{path}': its greedy table is for other layers ({len(theirs)}, first"
+                         f" {theirs[0] if theirs else None}) than the {len(ours)} this pass thresholds (first"
+                         f" {ours[0] if ours else None}); search again (greedy_table=search) or use the same model and"
+                         " targets")
+    reach = min(t["rows"][-1][0] for t in tables)
+    if reach < sparsity:
+        raise UsageError(f"teal: greedy_table='{path}': its greedy table reaches sparsity {reach:g}, below the target"
+                         f" {sparsity:g}; search at sparsity >= {sparsity:g} (greedy_table=search) or lower the target")
+    return tables
+
+
 class _Enough(Exception):
     """Raised by the recorder once it holds the search samples, to end the forward_loop early."""
 
@@ -199,18 +229,144 @@ def _block_module(gm: fx.GraphModule, block: str) -> tuple[fx.GraphModule, list[
     return fx.GraphModule(gm, graph), outside
 
 
-def _block_error(out: tuple, ref: tuple) -> float:
-    """TEAL's greedy error: L2 norm over hidden of the output difference on the last 25% of tokens, mean over batch
-    and tokens (summed over the block's floating outputs of rank >= 2)."""
+def _token_dim(value, tokens: int) -> int | None:
+    """The dimension of an activation that holds the token positions: its last one of size ``tokens`` other than the
+    last dimension (hidden). None for values without one."""
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return None
+    return next((d for d in range(value.dim() - 2, -1, -1) if value.shape[d] == tokens), None)
+
+
+def _tail(value, tokens: int, keep: int):
+    """``value`` on its last ``keep`` token positions (a view; tuples element-wise; values without a token dimension
+    whole)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_tail(v, tokens, keep) for v in value)
+    d = _token_dim(value, tokens)
+    return value if d is None else value.narrow(d, tokens - keep, keep)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+            and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _block_error(out: list, ref: list) -> float:
+    """TEAL's greedy error on the last 25% of tokens (``out``/``ref``: the block's outputs restricted to them, see
+    :attr:`_BlockEval.ref`): L2 norm over hidden of the difference, mean over batch and tokens (summed over the
+    block's floating outputs of rank >= 2)."""
     err = 0.0
     for o, r in zip(out, ref):
         if isinstance(o, torch.Tensor) and o.is_floating_point() and o.dim() >= 2:
-            d = (o - r).float()
-            tokens = d.shape[-2]
-            err += float(d[..., tokens - max(1, tokens // 4):, :].norm(dim=-1).mean())
+            err += float((o - r).float().norm(dim=-1).mean())
     return err
 
 
+class _BlockEval:
+    """One block on one batch of its inputs, re-running only what a change of one threshold affects.
+
+    ``values`` holds every node's value at the thresholds in force (dense when constructed). :meth:`outputs` for
+    consumer ``p`` re-runs only the nodes downstream of p's threshold, and runs on the last quarter of the tokens
+    (all the error reads) every node whose restriction was verified here, on this block and batch: run on the
+    restricted values of its inputs, it reproduced the restriction of its full value exactly (torch.equal).
+    Position-wise nodes (projections, norms, MLP, residuals) pass; nodes that mix positions (attention) do not,
+    run on all tokens, and so do their dirty inputs. The errors are therefore those of a full evaluation.
+    """
+
+    def __init__(self, sub: fx.GraphModule, inputs: list, thresholds: list[torch.Tensor]):
+        from sparsec.ops import THRESHOLD
+
+        self.interp = fx.Interpreter(sub)
+        self.nodes = [n for n in sub.graph.nodes if n.op not in ("placeholder", "output")]
+        self.results = list(sub.graph.output_node().args[0])
+        self.values = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], inputs))
+        for n in self.nodes:
+            self.values[n] = self._run(n, self.values.__getitem__)
+        first = next(self.values[r] for r in self.results if isinstance(self.values[r], torch.Tensor)
+                     and self.values[r].is_floating_point() and self.values[r].dim() >= 2)
+        self.tokens = int(first.shape[-2])
+        self.keep = max(1, self.tokens // 4)
+        self.ref = self.error_tails({})
+        restricted = set()
+        for n in self.nodes:
+            if n.op == "get_attr":
+                continue
+            try:
+                value = self._run(n, self._restricted_input({}, {}))
+            except Exception:  # a shape the restriction breaks (reshape to the full length, ...): runs on all tokens
+                continue
+            if _same(value, self._tail(self.values[n])):
+                restricted.add(n)
+        for r in self.results:  # the error reads dim -2: a restricted output must have its tokens there
+            v = self.values[r]
+            if isinstance(v, torch.Tensor) and v.dim() >= 2 and _token_dim(v, self.tokens) != v.dim() - 2:
+                restricted.discard(r)
+        self.plans = []
+        for buf in thresholds:
+            getter = next(n for n in self.nodes if n.op == "get_attr" and self.values[n] is buf)
+            start = next(u for u in getter.users if u.target is THRESHOLD)
+            dirty = {start}
+            for n in self.nodes:
+                if any(a in dirty for a in n.all_input_nodes):
+                    dirty.add(n)
+            full = set()
+            for n in reversed(self.nodes):
+                if n in dirty and (n not in restricted or any(u in full for u in n.users)):
+                    full.add(n)
+            self.plans.append([(n, n in full) for n in self.nodes if n in dirty])
+
+    def _run(self, n: fx.Node, value_of):
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), value_of)
+        return getattr(self.interp, n.op)(n.target, args, kwargs)
+
+    def _tail(self, value):
+        return _tail(value, self.tokens, self.keep)
+
+    def _restricted_input(self, full: dict, tail: dict):
+        def value_of(a: fx.Node):
+            if a in tail:
+                return tail[a]
+            if a.op == "get_attr":
+                return self.values[a]
+            return self._tail(full[a] if a in full else self.values[a])
+        return value_of
+
+    def error_tails(self, full: dict, tail: dict | None = None) -> list:
+        """The block's outputs on the last quarter of the tokens (dim -2, the error's), from the re-run nodes and
+        ``values``."""
+        tail = tail or {}
+        out = []
+        for r in self.results:
+            if r in tail:
+                out.append(tail[r])
+                continue
+            v = full.get(r, self.values[r])
+            ok = isinstance(v, torch.Tensor) and v.dim() >= 2
+            out.append(v[..., self.tokens - self.keep:, :] if ok else v)
+        return out
+
+    def outputs(self, p: int) -> list:
+        """The error tails of the block's outputs with the thresholds in force, consumer ``p``'s possibly changed."""
+        full, tail = {}, {}
+        restricted_input = self._restricted_input(full, tail)
+        for n, on_all_tokens in self.plans[p]:
+            if on_all_tokens:
+                full[n] = self._run(n, lambda a: full[a] if a in full else self.values[a])
+            else:
+                tail[n] = self._run(n, restricted_input)
+        return self.error_tails(full, tail)
+
+    def update(self, p: int) -> None:
+        """Bring ``values`` to the thresholds in force after consumer ``p``'s changed (on all tokens)."""
+        for n, _ in self.plans[p]:
+            self.values[n] = self._run(n, self.values.__getitem__)
+
+
+@torch.no_grad()
 def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
     """TEAL's block-wise greedy allocation (METHODS.md §2) on the dense model's block inputs.
 
@@ -262,16 +418,12 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
         w = [numel[la.node] / max(numel[members[0].node], 1) for la in members]
         steps = [cfg.greedy_step / max(x, 1e-12) for x in w]
 
-        def run() -> list[tuple]:
-            with torch.no_grad():
-                return [sub(*xs) for xs in inputs]
-
         for t in bufs:
             t.fill_(-1.0)
-        ref = run()
+        evals = [_BlockEval(sub, xs, bufs) for xs in inputs]
 
-        def error() -> float:
-            errs = torch.tensor([sum(_block_error(o, r) for o, r in zip(run(), ref)) / len(ref)],
+        def error(p: int) -> float:
+            errs = torch.tensor([sum(_block_error(ev.outputs(p), ev.ref) for ev in evals) / len(evals)],
                                 dtype=torch.float64)
             _all_reduce_mean(errs)
             return float(errs[0])
@@ -286,7 +438,7 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
                 if nxt >= 0.99:
                     continue
                 bufs[p].fill_(hists[p].quantile(nxt))
-                e = error()
+                e = error(p)
                 bufs[p].fill_(hists[p].quantile(s[p]) if s[p] > 0 else -1.0)
                 if best is None or e < best[1]:
                     best = (p, e)
@@ -295,6 +447,8 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
             p, e = best
             s[p] += steps[p]
             bufs[p].fill_(hists[p].quantile(s[p]))
+            for ev in evals:
+                ev.update(p)
             eff = sum(wi * si for wi, si in zip(w, s)) / sum(w)
             rows.append([round(eff, 6), round(e, 6), [round(x, 6) for x in s]])
         for t in bufs:

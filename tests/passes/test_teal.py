@@ -250,3 +250,95 @@ def test_real_gemma3_270m():
     stats = result.report["passes"][0]["stats"]
     assert stats["thresholds"] == 18 * 7 and _count(result.program) == 126
     assert all(abs(e["measured_sparsity"] - 0.5) <= 0.03 for e in result.report["layers"])
+
+
+def test_greedy_restricted_block_evaluation_is_exact():
+    """The greedy search re-runs only what a candidate threshold changes, on the last quarter of the tokens where the
+    nodes are position-wise: its block outputs equal a full run of the block, bit for bit."""
+    from torch import fx
+
+    from sparsec.calibration import ThresholdSites
+    from sparsec.graph import TargetMatcher
+    from sparsec.passes.teal import TealConfig, _BlockEval, _block_error, _block_module, _candidates
+
+    model, _ = build("llama")
+    ids = _ids(2, n=3, length=32)
+    gm = torch.export.export(model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}).module()
+    layers = _candidates(gm, TealConfig(), TargetMatcher("teal", [], []))
+    groups = {}
+    for la in layers:
+        groups.setdefault(la.input, []).append(la)
+    sites = ThresholdSites(gm, [(x, [(la.node, la.module) for la in g]) for x, g in groups.items()], "t", 8)
+    interp = fx.Interpreter(gm, garbage_collect_values=False)
+    interp.run(ids, torch.ones_like(ids))
+    sub, outside = _block_module(gm, "model.layers.1")
+    xs = [interp.env[n] for n in outside]
+    bufs = [t for s in sites.sites for t in s.thresholds][7:]  # block 1: q, k, v, o, gate, up, down
+    ev = _BlockEval(sub, xs, bufs)
+
+    def tails(out):
+        return [o[..., 24:, :] if isinstance(o, torch.Tensor) and o.dim() >= 2 else o for o in out]
+
+    assert (ev.tokens, ev.keep) == (32, 8)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(ev.ref, tails(sub(*xs))))
+        for state in range(3):  # dense, then two random sets of thresholds (later ones accepted into the cache)
+            for p, buf in enumerate(bufs):
+                before = float(buf)
+                buf.fill_(0.1 * (state + 1) * (p + 1) / 7)
+                restricted, full = ev.outputs(p), tails(sub(*xs))
+                assert len(restricted) == len(full)
+                assert all(torch.equal(a, b) for a, b in zip(restricted, full))
+                assert _block_error(restricted, ev.ref) == _block_error(full, ev.ref) > 0
+                if state == 0:
+                    buf.fill_(before)
+                else:
+                    ev.update(p)
+    on_all_tokens = [sum(full for _, full in plan) for plan in ev.plans]
+    restricted = [sum(not full for _, full in plan) for plan in ev.plans]
+    assert on_all_tokens[3:] == [0, 0, 0, 0]  # o, gate, up, down: everything downstream is position-wise
+    assert all(n > 0 for n in on_all_tokens[:3]) and all(n > 0 for n in restricted)  # q, k, v: attention on all
+
+
+def test_greedy_table_reused_from_an_artifact(tmp_path, capsys):
+    """greedy_table=DIR looks the rows up in a previous search's table (TEAL: one table for every target)."""
+    from tests.cli_helpers import one_error_line, run_cli
+
+    model, inputs = build("llama")
+    loop = token_forward_loop(_ids(1, n=16), batch_size=8)
+    searched = sparsec.transform(model, "teal{sparsity=0.5 allocation=greedy greedy_step=0.2}",
+                                 example_inputs=inputs, forward_loop=loop, measure=False)
+    sparsec.save(searched, str(tmp_path / "g"))
+    tables = searched.report["passes"][0]["stats"]["greedy_table"]
+    reused = sparsec.transform(model, f"teal{{sparsity=0.3 allocation=greedy greedy_table={tmp_path / 'g'}}}",
+                               example_inputs=inputs, forward_loop=loop, measure=False)
+    assert reused.report["passes"][0]["stats"]["greedy_table"] == tables
+    targets = {e["module"]: e["target_sparsity"] for e in reused.report["layers"]}
+    for table in tables:
+        assert [targets[m] for m in table["modules"]] == pick_row(table, 0.3)[2]
+    model.save_pretrained(tmp_path / "m")
+    torch.save(_ids(1, n=16), tmp_path / "ids.pt")
+    capsys.readouterr()
+    uniform = sparsec.transform(model, "teal{sparsity=0.3}", example_inputs=inputs, forward_loop=loop, measure=False)
+    sparsec.save(uniform, str(tmp_path / "u"))
+    cases = [
+        ("teal{greedy_table=X}", "pipeline spec, column 1: teal: greedy_table=DIR needs allocation=greedy (it reuses a"
+         " greedy table)"),
+        (f"teal{{allocation=greedy greedy_table={tmp_path / 'u'}}}",
+         f"pass 'teal' (1st of 1) failed: teal: greedy_table='{tmp_path / 'u'}': its report has no teal greedy table;"
+         " make one with 'teal{allocation=greedy sparsity=P}' (P at least the highest target you will look up)"),
+        (f"teal{{sparsity=0.6 allocation=greedy greedy_table={tmp_path / 'g'}}}",
+         f"pass 'teal' (1st of 1) failed: teal: greedy_table='{tmp_path / 'g'}': its greedy table reaches sparsity"
+         f" {min(t['rows'][-1][0] for t in tables):g}, below the target 0.6; search at sparsity >= 0.6 ("
+         "greedy_table=search) or lower the target"),
+        (f"teal{{allocation=greedy greedy_table={tmp_path / 'g'} ignore={{re:.*q_proj}}}}",
+         f"pass 'teal' (1st of 1) failed: teal: greedy_table='{tmp_path / 'g'}': its greedy table is for other layers"
+         " (14, first model.layers.0.self_attn.q_proj) than the 12 this pass thresholds (first"
+         " model.layers.0.self_attn.k_proj); search again (greedy_table=search) or use the same model and targets"),
+    ]
+    for spec, message in cases:
+        code, out, err = run_cli(capsys, "transform", tmp_path / "m", "--pass", spec, "--calib-data",
+                                 tmp_path / "ids.pt", "--seq-len", 32, "-o", tmp_path / "out")
+        first = err.splitlines()[0] if "pipeline spec" in err else one_error_line(err)  # + the spec and a caret
+        assert (code, first) == (2, f"error: {message}"), spec
+        assert not os.path.exists(tmp_path / "out")
