@@ -6,8 +6,9 @@
 - weights go to external data (``model.onnx.data`` beside the model) above 1 GB or when asked;
 - the file is written atomically (a temporary directory beside it, then a rename): a failed export leaves nothing;
 - ``metadata_props`` record the sparsec and torch versions, the canonical pipeline, the artifact fingerprint;
-- ``sparse_kernel`` (``auto`` / ``all``) replaces thresholded linears by sparsec's ONNX Runtime custom op where it
-  is measured to be faster (:mod:`.sparse`); the per-layer choices go to ``metadata_props``.
+- ``sparse_kernel`` (``auto`` / ``all`` / ``gather``) replaces thresholded linears by sparsec's ONNX Runtime custom
+  op or a standard-op gather of the active weight rows, where measured faster (:mod:`.sparse`); the per-layer
+  choices go to ``metadata_props``.
 """
 from __future__ import annotations
 
@@ -221,8 +222,9 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
     they exceed 1 GB). ``verify``: run ONNX Runtime on ``inputs`` (None: the program's example inputs, plus a
     shorter sequence; or a .npz / .safetensors file, or a dict of arrays) and compare with the torch program;
     raises :class:`VerificationError` beyond ``rtol`` / ``atol`` (the model stays written). ``force`` replaces an
-    existing file. ``sparse_kernel``: ``none`` (standard ONNX ops only), ``auto`` (per thresholded linear, sparsec's
-    custom op where it is measured faster than dense ORT at batch 1) or ``all``; see :mod:`.sparse`.
+    existing file. ``sparse_kernel``: ``none`` (standard ONNX ops as exported), ``auto`` (per thresholded linear, the
+    fastest at batch 1 as measured: sparsec's custom op, the standard-op gather of active weight rows, or dense),
+    ``all`` (the custom op everywhere) or ``gather`` (the standard-op gather everywhere); see :mod:`.sparse`.
     """
     import torch
 
@@ -242,7 +244,8 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
                              f" {onnx.defs.onnx_opset_version()})")
     if sparse_kernel not in MODES:
         raise UsageError(f"sparse kernel '{sparse_kernel}' is not one of {', '.join(MODES)} (none: standard ONNX"
-                         " ops; auto: sparsec's custom op where measured faster; all: wherever it applies)")
+                         " ops; auto: per layer the fastest as measured; all: sparsec's custom op wherever it"
+                         " applies; gather: the standard-op gather wherever it applies)")
     if sparse_kernel == "all":
         from sparsec.backends.onnxruntime.kernels import compiler
 

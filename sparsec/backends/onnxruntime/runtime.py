@@ -78,11 +78,15 @@ def run_onnx(model: Any, inputs: Any, *, source: str | None = None) -> dict[str,
     return dict(zip(names, outs))
 
 
-def compare_outputs(got: list, want: list, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> dict:
+def compare_outputs(got: list, want: list, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+                    attention_mask: np.ndarray | None = None) -> dict:
     """Max absolute and relative error of ``got`` vs the reference ``want`` (lists of arrays, in order).
 
     ``ok``: every element satisfies ``|got - want| <= atol + rtol * |want|`` (``numpy.allclose``) and the shapes
     agree. ``max_rel`` is ``max |got - want| / |want|`` over elements whose reference is not 0.
+    ``attention_mask`` ([batch, seq]): outputs that start with those dims are compared only at the positions where
+    it is not 0 (a padded query of a causal model attends to nothing, so its output is undefined: torch and ONNX
+    Runtime fill it differently); ``padded_positions`` says how many were left out.
     """
     per, ok = [], len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want)):
@@ -93,6 +97,10 @@ def compare_outputs(got: list, want: list, *, rtol: float = DEFAULT_RTOL, atol: 
             per.append(entry)
             ok = False
             continue
+        if attention_mask is not None and w.shape[:2] == attention_mask.shape and not attention_mask.all():
+            keep = attention_mask != 0
+            g, w = g[keep], w[keep]
+            entry["padded_positions"] = int((~keep).sum())
         if not np.issubdtype(w.dtype, np.floating):
             same = bool(np.array_equal(g, w))
             entry.update(ok=same, max_abs=0.0 if same else float("inf"), max_rel=0.0 if same else float("inf"))
@@ -117,7 +125,8 @@ def verify_onnx(onnx_path: str, program, inputs: Any = None, *, spec: list[dict]
     """Run the ONNX model in ONNX Runtime and the torch ``program`` (ExportedProgram) on the same inputs and compare.
 
     ``inputs``: None (the program's example inputs; with ``shorter``, also the same inputs cut to a shorter
-    sequence, so that the dynamic axes are exercised), a .npz / .safetensors path, or a dict of arrays. Inputs are
+    sequence, so that the dynamic axes are exercised), a .npz / .safetensors path, or a dict of arrays; outputs at
+    positions where an ``attention_mask`` input is 0 are not compared (see :func:`compare_outputs`). Inputs are
     checked against ``spec`` (default: the program's input spec). Returns ``{"ok", "max_abs", "max_rel", "runs":
     [...]}``; it does not raise when the outputs differ: check ``ok``.
     """
@@ -141,7 +150,8 @@ def verify_onnx(onnx_path: str, program, inputs: Any = None, *, spec: list[dict]
         check_inputs(arrays, spec, source=label, what="the artifact")
         got = run_onnx(session, arrays, source=label)
         want = run_program(program, arrays, module)
-        cmp = compare_outputs(list(got.values()), want, rtol=rtol, atol=atol)
+        cmp = compare_outputs(list(got.values()), want, rtol=rtol, atol=atol,
+                              attention_mask=arrays.get("attention_mask"))
         cmp["inputs"] = label
         cmp["shapes"] = {k: list(v.shape) for k, v in arrays.items()}
         cmp["output_names"] = list(got)

@@ -33,7 +33,7 @@ MODES = ("none", "auto", "all", "gather")
 #: the custom op is chosen only when it is at least this much faster than dense (timing noise)
 MARGIN = 1.05
 NO_COMPILER = ("--sparse-kernel all needs a C++ compiler (g++) to build the ONNX Runtime kernels; install g++ (or"
-               " set CXX), or use --sparse-kernel auto to fall back to standard ops")
+               " set CXX), or use --sparse-kernel gather or auto (standard ops only)")
 
 
 @dataclass
