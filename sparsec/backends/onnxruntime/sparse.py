@@ -1,7 +1,7 @@
 """The sparse path of the ONNX Runtime backend: faster formulations of thresholded linears for batch-1 decode.
 
 In the exported graph a TEAL-thresholded linear is ``MatMul(Mul(x, Cast(Greater(Abs(x), t))), Wt)`` (+ ``Add(B)``)
-with ``Wt`` a constant ``[K, N]``. Dense ONNX Runtime does all of that work whatever the sparsity. Two
+with ``Wt`` a constant ``[K, N]``, or ``Gemm`` of the same (GPT-2's Conv1D: 2-D input, no transposes, bias as C). Dense ONNX Runtime does all of that work whatever the sparsity. Two
 replacements read only the weight rows of the active inputs:
 
 - ``sparse``: sparsec's custom op ``ai.sparsec::SparseLinear`` (:mod:`.kernels`, needs a C++ compiler);
@@ -96,15 +96,20 @@ def _threshold_of(masked):
 
 
 def thresholded_linears(model) -> list[ThresholdedLinear]:
-    """Every float32 ``MatMul(x * (|x| > t), Wt)`` with constant 2-D ``Wt`` in the main graph of ``model``."""
+    """Every float32 ``MatMul(x * (|x| > t), Wt)`` (or plain ``Gemm``) with constant 2-D ``Wt`` in the main graph of
+    ``model``."""
     import onnx_ir as ir
 
     outputs = set(id(v) for v in model.graph.outputs)
     found = []
     for node in model.graph:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             continue
-        masked, wt = node.inputs
+        if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) or node.attributes.get_int("transB", 0)
+                                       or node.attributes.get_float("alpha", 1.0) != 1.0
+                                       or node.attributes.get_float("beta", 1.0) != 1.0):
+            continue
+        masked, wt, *c = node.inputs
         w = _const(wt)
         if w is None or w.dtype != ir.DataType.FLOAT or len(w.shape) != 2 or masked.dtype != ir.DataType.FLOAT:
             continue
@@ -113,7 +118,12 @@ def thresholded_linears(model) -> list[ThresholdedLinear]:
             continue
         add = bias = None
         users = list(node.outputs[0].uses())
-        if len(users) == 1 and id(node.outputs[0]) not in outputs:
+        if c and c[0] is not None:  # Gemm's C
+            b = _const(c[0])
+            if b is None or b.dtype != ir.DataType.FLOAT or list(b.shape) != [w.shape[1]]:
+                continue
+            bias = c[0]
+        elif len(users) == 1 and id(node.outputs[0]) not in outputs:
             user = users[0].node
             if user.op_type == "Add" and user.domain in ("", "ai.onnx"):
                 other = user.inputs[1] if user.inputs[0] is node.outputs[0] else user.inputs[0]
