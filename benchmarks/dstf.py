@@ -10,9 +10,10 @@ learning-rate schedule (Adam, cosine decay from the model's lr to 0 over all fin
 - DSTF:        the whole recipe (weight L1 → threshold pruning → TL1 fine-tuning with the masks fixed).
 
 Each sparse variant runs at every strength factor of --strengths, which multiplies the recipe's pruning threshold
-tau and its TL1 weight λ, giving an accuracy / FLOPs-removed curve per method (the dense fine-tuned model is the
-curve's strength-0 point). At equal accuracy: for each DSTF point, the FLOPs each single method removes at the DSTF
-point's accuracy, interpolated linearly along its curve (on the segment of the highest strength that brackets it).
+tau and its TL1 weight λ (TAU:LAMBDA: two factors; a factor that leaves a variant unchanged is not run again),
+giving an accuracy / FLOPs-removed curve per method (the dense fine-tuned model is the curve's strength-0 point).
+At equal accuracy: for each DSTF point, the FLOPs each single method removes at the DSTF point's accuracy,
+interpolated linearly along its curve (on the segment of the highest strength that brackets it).
 
 Printed per variant, on the 10,000 test images: accuracy; weight sparsity (zeros in conv / linear weights);
 activation sparsity (zeros in the ReLU maps that feed conv / linear layers, element-weighted; DSTF's definition);
@@ -20,7 +21,7 @@ and DSTF's metric, the multiplications removed: a product w·a of a conv / linea
 a = 0 (the input image counts as an activation), counted exactly over the test images and given as a fraction of
 the dense model's multiplications. Also the part removed by weight zeros alone and by activation zeros alone.
 
-    .venv/bin/python benchmarks/dstf.py [--models lenet,resnet] [--strengths 1,2] [--out benchmarks/results/dstf.md]
+    .venv/bin/python benchmarks/dstf.py [--models lenet,resnet] [--strengths 1,2,2:1] [--out benchmarks/results/dstf.md]
 """
 from __future__ import annotations
 
@@ -86,9 +87,9 @@ def load_stages(path: pathlib.Path) -> list[dict]:
     return yaml.safe_load(path.read_text(encoding="utf-8"))["stages"]
 
 
-def variant(stages: list[dict], name: str, strength: float = 1.0) -> list[dict]:
+def variant(stages: list[dict], name: str, strength: tuple[float, float] = (1.0, 1.0)) -> list[dict]:
     """The stages of a variant: the recipe with some passes left out (see the module docstring), its pruning
-    threshold tau and its activation TL1 weight multiplied by ``strength``."""
+    threshold tau and its activation TL1 weight multiplied by the two factors of ``strength``."""
     def keep(p: dict) -> bool:
         (pass_name, opts), = p.items()
         target = (opts or {}).get("target")
@@ -104,9 +105,9 @@ def variant(stages: list[dict], name: str, strength: float = 1.0) -> list[dict]:
         (pass_name, opts), = p.items()
         opts = dict(opts or {})
         if pass_name == "prune" and "tau" in opts:
-            opts["tau"] *= strength
+            opts["tau"] *= strength[0]
         if pass_name == "regularize" and opts.get("target") == "activations":
-            opts["weight"] *= strength
+            opts["weight"] *= strength[1]
         return {pass_name: opts}
 
     return [{**s, "passes": [scale(p) for p in s["passes"] if keep(p)]} for s in stages]
@@ -208,13 +209,18 @@ def at_accuracy(curve: list[dict], accuracy: float) -> float | None:
     return None
 
 
-def tables(rows: list[tuple], strengths: list[float]) -> str:
+def label(strength: tuple[float, float]) -> str:
+    tau, lam = strength
+    return f"×{tau:g}" if tau == lam else f"τ×{tau:g} λ×{lam:g}"
+
+
+def tables(rows: list[tuple], strengths: list[tuple[float, float]]) -> str:
     """The per-variant table and the equal-accuracy comparison (markdown)."""
     out = ["| model | variant | test accuracy | weight sparsity | activation sparsity | mult. FLOPs removed |"
            " by weight zeros | by activation zeros | time |", "|---|---|---|---|---|---|---|---|---|"]
     for name, v, s, r, secs in rows:
-        label = v if v == "dense" or strengths == [1.0] else f"{v} ×{s:g}"
-        out.append(f"| {name} | {label} | {100 * r['accuracy']:.2f}% | {100 * r['weight_sparsity']:.1f}% |"
+        name_v = v if v == "dense" or strengths == [(1.0, 1.0)] else f"{v} {label(s)}"
+        out.append(f"| {name} | {name_v} | {100 * r['accuracy']:.2f}% | {100 * r['weight_sparsity']:.1f}% |"
                    f" {100 * r['activation_sparsity']:.1f}% | **{100 * r['flops_removed']:.1f}%** |"
                    f" {100 * r['by_weights']:.1f}% | {100 * r['by_acts']:.1f}% | {secs:.0f} s |")
     out += ["", "| model | DSTF point | accuracy | DSTF FLOPs removed | prune only at that accuracy |"
@@ -230,7 +236,7 @@ def tables(rows: list[tuple], strengths: list[float]) -> str:
             for m in ("prune only", "TL1 only"):
                 f = at_accuracy(curves[m], r["accuracy"])
                 cells.append("outside its curve" if f is None else f"{100 * f:.1f}%")
-            out.append(f"| {name} | ×{s:g} | {100 * r['accuracy']:.2f}% | **{100 * r['flops_removed']:.1f}%** |"
+            out.append(f"| {name} | {label(s)} | {100 * r['accuracy']:.2f}% | **{100 * r['flops_removed']:.1f}%** |"
                        f" {cells[0]} | {cells[1]} |")
     return "\n".join(out) + "\n"
 
@@ -242,14 +248,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="write the markdown tables here as well (rewritten after every variant)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-limit", type=int, help="training images (default: per model, see MODELS)")
-    parser.add_argument("--strengths", default="1,2", help="factors on the recipe's tau and TL1 weight, one run of"
-                        " each sparse variant per factor (default: 1,2)")
+    parser.add_argument("--strengths", default="1,2,2:1", help="factors on the recipe's tau and TL1 weight, one run of"
+                        " each sparse variant per factor; TAU:LAMBDA gives the two factors apart (default: 1,2,2:1)")
+    parser.add_argument("--variants", default="prune only,TL1 only,DSTF", help="sparse variants to run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PASS.OPTION=VALUE",
                         help="override a recipe option for every model, e.g. --set prune.tau=0.03")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     stages = load_stages(pathlib.Path(args.recipe))
-    strengths = [float(f) for f in args.strengths.split(",")]
+    strengths = [(float(f.split(":")[0]), float(f.split(":")[-1])) for f in args.strengths.split(",")]
     x_test, y_test = fashion_mnist("test")
     rows = []
     for name in args.models.split(","):
@@ -262,8 +269,10 @@ def main(argv=None) -> None:
         train(dense, (x, y), spec["dense_epochs"], lr_at, args.seed, regularized=False)
         dense.eval()
         print(f"{name}: dense training {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        runs = [("dense", 0.0)] + [(v, f) for f in strengths for v in ("prune only", "TL1 only", "DSTF")]
-        for v, strength in runs:
+        runs = {}  # (variant, its stages) -> strength; a factor that does not change a variant's stages is run once
+        for v, f in [("dense", (0.0, 0.0))] + [(v, f) for f in strengths for v in args.variants.split(",")]:
+            runs.setdefault((v, yaml.safe_dump(variant(stages, v, f))), f)
+        for (v, _), strength in runs.items():
             t0 = time.perf_counter()
             trained = run_stages(dense, variant(stages, v, strength), (x, y), spec["lr"],
                                  spec["overrides"] + args.overrides, args.seed + 1)
@@ -271,7 +280,7 @@ def main(argv=None) -> None:
             eager.load_state_dict(trained.state_dict())
             r = evaluate(eager, x_test, y_test)
             rows.append((name, v, strength, r, time.perf_counter() - t0))
-            print(f"{name} {v} x{strength:g}: {r} ({rows[-1][4]:.0f} s)", file=sys.stderr, flush=True)
+            print(f"{name} {v} {label(strength)}: {r} ({rows[-1][4]:.0f} s)", file=sys.stderr, flush=True)
             if args.out:
                 pathlib.Path(args.out).write_text(tables(rows, strengths), encoding="utf-8")
     print(tables(rows, strengths))
