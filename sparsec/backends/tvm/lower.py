@@ -158,9 +158,21 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
         return importer.block_builder.emit(
             relax.op.where(relax.op.greater(relax.op.abs(x), t), x, relax.const(0, str(x.ty.dtype))))
 
+    def convert_slice(node, importer):  # slice(x, dim, start, end[, step]) with a symbolic end that torch proved inbound
+        dim, start, end = (list(node.args[1:4]) + [None] * 3)[:3]
+        step = node.args[4] if len(node.args) > 4 else 1
+        if (not isinstance(end, torch.fx.Node) or not isinstance(start, int) or not isinstance(step, int)
+                or str(node.meta["val"].shape[dim]) != str(end.meta["val"] - start)):
+            return importer._slice(node)
+        # e.g. BERT's position_ids[:, :seq] of a [1, 512] buffer: TVM's shape is min(seq, 512) and later reshapes
+        # fail on it; torch's shape says the slice is seq - start long (seq <= 512 is one of the export's guards)
+        return importer.block_builder.emit(relax.op.strided_slice(
+            importer.env[node.args[0]], [dim], [start], [importer.env[end]], [step], assume_inbound=True))
+
     try:
         mod = from_exported_program(program, run_ep_decomposition=False, custom_convert_map={
-            "linear.default": convert_linear, "addmm.default": convert_linear, "threshold.default": convert_threshold})
+            "linear.default": convert_linear, "addmm.default": convert_linear, "threshold.default": convert_threshold,
+            "slice.Tensor": convert_slice})
     except SparsecError:
         raise
     except Exception as exc:

@@ -96,3 +96,34 @@ def test_real_gemma_build_matches_torch(spec, tmp_path):
         got = compiled(feed)["output_0"]
         torch.testing.assert_close(torch.from_numpy(got), want[0], **TOL,
                                    msg=lambda m: f"{tuple(feed_ids.shape)} tokens, {ties} ties flipped: {m}")
+
+
+def _matches_at(compiled, program, shapes):
+    """The build matches the torch program (ties flipped) at token-id inputs of each shape."""
+    for shape in shapes:
+        ids = torch.randint(5, 60, shape, generator=torch.Generator().manual_seed(1))
+        feed = {k: ids if k == "input_ids" else torch.ones_like(ids) if k == "attention_mask" else torch.zeros_like(ids)
+                for k in compiled.input_names}
+        want, _ = reference_with_ties_flipped(program, feed)
+        for got, w in zip(compiled(feed).values(), want):
+            torch.testing.assert_close(torch.from_numpy(got), w, **TOL)
+
+
+def test_bert_position_slice_compiles(tmp_path):
+    """BERT slices its position_ids buffer to the sequence length (torch: seq, TVM's importer: min(seq, 64)); the
+    build bounds it by torch's shape and matches at 1 and 13 tokens and batch 2."""
+    from tests.zoo import RELU_OVERRIDE, build
+
+    model, inputs = build("bert", **RELU_OVERRIDE["bert"])
+    result = sparsec.transform(model, "relufy", example_inputs=inputs, measure=False)
+    manifest = compile_program(result.program, str(tmp_path / "b"), threads=2)
+    assert {k.split("_")[2] for k in manifest["kernels"]} == {"sparse", "dense"}
+    _matches_at(load_compiled(str(tmp_path / "b")), result.program, [(1, 1), (1, 13), (2, 7)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["teal{sparsity=0.5}", "relufy"])
+def test_real_minilm_build_matches_torch(spec, tmp_path):
+    result = sparsec.transform("builtin:minilm", spec, measure=False, calib_samples=8)
+    sparsec.compile(result, str(tmp_path / "b"), threads=2)
+    _matches_at(sparsec.load_compiled(str(tmp_path / "b")), result.program, [(1, 1), (1, 9), (2, 24)])
