@@ -6,9 +6,11 @@ legalized ops and torch's kernels differ by ~1e-6 relative, so on real inputs su
 real Gemma 3 after teal 0.5, on its BOS-led sample sentence cut to 9 tokens: one element of layer 4's q/k/v input at
 token 2, 1.03e-6 relative from t=0.577), and the flipped element propagates to every later token and layer (max
 |diff| 6.2 in the logits). Both the sparse and the ``--dense`` build show it; torch with that one decision flipped
-matches them within 1e-4. So parity is checked against the torch program with every tie decided the other way
-(:func:`reference_with_ties_flipped`); with no tie in an input that is plain parity.
+matches them within 1e-4. So parity is checked against the torch program with some choice of decisions at its ties
+(:func:`assert_matches_up_to_ties`); with no tie in an input that is plain parity.
 """
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -23,23 +25,39 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 TIE = 3e-6  # relative distance |(|x| - t)| / t below which TVM and torch may decide a threshold differently
 
 
-def reference_with_ties_flipped(program, inputs: dict, rel: float = TIE):
-    """(outputs, ties): the torch program on ``inputs`` with the decision of every thresholded element within ``rel``
-    (relative) of its threshold flipped; ``ties`` counts the flipped elements."""
-    ties = []
+def reference(program, inputs: dict, flips=(), rel: float = TIE):
+    """(outputs, ties): the torch program on ``inputs``; ``ties`` counts the thresholded elements within ``rel``
+    (relative) of their threshold, and the decision of the i-th tie met (in graph order) is flipped when ``flips[i]``."""
+    ties = [0]
 
     class Flip(torch.fx.Interpreter):
         def run_node(self, n):
-            if n.op == "call_function" and n.target is THRESHOLD:
-                x, t = self.fetch_args_kwargs_from_env(n)[0]
-                tie = (x.abs() - t).abs() <= rel * t.abs()
-                ties.append(int(tie.sum()))
-                return x * ((x.abs() > t) ^ tie)
-            return super().run_node(n)
+            if n.op != "call_function" or n.target is not THRESHOLD:
+                return super().run_node(n)
+            x, t = self.fetch_args_kwargs_from_env(n)[0]
+            keep = (x.abs() > t).flatten()
+            for i in ((x.abs() - t).abs() <= rel * t.abs()).flatten().nonzero().flatten().tolist():
+                keep[i] ^= ties[0] < len(flips) and flips[ties[0]]
+                ties[0] += 1
+            return x * keep.view_as(x)
 
     with torch.no_grad():
         out = Flip(program.module()).run(*inputs.values())
-    return list(out), sum(ties)
+    return list(out), ties[0]
+
+
+def assert_matches_up_to_ties(got: list, program, inputs: dict, max_ties: int = 4):
+    """``got`` (numpy outputs) matches the torch program on ``inputs`` with some choice of decisions at its first
+    ``max_ties`` ties (none flipped first: with no tie this is plain parity)."""
+    want, ties = reference(program, inputs)
+    for flips in itertools.product((False, True), repeat=min(ties, max_ties)):
+        if flips and any(flips):
+            want, _ = reference(program, inputs, flips)
+        if all(torch.allclose(torch.from_numpy(g), w, **TOL) for g, w in zip(got, want)):
+            return
+    want, _ = reference(program, inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(g), w, **TOL, msg=lambda m: f"{ties} ties: {m}")
 
 
 class _Thresholded(torch.nn.Module):
@@ -92,10 +110,7 @@ def test_real_gemma_build_matches_torch(spec, tmp_path):
     ids = [tok(s, return_tensors="pt")["input_ids"] for s in SAMPLE_SENTENCES[:2]]
     for feed_ids in (ids[0][:, :1], ids[0][:, :9], ids[1][:, :16]):
         feed = {"input_ids": feed_ids, "attention_mask": torch.ones_like(feed_ids)}
-        want, ties = reference_with_ties_flipped(result.program, feed)
-        got = compiled(feed)["output_0"]
-        torch.testing.assert_close(torch.from_numpy(got), want[0], **TOL,
-                                   msg=lambda m: f"{tuple(feed_ids.shape)} tokens, {ties} ties flipped: {m}")
+        assert_matches_up_to_ties(list(compiled(feed).values()), result.program, feed)
 
 
 def _matches_at(compiled, program, shapes):
@@ -104,9 +119,7 @@ def _matches_at(compiled, program, shapes):
         ids = torch.randint(5, 60, shape, generator=torch.Generator().manual_seed(1))
         feed = {k: ids if k == "input_ids" else torch.ones_like(ids) if k == "attention_mask" else torch.zeros_like(ids)
                 for k in compiled.input_names}
-        want, _ = reference_with_ties_flipped(program, feed)
-        for got, w in zip(compiled(feed).values(), want):
-            torch.testing.assert_close(torch.from_numpy(got), w, **TOL)
+        assert_matches_up_to_ties(list(compiled(feed).values()), program, feed)
 
 
 def test_bert_position_slice_compiles(tmp_path):
