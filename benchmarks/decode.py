@@ -1,0 +1,177 @@
+"""Per-token decode latency, batch 1: sparsec TVM sparse build after teal 0.5 vs dense torch / ORT / TVM peers.
+
+Models: (a) a Llama with TinyLlama-1.1B's shape (hidden 2048, 32 heads, 4 kv heads, intermediate 5632, vocab 32000;
+random weights, seed 0) with ``--llama-layers`` of its 22 decoder layers, and (b) the real Gemma 3 270M
+(builtin:gemma3-270m). Each is transformed with ``teal{sparsity=0.5}`` (calibration: Gemma on the built-in Wikipedia
+text, the random Llama on seeded random token ids; ``--calib-samples`` windows of ``--seq-len`` tokens). Peers:
+  * sparsec TVM sparse: ``sparsec.compile(teal result)``          (thresholds fused, dropped rows never read)
+  * sparsec TVM dense:  ``sparsec.compile(teal result, sparse=False)`` (same program, every weight row read)
+  * torch eager:        the Hugging Face model itself (dense, no pass)
+  * ORT dense:          ``sparsec.export_onnx`` of the dense captured model (standard ops)
+What is timed is a one-token forward: batch 1, sequence 1, no KV cache (sparsec captures with use_cache=False, so the
+token attends to itself only): every weight is read once per token, as in decoding. Protocol (../shared/TVM.md §3.2):
+2 threads everywhere (TVM_NUM_THREADS, torch.set_num_threads, ORT intra-op; OPENBLAS_NUM_THREADS=1), the torch and
+TVM calls interleaved round-robin (order reversed every other round), ORT afterwards in its own block (its thread pool
+spins after a call), each call on the next of 4 seeded tokens, medians. Output agreement: max |logit diff| of the
+TVM builds vs the teal program run by torch, of ORT vs torch eager (threshold ties can flip a decision, see
+tests/backends/tvm/test_parity.py). Peak RSS of the process at the end.
+Goal (issue 7): TinyLlama-shaped with teal 0.5 >= 1.5x faster per token than the fastest dense peer.
+Usage: python benchmarks/decode.py [--models tinyllama,gemma] [--reps 21] [--llama-layers 4] [--calib-samples 4]
+"""
+import argparse
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+THREADS = 2
+PEERS = ("TVM sparse (teal 0.5)", "TVM dense (teal 0.5)", "torch eager (dense)", "ORT (dense)")
+
+
+def tinyllama(layers: int):
+    """(HF model, example kwargs, forward_loop factory) of the TinyLlama-1.1B-shaped Llama with random weights."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=2048, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4,
+                         intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    model.config.use_cache = False
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def transform(name: str, args):
+    """(HF model, dense ExportedProgram, teal TransformResult) of model ``name``."""
+    import torch
+
+    import sparsec
+    from sparsec import frontend
+    from sparsec.calibration import token_forward_loop
+
+    spec = "teal{sparsity=0.5}"
+    if name == "gemma":
+        loaded = frontend.load_model("builtin:gemma3-270m")
+        result = sparsec.transform("builtin:gemma3-270m", spec, calib_samples=args.calib_samples,
+                                   seq_len=args.seq_len, heldout_samples=0, measure=False)
+    else:
+        model, example = tinyllama(args.llama_layers)
+        loaded = frontend.load_model(model, example)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, model.config.vocab_size, (args.calib_samples, args.seq_len), generator=g)
+        result = sparsec.transform(model, spec, example_inputs=example, forward_loop=token_forward_loop(ids),
+                                   heldout_samples=0, measure=False)
+    return loaded.module, frontend.capture(loaded).program, result
+
+
+def bench_model(name: str, args, workdir: str) -> dict:
+    import numpy as np
+    import torch
+
+    import sparsec
+    from sparsec.backends.onnxruntime import onnx_session
+
+    t0 = time.perf_counter()
+    model, dense_program, result = transform(name, args)
+    print(f"  capture + teal transform {time.perf_counter() - t0:.0f} s", flush=True)
+    builds = {}
+    for peer, sparse in ((PEERS[0], True), (PEERS[1], False)):
+        t0 = time.perf_counter()
+        builds[peer] = os.path.join(workdir, f"{name}-{'sparse' if sparse else 'dense'}")
+        sparsec.compile(result, builds[peer], threads=THREADS, sparse=sparse)
+        print(f"  compile {peer} {time.perf_counter() - t0:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    onnx_path = os.path.join(workdir, f"{name}-dense.onnx")
+    sparsec.export_onnx(dense_program, onnx_path, sparse_kernel="none", external_data=True)
+    print(f"  ONNX export {time.perf_counter() - t0:.0f} s", flush=True)
+    teal_module = result.module()
+    del dense_program
+    compiled = {peer: sparsec.load_compiled(path, threads=THREADS) for peer, path in builds.items()}
+    session = onnx_session(onnx_path, threads=THREADS)
+
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    feeds = [{"input_ids": t, "attention_mask": torch.ones_like(t)}
+             for t in (torch.randint(0, vocab, (1, 1), generator=g) for _ in range(4))]
+    np_feeds = [{k: v.numpy() for k, v in f.items()} for f in feeds]
+    calls = {PEERS[0]: lambda f: compiled[PEERS[0]](f)["output_0"],
+             PEERS[1]: lambda f: compiled[PEERS[1]](f)["output_0"],
+             PEERS[2]: lambda f: model(**f, use_cache=False).logits}
+    times = {peer: [] for peer in PEERS}
+    with torch.no_grad():
+        for r in range(args.reps + 1):
+            for peer in (PEERS[:3] if r % 2 == 0 else PEERS[2::-1]):
+                t = time.perf_counter()
+                calls[peer](np_feeds[r % 4] if peer.startswith("TVM") else feeds[r % 4])
+                if r:  # the first round warms up
+                    times[peer].append(time.perf_counter() - t)
+        names = [i.name for i in session.get_inputs()]
+        for r in range(args.reps + 1):
+            t = time.perf_counter()
+            session.run(None, {k: np_feeds[r % 4][k] for k in names})
+            if r:
+                times[PEERS[3]].append(time.perf_counter() - t)
+        # agreement on the first token
+        ref = model(**feeds[0], use_cache=False).logits.numpy()
+        teal_ref = teal_module(**feeds[0])
+        teal_ref = (teal_ref[0] if isinstance(teal_ref, (tuple, list)) else teal_ref).numpy()
+    diff = {PEERS[0]: np.abs(calls[PEERS[0]](np_feeds[0]) - teal_ref).max(),
+            PEERS[1]: np.abs(calls[PEERS[1]](np_feeds[0]) - teal_ref).max(),
+            PEERS[3]: np.abs(session.run(None, {k: np_feeds[0][k] for k in names})[0] - ref).max(),
+            "teal program vs dense torch": np.abs(teal_ref - ref).max()}
+    params = sum(p.numel() for p in model.parameters())
+    return {"ms": {p: statistics.median(v) * 1e3 for p, v in times.items()}, "diff": diff, "params": params}
+
+
+def table(name: str, label: str, r: dict) -> str:
+    ms = r["ms"]
+    dense = {p: ms[p] for p in PEERS[1:]}
+    best = min(dense, key=dense.get)
+    lines = [f"| {label}: one-token forward (batch 1, sequence 1, no KV cache), 2 threads | median ms per token |"
+             f" speed-up of TVM sparse | max abs logit diff |", "|---|---|---|---|"]
+    for p in PEERS:
+        ref = "vs dense torch" if p == PEERS[3] else "vs teal program (torch)" if p.startswith("TVM") else "reference"
+        d = f"{r['diff'][p]:.2g} ({ref})" if p in r["diff"] else ref
+        lines.append(f"| {p} | {ms[p]:.1f} | {ms[p] / ms[PEERS[0]]:.2f}x | {d} |")
+    lines.append(f"\nFastest dense peer: {best} ({dense[best]:.1f} ms); TVM sparse is {dense[best] / ms[PEERS[0]]:.2f}x"
+                 f" faster. teal 0.5 program vs dense torch: max abs logit diff"
+                 f" {r['diff']['teal program vs dense torch']:.2g} (what teal changes).")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="tinyllama,gemma")
+    ap.add_argument("--reps", type=int, default=21)
+    ap.add_argument("--llama-layers", type=int, default=4, help="decoder layers of the TinyLlama-shaped model (22 in"
+                                                                 " TinyLlama; 4.4 GB fp32 per copy at 22)")
+    ap.add_argument("--calib-samples", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    args = ap.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(THREADS)
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"  # OpenBLAS threads spin after a call and slow TVM's pool
+    import torch
+
+    torch.set_num_threads(THREADS)
+    start = time.perf_counter()
+    labels = {"tinyllama": f"TinyLlama-1.1B-shaped Llama, {args.llama_layers} of 22 layers, random weights, fp32",
+              "gemma": "Gemma 3 270M (builtin:gemma3-270m), fp32"}
+    tables = []
+    for name in args.models.split(","):
+        print(f"{labels[name]}:", flush=True)
+        with tempfile.TemporaryDirectory() as d:
+            r = bench_model(name, args, d)
+        tables.append(table(name, labels[name], r) + f"\n{r['params'] / 1e6:.0f} M parameters.")
+        print(tables[-1], flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
+    print()
+    print("\n\n".join(tables))
+    print(f"\nteal calibration: {args.calib_samples} windows of {args.seq_len} tokens; {args.reps} reps;"
+          f" peak RSS: {peak:.2f} GiB; threads: {THREADS}; {os.cpu_count()} CPUs; load average at the end"
+          f" {os.getloadavg()[0]:.1f}; {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
