@@ -1,7 +1,8 @@
 """Per-token decode latency, batch 1: sparsec TVM sparse build after teal 0.5 vs dense torch / ORT / TVM peers.
 
 Models: (a) a Llama with TinyLlama-1.1B's shape (hidden 2048, 32 heads, 4 kv heads, intermediate 5632, vocab 32000;
-random weights, seed 0) with ``--llama-layers`` of its 22 decoder layers, and (b) the real Gemma 3 270M
+random weights, seed 0) with ``--llama-layers`` of its 22 decoder layers (several counts: also
+extrapolated linearly to 22), and (b) the real Gemma 3 270M
 (builtin:gemma3-270m). Each is transformed with ``teal{sparsity=0.5}`` (calibration: Gemma on the built-in Wikipedia
 text, the random Llama on seeded random token ids; ``--calib-samples`` windows of ``--seq-len`` tokens). Peers:
   * sparsec TVM sparse: ``sparsec.compile(teal result)``          (thresholds fused, dropped rows never read)
@@ -9,14 +10,15 @@ text, the random Llama on seeded random token ids; ``--calib-samples`` windows o
   * torch eager:        the Hugging Face model itself (dense, no pass)
   * ORT dense:          ``sparsec.export_onnx`` of the dense captured model (standard ops)
 What is timed is a one-token forward: batch 1, sequence 1, no KV cache (sparsec captures with use_cache=False, so the
-token attends to itself only): every weight is read once per token, as in decoding. Protocol (../shared/TVM.md §3.2):
+token attends to itself only): every weight is read once per token, as in decoding; the weights (>= 0.5 GB) are
+much larger than the 32 MB L3, so no cache flush is needed between calls. Protocol (../shared/TVM.md §3.2):
 2 threads everywhere (TVM_NUM_THREADS, torch.set_num_threads, ORT intra-op; OPENBLAS_NUM_THREADS=1), the torch and
 TVM calls interleaved round-robin (order reversed every other round), ORT afterwards in its own block (its thread pool
 spins after a call), each call on the next of 4 seeded tokens, medians. Output agreement: max |logit diff| of the
 TVM builds vs the teal program run by torch, of ORT vs torch eager (threshold ties can flip a decision, see
 tests/backends/tvm/test_parity.py). Peak RSS of the process at the end.
 Goal (issue 7): TinyLlama-shaped with teal 0.5 >= 1.5x faster per token than the fastest dense peer.
-Usage: python benchmarks/decode.py [--models tinyllama,gemma] [--reps 21] [--llama-layers 4] [--calib-samples 4]
+Usage: python benchmarks/decode.py [--models tinyllama,gemma] [--reps 21] [--llama-layers 1,4] [--calib-samples 4]
 """
 import argparse
 import os
@@ -43,7 +45,7 @@ def tinyllama(layers: int):
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def transform(name: str, args):
+def transform(name: str, args, layers: int | None):
     """(HF model, dense ExportedProgram, teal TransformResult) of model ``name``."""
     import torch
 
@@ -57,7 +59,7 @@ def transform(name: str, args):
         result = sparsec.transform("builtin:gemma3-270m", spec, calib_samples=args.calib_samples,
                                    seq_len=args.seq_len, heldout_samples=0, measure=False)
     else:
-        model, example = tinyllama(args.llama_layers)
+        model, example = tinyllama(layers)
         loaded = frontend.load_model(model, example)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, model.config.vocab_size, (args.calib_samples, args.seq_len), generator=g)
@@ -66,7 +68,7 @@ def transform(name: str, args):
     return loaded.module, frontend.capture(loaded).program, result
 
 
-def bench_model(name: str, args, workdir: str) -> dict:
+def bench_model(name: str, args, workdir: str, layers: int | None) -> dict:
     import numpy as np
     import torch
 
@@ -74,7 +76,7 @@ def bench_model(name: str, args, workdir: str) -> dict:
     from sparsec.backends.onnxruntime import onnx_session
 
     t0 = time.perf_counter()
-    model, dense_program, result = transform(name, args)
+    model, dense_program, result = transform(name, args, layers)
     print(f"  capture + teal transform {time.perf_counter() - t0:.0f} s", flush=True)
     builds = {}
     for peer, sparse in ((PEERS[0], True), (PEERS[1], False)):
@@ -125,7 +127,7 @@ def bench_model(name: str, args, workdir: str) -> dict:
     return {"ms": {p: statistics.median(v) * 1e3 for p, v in times.items()}, "diff": diff, "params": params}
 
 
-def table(name: str, label: str, r: dict) -> str:
+def table(label: str, r: dict) -> str:
     ms = r["ms"]
     dense = {p: ms[p] for p in PEERS[1:]}
     best = min(dense, key=dense.get)
@@ -141,12 +143,32 @@ def table(name: str, label: str, r: dict) -> str:
     return "\n".join(lines)
 
 
+def extrapolate(llama: dict) -> str:
+    """Per-token time of the 22-layer TinyLlama shape, fitted as t(L) = a + b*L through the fewest and most layers
+    measured (one token, no KV cache: the embedding, final norm and LM head once, then L identical layers)."""
+    lo, hi = min(llama), max(llama)
+    est = {}
+    for p in PEERS:
+        t_lo, t_hi = llama[lo]["ms"][p], llama[hi]["ms"][p]
+        per_layer = (t_hi - t_lo) / (hi - lo)
+        est[p] = (per_layer, t_lo + (22 - lo) * per_layer)
+    dense = {p: est[p][1] for p in PEERS[1:]}
+    best = min(dense, key=dense.get)
+    lines = [f"| TinyLlama-1.1B shape, 22 layers, extrapolated from {lo} and {hi} layers | ms per layer |"
+             " ms per token (22 layers) | speed-up of TVM sparse |", "|---|---|---|---|"]
+    lines += [f"| {p} | {est[p][0]:.1f} | {est[p][1]:.0f} | {est[p][1] / est[PEERS[0]][1]:.2f}x |" for p in PEERS]
+    lines.append(f"\nExtrapolated: fastest dense peer {best} ({dense[best]:.0f} ms per token); TVM sparse is"
+                 f" {dense[best] / est[PEERS[0]][1]:.2f}x faster (goal: >= 1.5x).")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tinyllama,gemma")
     ap.add_argument("--reps", type=int, default=21)
-    ap.add_argument("--llama-layers", type=int, default=4, help="decoder layers of the TinyLlama-shaped model (22 in"
-                                                                 " TinyLlama; 4.4 GB fp32 per copy at 22)")
+    ap.add_argument("--llama-layers", default="1,4", help="decoder layer counts of the TinyLlama-shaped model, comma"
+                    " separated (22 in TinyLlama: 4.4 GB fp32 per copy, too big for all peers here); with two or more,"
+                    " the time per token is also extrapolated linearly to 22 layers")
     ap.add_argument("--calib-samples", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     args = ap.parse_args()
@@ -156,15 +178,22 @@ def main():
 
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
-    labels = {"tinyllama": f"TinyLlama-1.1B-shaped Llama, {args.llama_layers} of 22 layers, random weights, fp32",
-              "gemma": "Gemma 3 270M (builtin:gemma3-270m), fp32"}
-    tables = []
-    for name in args.models.split(","):
-        print(f"{labels[name]}:", flush=True)
+    layers = [int(v) for v in args.llama_layers.split(",")]
+    runs = [("gemma", None) if name == "gemma" else ("tinyllama", n) for name in args.models.split(",")
+            for n in (layers if name == "tinyllama" else [None])]
+    tables, llama = [], {}
+    for name, n in runs:
+        label = ("Gemma 3 270M (builtin:gemma3-270m), fp32" if name == "gemma" else
+                 f"TinyLlama-1.1B-shaped Llama, {n} of 22 layers, random weights, fp32")
+        print(f"{label}:", flush=True)
         with tempfile.TemporaryDirectory() as d:
-            r = bench_model(name, args, d)
-        tables.append(table(name, labels[name], r) + f"\n{r['params'] / 1e6:.0f} M parameters.")
+            r = bench_model(name, args, d, n)
+        if name == "tinyllama":
+            llama[n] = r
+        tables.append(table(label, r) + f"\n{r['params'] / 1e6:.0f} M parameters.")
         print(tables[-1], flush=True)
+    if len(llama) > 1:
+        tables.append(extrapolate(llama))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
     print()
     print("\n\n".join(tables))
