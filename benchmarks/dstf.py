@@ -21,7 +21,7 @@ and DSTF's metric, the multiplications removed: a product w·a of a conv / linea
 a = 0 (the input image counts as an activation), counted exactly over the test images and given as a fraction of
 the dense model's multiplications. Also the part removed by weight zeros alone and by activation zeros alone.
 
-    .venv/bin/python benchmarks/dstf.py [--models lenet,resnet] [--strengths 1,2,2:1] [--out benchmarks/results/dstf.md]
+    .venv/bin/python benchmarks/dstf.py [--models lenet,resnet] [--strengths 1,2,2:1,2:0.5] [--out benchmarks/results/dstf.md]
 """
 from __future__ import annotations
 
@@ -248,8 +248,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="write the markdown tables here as well (rewritten after every variant)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-limit", type=int, help="training images (default: per model, see MODELS)")
-    parser.add_argument("--strengths", default="1,2,2:1", help="factors on the recipe's tau and TL1 weight, one run of"
-                        " each sparse variant per factor; TAU:LAMBDA gives the two factors apart (default: 1,2,2:1)")
+    parser.add_argument("--strengths", default="1,2,2:1,2:0.5", help="factors on the recipe's tau and TL1 weight, one run of"
+                        " each sparse variant per factor; TAU:LAMBDA gives the two factors apart (default: 1,2,2:1,2:0.5)")
     parser.add_argument("--variants", default="prune only,TL1 only,DSTF", help="sparse variants to run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PASS.OPTION=VALUE",
                         help="override a recipe option for every model, e.g. --set prune.tau=0.03")
