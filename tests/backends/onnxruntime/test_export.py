@@ -181,20 +181,19 @@ _REAL_PASSES = {"relufy": "relufy", "teal": "teal{sparsity=0.5}", "prune": "prun
                 "cats": {"minilm": "relufy,cats{fatrelu=true}", "gemma3-270m": "cats"}}
 
 
-#: known problem (measured): ORT's logits of the real Gemma 3 differ from torch's beyond rtol/atol 1e-4 at unpadded
-#: positions: max abs 3.8e-4 after relufy (fp32 rounding over 18 blocks), 2.3 after cats and 5.2 after teal (rounding
-#: differences flip activations across the thresholds, presumably; not analysed)
-_GEMMA_BEYOND_1E4 = pytest.mark.xfail(reason="Gemma 3 270M ORT vs torch beyond 1e-4 (README: known problems)",
-                                      strict=False)
+#: the real Gemma 3 after relufy (not fine-tuned): logits up to |36|, and ORT's MLAS sums in another order than torch:
+#: measured max |diff| 1.7e-4 at unpadded positions (5e-6 of the logit range), so atol 5e-4 there
+_GEMMA_RELUFY_TOL = dict(rtol=1e-4, atol=5e-4)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,name", [pytest.param(m, n, marks=_GEMMA_BEYOND_1E4)
-                                        if m == "gemma3-270m" and n != "prune" else (m, n)
-                                        for m in ("minilm", "gemma3-270m") for n in sorted(_REAL_PASSES)
+@pytest.mark.parametrize("model,name", [(m, n) for m in ("minilm", "gemma3-270m") for n in sorted(_REAL_PASSES)
                                         if (m, n) != ("minilm", "relufy")])  # that one is test_real_minilm
 def test_real_models_after_each_pass(model, name, tmp_path):
-    """The real MiniLM and Gemma 3 270M after each pass: ORT matches torch at two sequence lengths (text)."""
+    """The real MiniLM and Gemma 3 270M after each pass: ORT matches torch at two sequence lengths (text), up to
+    threshold ties (tests/backends/parity.py: the real Gemma's BOS-led sample sentence has one)."""
+    from tests.backends.parity import TOL as TIE_TOL, assert_matches_up_to_ties
+
     tokenizer_dir = _tokenizer_dir(model)
     spec = _REAL_PASSES[name]
     spec = spec[model] if isinstance(spec, dict) else spec
@@ -202,12 +201,21 @@ def test_real_models_after_each_pass(model, name, tmp_path):
                                measure=False)
     path = tmp_path / "m.onnx"
     kernel = "gather" if name == "teal" else "none"  # teal: the gather branch on one token, dense on several
-    out = export_onnx(result, path, verify=True, sparse_kernel=kernel)
-    assert out.verification["ok"] and len(out.verification["runs"]) == 2
+    out = export_onnx(result, path, verify=model == "minilm", sparse_kernel=kernel)
     assert out.external_data == (model == "gemma3-270m")  # 1.1 GB of fp32 weights: above the 1 GB threshold
     feeds = _text_feeds(result.program, tokenizer_dir)
     feeds.append({k: v[:1, :1] for k, v in feeds[0].items()})
-    _ort_matches_torch(path, result.program, feeds)
+    if model == "minilm":
+        assert out.verification["ok"] and len(out.verification["runs"]) == 2
+    else:  # --verify's own inputs (the sample sentence and its first half) with the tie rule
+        sample = example_inputs(result.program)
+        feeds += [sample, {k: v[:, : v.shape[1] // 2] for k, v in sample.items()}]
+    session = onnx_session(str(path))
+    names = [i.name for i in session.get_inputs()]
+    tol = _GEMMA_RELUFY_TOL if (model, name) == ("gemma3-270m", "relufy") else TIE_TOL
+    for feed in feeds:
+        got = session.run(None, {k: v.numpy() for k, v in feed.items() if k in names})
+        assert_matches_up_to_ties(got, result.program, feed, tol=tol)
 
 
 # ----------------------------------------------------------------------------------------- small models, errors
