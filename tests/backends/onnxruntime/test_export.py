@@ -25,13 +25,19 @@ pytest.importorskip("onnxruntime")
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _ort_matches_torch(onnx_path, program, feeds):
-    """Run ORT and the torch program on each feed; assert_close every output; return the ONNX model proto."""
+def _ort_matches_torch(onnx_path, program, feeds, tol=TOL, up_to_ties=False):
+    """Run ORT and the torch program on each feed; assert_close every output (``up_to_ties``: with the tie rule of
+    tests/backends/parity.py); return the ONNX model proto."""
+    from tests.backends.parity import assert_matches_up_to_ties
+
     session = onnx_session(str(onnx_path))
     names = [i.name for i in session.get_inputs()]
     module = program.module()
     for feed in feeds:
         got = session.run(None, {k: v.numpy() for k, v in feed.items() if k in names})
+        if up_to_ties:
+            assert_matches_up_to_ties(got, program, feed, tol=tol)
+            continue
         want = run_program(program, feed, module)
         assert len(got) == len(want)
         mask = feed.get("attention_mask")
@@ -40,7 +46,7 @@ def _ort_matches_torch(onnx_path, program, feeds):
             g = torch.from_numpy(g)
             if mask is not None and g.shape[:2] == mask.shape:  # a padded query's output is undefined (see below)
                 g, w = g[mask.bool()], w[mask.bool()]
-            torch.testing.assert_close(g, w, **TOL)
+            torch.testing.assert_close(g, w, **tol)
     return onnx.load(str(onnx_path), load_external_data=False)
 
 
@@ -198,8 +204,6 @@ _GEMMA_TEAL = pytest.mark.xfail(reason="Gemma 3 teal: ORT differs beyond the fir
 def test_real_models_after_each_pass(model, name, tmp_path):
     """The real MiniLM and Gemma 3 270M after each pass: ORT matches torch at two sequence lengths (text), up to
     threshold ties (tests/backends/parity.py: the real Gemma's BOS-led sample sentence has one)."""
-    from tests.backends.parity import TOL as TIE_TOL, assert_matches_up_to_ties
-
     tokenizer_dir = _tokenizer_dir(model)
     spec = _REAL_PASSES[name]
     spec = spec[model] if isinstance(spec, dict) else spec
@@ -216,12 +220,8 @@ def test_real_models_after_each_pass(model, name, tmp_path):
     else:  # --verify's own inputs (the sample sentence and its first half) with the tie rule
         sample = example_inputs(result.program)
         feeds += [sample, {k: v[:, : v.shape[1] // 2] for k, v in sample.items()}]
-    session = onnx_session(str(path))
-    names = [i.name for i in session.get_inputs()]
-    tol = _GEMMA_RELUFY_TOL if (model, name) == ("gemma3-270m", "relufy") else TIE_TOL
-    for feed in feeds:
-        got = session.run(None, {k: v.numpy() for k, v in feed.items() if k in names})
-        assert_matches_up_to_ties(got, result.program, feed, tol=tol)
+    tol = _GEMMA_RELUFY_TOL if (model, name) == ("gemma3-270m", "relufy") else TOL
+    _ort_matches_torch(path, result.program, feeds, tol=tol, up_to_ties=True)
 
 
 # ----------------------------------------------------------------------------------------- small models, errors
