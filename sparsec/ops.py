@@ -9,13 +9,27 @@ The op has a fake (meta) kernel, so graphs containing it export with ``torch.exp
 and an autograd formula (the straight mask: ``dx = dy * (|x| > t)``, no gradient for ``t``), so a thresholded
 model fine-tunes. Importing this module registers the op; :mod:`sparsec.artifact` imports it before loading a
 ``model.pt2`` that may contain it (``torch.export.load`` needs the op registered).
+
+``sparsec::threshold_prefill(Tensor x, Tensor t, str mode) -> Tensor`` is TEAL's prefill policy (``teal{prefill=…}``):
+the threshold on some token positions only. The token axis is ``x``'s second-to-last (``[batch, S, hidden]``):
+
+* ``half``: positions ``< S // 2`` pass unchanged, the rest are thresholded (TEAL's quality path; S = 1 is
+  thresholded);
+* ``dense``: nothing is thresholded when ``S > 1``, the token is when ``S = 1`` (TEAL's speed path: dense prefill,
+  sparse decode).
+
+One op rather than aten ops around ``sparsec::threshold``: the rule depends on the symbolic S of an exported program,
+which a backend reads off the tensor it lowers (ONNX: Shape/Range/Less/Or, TVM: the token index of a TE compute),
+and a backend that matches ``sparsec::threshold`` to fuse it into a sparse kernel never mistakes this op for it.
+Thresholded positions compute exactly ``x * (|x| > t)``, passed ones are ``x`` bit for bit. Same fake kernel and
+straight-mask gradient as ``sparsec::threshold``.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["threshold", "THRESHOLD"]
+__all__ = ["threshold", "THRESHOLD", "threshold_prefill", "THRESHOLD_PREFILL"]
 
 
 @torch.library.custom_op("sparsec::threshold", mutates_args=())
@@ -44,5 +58,56 @@ threshold.register_autograd(_backward, setup_context=_setup_context)
 
 #: The OpOverload that appears in exported graphs (``torch.ops.sparsec.threshold.default``).
 THRESHOLD = torch.ops.sparsec.threshold.default
+
+#: ``teal{prefill=…}`` modes that :func:`threshold_prefill` takes (``all`` is plain :func:`threshold`).
+PREFILL_MODES = ("half", "dense")
+
+
+def dense_tokens(s, mode: str, minimum=min):
+    """How many leading token positions of an input with ``s`` tokens pass unthresholded under ``mode``: ``s // 2``
+    (half) or ``s * min(s - 1, 1)`` (dense: s when s > 1, else 0). ``s`` may be symbolic (a TVM PrimExpr with
+    ``minimum=tir.min``)."""
+    return s // 2 if mode == "half" else s * minimum(s - 1, 1)
+
+
+def _keep(x: Tensor, t: Tensor, mode: str) -> Tensor:
+    keep = x.abs() > t
+    n = dense_tokens(x.shape[-2], mode)
+    if n:
+        keep[..., :n, :] = True
+    return keep
+
+
+@torch.library.custom_op("sparsec::threshold_prefill", mutates_args=())
+def threshold_prefill(x: Tensor, t: Tensor, mode: str) -> Tensor:
+    """``x * (|x| > t)`` on the token positions ``mode`` thresholds, ``x`` on the others (module docstring)."""
+    return x * _keep(x, t, mode)
+
+
+@threshold_prefill.register_fake
+def _threshold_prefill_fake(x: Tensor, t: Tensor, mode: str) -> Tensor:
+    torch._check(t.dim() == 0, lambda: f"sparsec::threshold_prefill: t must be a 0-d tensor, got shape {tuple(t.shape)}")
+    torch._check(x.dim() >= 2, lambda: "sparsec::threshold_prefill: x needs a token axis (its second-to-last),"
+                 f" got shape {tuple(x.shape)}")
+    torch._check(mode in PREFILL_MODES, lambda: f"sparsec::threshold_prefill: mode must be one of {PREFILL_MODES},"
+                 f" got {mode!r}")
+    return torch.empty_like(x)
+
+
+def _prefill_setup_context(ctx, inputs, output):
+    x, t, mode = inputs
+    ctx.save_for_backward(x, t)
+    ctx.mode = mode
+
+
+def _prefill_backward(ctx, grad):
+    x, t = ctx.saved_tensors
+    return grad * _keep(x, t, ctx.mode), None, None
+
+
+threshold_prefill.register_autograd(_prefill_backward, setup_context=_prefill_setup_context)
+
+#: ``torch.ops.sparsec.threshold_prefill.default``
+THRESHOLD_PREFILL = torch.ops.sparsec.threshold_prefill.default
 
 import sparsec.training  # noqa: E402,F401  defines sparsec::regularize (training taps) a program may contain

@@ -23,6 +23,9 @@ _MATMUL_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.ma
 _IN_BLOCK = re.compile(r"(^|\.)\d+(\.|$)")  # a numbered child of a ModuleList: layers.3, h.0, layer.5, ...
 #: What measured_sparsity counts (METHODS.md, "Sparsity definitions"); *_param_weighted is TEAL's own number.
 _SPARSITY_DEFINITION = "zeros in thresholded linear inputs, calibration data"
+_PREFILL_DEFINITION = ("|x| <= t in thresholded linear inputs over every calibration token, as if thresholded"
+                       " (prefill={}: some tokens stay dense)")
+_FLATTEN = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,17 @@ class TealConfig(PassConfig):
     sparsities per block; the lookup table is stored in the report, stats.greedy_table). Default targets: the linears
     inside numbered blocks (Llama/Mistral/Qwen2/Gemma q,k,v,o,gate,up,down; GPT-2 c_attn, attn c_proj, c_fc, mlp
     c_proj; BERT query/key/value, attention output, intermediate, output), not the LM head or pooler.
-    sparsity=0 sets every threshold to 0, which reproduces the model bit for bit.
+    sparsity=0 sets every threshold to 0, which reproduces the model bit for bit (every prefill mode).
+    prefill (METHODS.md §2) says which tokens of an input with S tokens (its second-to-last axis, [batch, S, hidden])
+    are thresholded: all (every token); half (positions >= S // 2, TEAL's quality path; a one-token decode step is
+    thresholded); dense (only S = 1 inputs, TEAL's speed path: dense prefill, sparse decode). half/dense apply the op
+    sparsec::threshold_prefill (see sparsec.ops: the rule reads the symbolic S, so it holds at every length of the
+    exported program). GPT-2's Conv1D flattens [batch, S, K] to [batch * S, K]: there the op goes before the flattening.
+    Calibration is the same for every mode: statistics over all calibration tokens.
     Reported sparsity: zeros in the inputs of the thresholded layers on the calibration data, counted with the
-    thresholds in force (TEAL's definition, parameter-weighted, and element-weighted).
+    thresholds in force (TEAL's definition, parameter-weighted, and element-weighted); with prefill half/dense it is
+    the sparsity of a thresholded token (|x| <= t over every calibration token, as if all were thresholded), while the
+    held-out sparsity counts the zeros the model makes, dense tokens included.
     """
 
     sparsity: float = option(0.5, ge=0.0, lt=1.0, help="target fraction of zeros: per thresholded input (uniform) or"
@@ -50,8 +61,9 @@ class TealConfig(PassConfig):
         "uniform", help="uniform: the same sparsity for every layer; greedy: TEAL's block-wise greedy search over"
         " per-projection sparsities (slower: about 7 block evaluations per step)")
     prefill: Literal["all", "half", "dense"] = option(
-        "all", help="what is thresholded for inputs of more than one token: all = every token (only 'all' is"
-        " implemented)")
+        "all", help="which tokens of an input with S tokens (its second-to-last axis) are thresholded: all = every"
+        " token; half = positions >= S // 2 (TEAL's quality path); dense = none when S > 1, the token when S = 1"
+        " (TEAL's speed path: dense prefill, sparse decode)")
     calib_rounds: int = option(1, ge=1, le=10, help="passes over the calibration data; each re-calibrates from the"
                                " thresholds the previous one ended with")
     calib_bits: int = option(8, ge=2, le=12, help="histogram resolution: 2^calib_bits bins per octave of |x|"
@@ -72,9 +84,6 @@ class TealConfig(PassConfig):
         super().__post_init__()
         if self.greedy_table != "search" and self.allocation != "greedy":
             raise UsageError("teal: greedy_table=DIR needs allocation=greedy (it reuses a greedy table)")
-        if self.prefill != "all":
-            raise UsageError(f"teal: prefill={self.prefill} is not implemented yet; only prefill=all (threshold"
-                             " every token) is available")
 
 
 def _candidates(gm: fx.GraphModule, cfg: TealConfig, matcher: TargetMatcher) -> list[WeightLayer]:
@@ -96,11 +105,12 @@ def teal(gm: fx.GraphModule, cfg: TealConfig, ctx: PassContext) -> PassResult:
         where = "inside numbered transformer blocks (scope=blocks)" if cfg.scope == "blocks" else "in the model"
         raise UsageError(f"teal: no linear layer {where} matched the targets; list the model's layers with 'sparsec"
                          " trace MODEL' and give targets=… (module paths, 're:REGEX' or class names), or scope=all")
+    reader = {la.node: _token_site(la, cfg.prefill) for la in layers}
     groups: dict[fx.Node, list[WeightLayer]] = {}
     for layer in layers:
-        groups.setdefault(layer.input, []).append(layer)
-    sites = ThresholdSites(gm, [(x, [(la.node, la.module) for la in g]) for x, g in groups.items()], "sparsec_teal",
-                           cfg.calib_bits)
+        groups.setdefault(reader[layer.node][0], []).append(layer)
+    sites = ThresholdSites(gm, [(x, [(reader[la.node][1], la.module) for la in g]) for x, g in groups.items()],
+                           "sparsec_teal", cfg.calib_bits, cfg.prefill)
     site_of = {la.node: (site, j) for site, g in zip(sites.sites, groups.values()) for j, la in enumerate(g)}
     numel = {la.node: weight_numel(gm, la) for la in layers}
     target = {la.node: cfg.sparsity for la in layers}
@@ -113,7 +123,7 @@ def teal(gm: fx.GraphModule, cfg: TealConfig, ctx: PassContext) -> PassResult:
                 row = pick_row(table, cfg.sparsity)
                 for module, p in zip(table["modules"], row[2]):
                     target[next(la.node for la in layers if la.module == module)] = p
-        targets = [[target[c] for c in site.consumers] for site in sites.sites]
+        targets = [[target[la.node] for la in g] for g in groups.values()]
         if cfg.sparsity > 0:
             sites.calibrate(ctx.forward_loop, targets, cfg.calib_rounds)
         else:
@@ -138,10 +148,35 @@ def teal(gm: fx.GraphModule, cfg: TealConfig, ctx: PassContext) -> PassResult:
              "allocation": cfg.allocation,
              "measured_sparsity": round(zeros / total, 6) if total else None,
              "measured_sparsity_param_weighted": round(wzero / wsum, 6) if wsum else None,
-             "calibration_rounds": cfg.calib_rounds if cfg.sparsity > 0 else 0, "definition": _SPARSITY_DEFINITION}
+             "calibration_rounds": cfg.calib_rounds if cfg.sparsity > 0 else 0,
+             "definition": _SPARSITY_DEFINITION if cfg.prefill == "all" else _PREFILL_DEFINITION.format(cfg.prefill)}
     if tables:
         stats["greedy_table"] = tables
     return PassResult(gm, stats, entries)
+
+
+def _token_site(layer: WeightLayer, prefill: str) -> tuple[fx.Node, fx.Node]:
+    """(tensor to threshold, the node that reads it) for ``layer``: its input and the layer itself; for prefill
+    half/dense, when that input flattens batch and tokens ([batch * S, K] from [batch, S, K], GPT-2's Conv1D), the
+    unflattened tensor and the flattening, so the token axis is the second-to-last."""
+    x = layer.input
+    if prefill == "all":
+        return x, layer.node
+    rank = _rank(x)
+    if x.op == "call_function" and x.target in _FLATTEN and rank == 2 and (_rank(x.args[0]) or 0) >= 3:
+        if len(x.users) == 1:
+            return x.args[0], x
+        rank = None
+    if rank is None or rank < 2:
+        raise UsageError(f"teal: prefill={prefill} needs the token axis (second-to-last, [batch, tokens, features]) on"
+                         f" the input of every thresholded layer, and '{layer.module}' has none there; use prefill=all"
+                         f" or leave the layer out with ignore={{{layer.module}}}")
+    return x, layer.node
+
+
+def _rank(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    return val.dim() if isinstance(val, torch.Tensor) else None
 
 
 # ------------------------------------------------------------------------------------------- greedy allocation
@@ -278,7 +313,7 @@ class _BlockEval:
     """
 
     def __init__(self, sub: fx.GraphModule, inputs: list, thresholds: list[torch.Tensor]):
-        from sparsec.ops import THRESHOLD
+        from sparsec.ops import THRESHOLD, THRESHOLD_PREFILL
 
         self.interp = fx.Interpreter(sub)
         self.nodes = [n for n in sub.graph.nodes if n.op not in ("placeholder", "output")]
@@ -308,7 +343,7 @@ class _BlockEval:
         self.plans = []
         for buf in thresholds:
             getter = next(n for n in self.nodes if n.op == "get_attr" and self.values[n] is buf)
-            start = next(u for u in getter.users if u.target is THRESHOLD)
+            start = next(u for u in getter.users if u.target in (THRESHOLD, THRESHOLD_PREFILL))
             dirty = {start}
             for n in self.nodes:
                 if any(a in dirty for a in n.all_input_nodes):

@@ -1,5 +1,6 @@
 """teal on the Hugging Face zoo (random weights), the real MiniLM (with the built-in Wikipedia text) and Gemma 3."""
 import os
+import re
 import subprocess
 import sys
 
@@ -140,8 +141,6 @@ def test_errors():
         sparsec.transform(_Mlp().eval(), "teal", example_inputs=(x,))
     with pytest.raises(UsageError, match="no linear layer inside numbered transformer blocks"):
         sparsec.transform(_Mlp().eval(), "teal", example_inputs=(x,), forward_loop=lambda m: m(x))
-    with pytest.raises(UsageError, match="prefill=dense is not implemented yet"):
-        sparsec.TealConfig(prefill="dense")
     with pytest.raises(UsageError, match="bad value 1.0 for option 'sparsity' of pass 'teal': expected 0.0 <="
                                          " sparsity < 1.0"):
         sparsec.transform(_Mlp().eval(), "teal{sparsity=1}", example_inputs=(x,), forward_loop=print)
@@ -342,3 +341,139 @@ def test_greedy_table_reused_from_an_artifact(tmp_path, capsys):
         first = err.splitlines()[0] if "pipeline spec" in err else one_error_line(err)  # + the spec and a caret
         assert (code, first) == (2, f"error: {message}"), spec
         assert not os.path.exists(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------ prefill=half|dense
+
+
+def prefill_spec(sparsity) -> str:
+    """The zoo Llama's block 0 with prefill=half and block 1 with prefill=dense: both rules in one program."""
+    return (f"teal{{sparsity={sparsity} prefill=half targets={{re:model\\.layers\\.0\\.}}}},"
+            f"teal{{sparsity={sparsity} prefill=dense targets={{re:model\\.layers\\.1\\.}}}}")
+
+
+def _prefill_calls(module, ids) -> list:
+    """(x, t, mode, output) of every sparsec::threshold_prefill call while ``module`` runs on ``ids``, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sparsec.ops import THRESHOLD_PREFILL
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is THRESHOLD_PREFILL:
+                calls.append((*args, out))
+            return out
+
+    with Record(), torch.no_grad():
+        module(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def prefilled():
+    """teal 0.5 with prefill on the zoo Llama (half / dense by block, :func:`prefill_spec`) and GPT-2 (half)."""
+    out = {}
+    for arch, spec in (("llama", prefill_spec(TARGET)), ("gpt2", f"teal{{sparsity={TARGET} prefill=half}}")):
+        model, inputs = build(arch)
+        result = sparsec.transform(model, spec, example_inputs=inputs,
+                                   forward_loop=token_forward_loop(_ids(1, n=16, length=16)), measure=False)
+        out[arch] = (model, inputs, result)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prefill_masks_per_mode(arch, prefilled):
+    """Which token positions are thresholded, at 9 tokens and at 1, batch 2: half leaves positions < 9 // 2 = 4
+    dense, dense leaves all 9; a one-token input is thresholded by both. Passed rows are x bit for bit, thresholded
+    rows exactly x * (|x| > t). GPT-2's Conv1D flattens [batch, S, K]: the op sits before the flattening."""
+    model, inputs, result = prefilled[arch]
+    modes = ["half"] * 7 + ["dense"] * 7 if arch == "llama" else ["half"] * 8
+    assert _count(result.program) == 0
+    zeros_at = {("half", 9): [False] * 4 + [True] * 5, ("dense", 9): [False] * 9,
+                ("half", 1): [True], ("dense", 1): [True]}
+    for tokens in (9, 1):
+        calls = _prefill_calls(result.module(), _ids(5, n=2, length=tokens))
+        assert [mode for _, _, mode, _ in calls] == modes
+        for x, t, mode, y in calls:
+            assert x.shape[:2] == (2, tokens) and t > 0
+            assert (y == 0).any(dim=-1).any(dim=0).tolist() == zeros_at[mode, tokens]
+            n = zeros_at[mode, tokens].count(False)
+            assert torch.equal(y[:, :n], x[:, :n])
+            assert torch.equal(y[:, n:], x[:, n:] * (x[:, n:].abs() > t))
+    stats = result.report["passes"][0]["stats"]
+    assert stats["definition"] == ("|x| <= t in thresholded linear inputs over every calibration token, as if"
+                                   " thresholded (prefill=half: some tokens stay dense)")
+    for e in result.report["layers"]:
+        assert e["threshold"] > 0 and abs(e["measured_sparsity"] - TARGET) <= 0.03, e
+
+
+def test_prefill_sparsity_zero_is_bit_exact():
+    model, inputs = build("llama")
+    result = sparsec.transform(model, prefill_spec(0), example_inputs=inputs,
+                               forward_loop=token_forward_loop(_ids(1, n=2)), measure=False)
+    assert len(_prefill_calls(result.module(), _ids(5, n=1, length=3))) == 14
+    for shape in [(2, 12), (1, 5), (1, 1), (3, 1)]:
+        ids = torch.randint(0, 256, shape)
+        kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            assert torch.equal(result.module()(**kw)[0], model(**kw)[0])
+
+
+def test_prefill_save_load_reexport(prefilled, tmp_path, capsys):
+    """(sparsec.ops defines threshold_prefill beside threshold: the fresh-process load of test_save_load_reexport
+    covers its registration.)"""
+    from sparsec.ops import THRESHOLD_PREFILL
+    from tests.cli_helpers import run_cli
+
+    model, inputs, result = prefilled["llama"]
+    out = tmp_path / "out"
+    sparsec.save(result, str(out))
+    loaded = sparsec.load(str(out))
+    for tokens in (7, 1):
+        x = {"input_ids": _ids(6, n=2, length=tokens), "attention_mask": torch.ones(2, tokens, dtype=torch.int64)}
+        want = result.module()(**x)[0]
+        assert torch.equal(loaded(**x)[0], want)
+    again = torch.export.export(loaded, (), x, strict=False)
+    assert [n.args[2] for n in again.graph.nodes if n.target is THRESHOLD_PREFILL] == ["half"] * 7 + ["dense"] * 7
+    assert torch.equal(again.module()(**x)[0], want)
+    code, text, _ = run_cli(capsys, "inspect", out)
+    assert code == 0
+    rows = [line.split() for line in text.splitlines() if line.startswith("model.layers.")]
+    assert len(rows) == 14
+    for row, entry in zip(rows, result.report["layers"]):
+        assert row[0] == entry["module"] and f"{entry['threshold']:.4g}" in row
+
+
+class _First(torch.nn.Module):
+    """A linear on the first row of its input: a 1-D linear input, which has no token axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(x[0])
+
+
+def test_prefill_errors(tmp_path, capsys):
+    """The row of docs/errors.md, section 'Calibration, thresholds and evaluation': message and exit code."""
+    from tests.cli_helpers import one_error_line, run_cli
+
+    message = ("teal: prefill=half needs the token axis (second-to-last, [batch, tokens, features]) on the input of"
+               " every thresholded layer, and 'fc' has none there; use prefill=all or leave the layer out with"
+               " ignore={fc}")
+    with pytest.raises(UsageError, match=re.escape(message)):
+        sparsec.transform(_First().eval(), "teal{scope=all prefill=half}", example_inputs=(torch.randn(4, 8),),
+                          forward_loop=lambda m: m(torch.randn(4, 8)))
+    (tmp_path / "first.py").write_text("import torch\n\nclass First(torch.nn.Module):\n    def __init__(self):\n"
+                                       "        super().__init__()\n        self.fc = torch.nn.Linear(8, 2)\n\n"
+                                       "    def forward(self, x):\n        return self.fc(x[0])\n\n\n"
+                                       "def factory():\n    return First().eval(), (torch.randn(4, 8),)\n")
+    torch.save(torch.randn(16, 8), tmp_path / "x.pt")
+    code, _, err = run_cli(capsys, "transform", f"{tmp_path / 'first.py'}:factory", "--pass",
+                           "teal{scope=all prefill=half}", "--calib-data", tmp_path / "x.pt", "-o", tmp_path / "out")
+    assert (code, one_error_line(err)) == (2, f"error: pass 'teal' (1st of 1) failed: {message}")
+    assert not (tmp_path / "out").exists()

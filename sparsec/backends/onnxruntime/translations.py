@@ -80,3 +80,21 @@ def _threshold():
         return op.Mul(x, op.CastLike(keep, x))
 
     return threshold
+
+
+@register_translation("sparsec::threshold_prefill")
+def _threshold_prefill():
+    """``x * (|x| > t)`` on the token positions ``mode`` thresholds (:mod:`sparsec.ops`), from x's symbolic S:
+    keep = ``Or(Greater(Abs(x), t), Less(Range(0, S)[:, None], n))`` with n = ``S // 2`` (half) or ``S * Min(S - 1,
+    1)`` (dense). The keep mask is not a plain ``Greater``, so the sparse path never fuses it as a threshold."""
+    from onnxscript import opset18 as op
+
+    def threshold_prefill(x, t, mode: str):
+        s = op.Squeeze(op.Shape(x, start=-2, end=-1))
+        zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+        n = op.Div(s, op.Constant(value_int=2)) if mode == "half" else op.Mul(s, op.Min(op.Sub(s, one), one))
+        dense_row = op.Less(op.Unsqueeze(op.Range(zero, s, one), op.Constant(value_ints=[1])), n)
+        keep = op.Or(op.Greater(op.Abs(x), op.CastLike(t, x)), dense_row)
+        return op.Mul(x, op.CastLike(keep, x))
+
+    return threshold_prefill

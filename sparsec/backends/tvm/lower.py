@@ -6,6 +6,8 @@ column tiles (:func:`sparsec.backends.tvm.kernels.pack_weight`) and baked in as 
 at run time. The kernel is chosen from the op that produces the linear's input:
 
 * ``sparsec::threshold(x, t)``: the sparse kernel with the threshold fused (the thresholded tensor is never made);
+* ``sparsec::threshold_prefill(x, t, mode)`` (teal's prefill=half/dense): computed on its own (the token rule reads
+  the symbolic length), then the sparse kernel skipping its zeros, so a one-token step still takes the sparse GEMV;
 * an op whose output is mostly zeros (relu, relufy's fatrelu ``where(x >= t, x, 0)``, relu², a mask product):
   the sparse kernel, skipping zero inputs;
 * anything else: the dense kernel of the same family.
@@ -19,7 +21,7 @@ import numpy as np
 from sparsec.errors import SparsecError, UsageError
 
 #: ATen ops whose output is zero wherever the input is at most a threshold (relufy's outputs).
-_ZERO_MAKERS = {"aten.relu.default", "aten.where.ScalarOther", "aten.where.self"}
+_ZERO_MAKERS = {"aten.relu.default", "aten.where.ScalarOther", "aten.where.self", "sparsec.threshold_prefill.default"}
 #: Ops that keep their first input's zeros (relu², a mask product).
 _ZERO_KEEPERS = {"aten.pow.Tensor_Scalar", "aten.mul.Tensor"}
 
@@ -47,6 +49,26 @@ def input_kind(node) -> str:
     return "dense"
 
 
+#: The linear layers the kernels replace: ``linear(x, W[N, K], b)`` and ``addmm(b, x, W[K, N])`` (GPT-2's Conv1D).
+LINEAR_OPS = {"aten.linear.default", "aten.addmm.default"}
+
+
+def linear_operands(node, consts):
+    """``(x node, W [N, K] or None, bias node or None)`` of a linear layer (one of :data:`LINEAR_OPS`); W is its
+    build-time value (``consts``: :class:`Constants`), None when it depends on the model inputs."""
+    if str(node.target) == "aten.addmm.default":
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            from sparsec.graph import module_path
+
+            raise SparsecError(f"addmm in '{module_path(node)}' has alpha/beta other than 1, which sparsec's TVM"
+                               " kernels do not compute: use the ONNX backend (sparsec export OUT/ --to onnx)")
+        b_node, x_node, w_node = node.args[:3]
+        w = consts.get(w_node)
+        return x_node, w.T if w is not None else None, b_node
+    w = consts.get(node.args[1])
+    return node.args[0], w, node.args[2] if len(node.args) > 2 else None
+
+
 def _decompose(program):
     """``program`` in core ATen with ``aten.linear`` kept. Views become reshapes first: torch cannot decompose some
     views of dynamic-shape transposes (GPT-2's attention output), and a reshape is a view wherever one is possible."""
@@ -64,7 +86,7 @@ def _decompose(program):
     return program.run_decompositions(table)
 
 
-class _Constants:
+class Constants:
     """Build-time values of graph nodes that depend only on parameters, buffers and constants."""
 
     def __init__(self, program):
@@ -110,21 +132,11 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
     from sparsec.graph import module_path
 
     program = _decompose(program)
-    consts = _Constants(program)
+    consts = Constants(program)
     funcs = {}
 
-    def convert_linear(node, importer):  # linear(x, W[N, K], b) or addmm(b, x, W[K, N]) (GPT-2's Conv1D)
-        if str(node.target) == "aten.addmm.default":
-            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-                raise SparsecError(f"addmm in '{module_path(node)}' has alpha/beta other than 1, which the TVM"
-                                   " backend does not lower: use the ONNX backend (sparsec export OUT/ --to onnx)")
-            b_node, x_node, w_node = node.args[:3]
-            w = consts.get(w_node)
-            w = w.T if w is not None else None
-        else:
-            x_node, w_node = node.args[0], node.args[1]
-            b_node = node.args[2] if len(node.args) > 2 else None
-            w = consts.get(w_node)
+    def convert_linear(node, importer):
+        x_node, w, b_node = linear_operands(node, consts)
         if w is None:
             raise SparsecError(f"linear layer '{module_path(node)}' has a weight computed from the model inputs;"
                                " the TVM backend needs constant weights: use the ONNX backend (sparsec export --to"
@@ -158,6 +170,22 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
         return importer.block_builder.emit(
             relax.op.where(relax.op.greater(relax.op.abs(x), t), x, relax.const(0, str(x.ty.dtype))))
 
+    def convert_threshold_prefill(node, importer):  # the threshold on the token positions its mode selects
+        from tvm import te, tirx
+
+        from sparsec.ops import dense_tokens
+
+        x = importer.env[node.args[0]]
+        dtype = str(x.ty.dtype)
+        t, mode = tirx.const(float(consts.get(node.args[1])), dtype), node.args[2]
+
+        def compute(v):
+            n = dense_tokens(v.shape[-2], mode, tirx.min)
+            return te.compute(v.shape, lambda *i: tirx.Select(tirx.any(tirx.abs(v[i]) > t, i[-2] < n), v[i],
+                                                              tirx.const(0, dtype)), name="threshold_prefill")
+
+        return importer.block_builder.emit_te(compute, x)
+
     def convert_slice(node, importer):  # slice(x, dim, start, end[, step]) with a symbolic end that torch proved inbound
         dim, start, end = (list(node.args[1:4]) + [None] * 3)[:3]
         step = node.args[4] if len(node.args) > 4 else 1
@@ -172,7 +200,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
     try:
         mod = from_exported_program(program, run_ep_decomposition=False, custom_convert_map={
             "linear.default": convert_linear, "addmm.default": convert_linear, "threshold.default": convert_threshold,
-            "slice.Tensor": convert_slice})
+            "threshold_prefill.default": convert_threshold_prefill, "slice.Tensor": convert_slice})
     except SparsecError:
         raise
     except Exception as exc:
