@@ -342,3 +342,25 @@ def load_compiled(path: str, *, threads: int | None = None):
     from sparsec.backends.tvm.build import load_compiled as _load
 
     return _load(path, threads=threads)
+
+
+def accelerate(model: Any, *, threads: int | None = None, sparse: bool = True):
+    """A plain-PyTorch ``nn.Module`` of a transformed model (a :class:`TransformResult`, an artifact directory or
+    :class:`Artifact`, or an ExportedProgram) whose linear layers call sparsec's TVM kernels (custom op
+    ``sparsec::tvm_linear``) as :func:`compile` would route them: sparse behind teal thresholds and relufy
+    activations, dense elsewhere (``sparse=False``: dense everywhere). ``threads``: TVM's thread pool size.
+    Inference only. See :mod:`sparsec.backends.tvm.torch_kernels`.
+    """
+    from sparsec.artifact import Artifact
+    from sparsec.backends.tvm.torch_kernels import accelerate_program
+    from sparsec.errors import UsageError
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load_artifact(os.fspath(model))
+    if isinstance(model, (TransformResult, Artifact)):
+        model = model.program
+    if not hasattr(model, "graph_signature"):
+        raise UsageError(f"sparsec.accelerate takes a TransformResult, an artifact directory or Artifact, or an"
+                           f" ExportedProgram, not {type(model).__name__}: transform the model first"
+                           " (sparsec.transform(model, PIPELINE, example_inputs=...))")
+    return accelerate_program(model, threads=threads, sparse=sparse)
