@@ -361,6 +361,6 @@ def accelerate(model: Any, *, threads: int | None = None, sparse: bool = True):
         model = model.program
     if not hasattr(model, "graph_signature"):
         raise UsageError(f"sparsec.accelerate takes a TransformResult, an artifact directory or Artifact, or an"
-                           f" ExportedProgram, not {type(model).__name__}: transform the model first"
-                           " (sparsec.transform(model, PIPELINE, example_inputs=...))")
+                         f" ExportedProgram, not {type(model).__name__}: transform the model first"
+                         " (sparsec.transform(model, PIPELINE, example_inputs=...))")
     return accelerate_program(model, threads=threads, sparse=sparse)
