@@ -379,7 +379,8 @@ def prefilled():
     for arch, spec in (("llama", prefill_spec(TARGET)), ("gpt2", f"teal{{sparsity={TARGET} prefill=half}}")):
         model, inputs = build(arch)
         result = sparsec.transform(model, spec, example_inputs=inputs,
-                                   forward_loop=token_forward_loop(_ids(1, n=16, length=16)), measure=False)
+                                   forward_loop=token_forward_loop(_ids(1, n=16, length=16)), measure=False,
+                                   heldout_loop=token_forward_loop(_ids(3, n=8, length=16)))
         out[arch] = (model, inputs, result)
     return out
 
@@ -406,8 +407,12 @@ def test_prefill_masks_per_mode(arch, prefilled):
     stats = result.report["passes"][0]["stats"]
     assert stats["definition"] == ("|x| <= t in thresholded linear inputs over every calibration token, as if"
                                    " thresholded (prefill=half: some tokens stay dense)")
-    for e in result.report["layers"]:
+    for e, mode in zip(result.report["layers"], modes):  # held out: the zeros made, dense tokens included
         assert e["threshold"] > 0 and abs(e["measured_sparsity"] - TARGET) <= 0.03, e
+        if mode == "half":  # positions 8..15 of 16 thresholded: at most half of the inputs zero
+            assert TARGET / 2 - 0.03 <= e["heldout_sparsity"] <= 0.5, e
+        else:
+            assert e["heldout_sparsity"] == 0.0, e
 
 
 def test_prefill_sparsity_zero_is_bit_exact():
