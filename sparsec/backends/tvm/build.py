@@ -1,24 +1,31 @@
 """The TVM build directory: compile a sparsec program, write it atomically, load and run it without torch models.
 
-A build directory holds ``model.so`` (the compiled Relax VM executable, weights packed inside as constants) and
-``manifest.json``: format and version, the sparsec and TVM versions, the target and the CPU it was compiled for,
-the thread count, the input spec and the number of outputs, and the sha256 of model.so. Loading checks all of it:
-a build from another sparsec or TVM version, or for another CPU, is refused with a message saying how to rebuild.
+A build directory holds ``model.so`` (the compiled Relax VM executable: code only), ``params.bin`` (the weights,
+packed for the kernels, as raw little-endian arrays at 64-byte aligned offsets) and ``manifest.json``: format and
+version, the sparsec and TVM versions, the target and the CPU it was compiled for, the thread count, the input spec,
+the number of outputs, each parameter's dtype, shape and offset, and the sha256 of both files. Loading checks all of
+it: a build from another sparsec or TVM version, or for another CPU, is refused with a message saying how to rebuild.
+Keeping the weights out of the library keeps compiling a large model affordable: the weights are never embedded in
+generated code, and each is written to ``params.bin`` one at a time.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from sparsec.errors import SparsecError
 
 FORMAT = "sparsec-tvm-build"
-FORMAT_VERSION = 1
-LIB_FILE, MANIFEST_FILE = "model.so", "manifest.json"
+FORMAT_VERSION = 2
+LIB_FILE, PARAMS_FILE, MANIFEST_FILE = "model.so", "params.bin", "manifest.json"
+ALIGN = 64  # byte alignment of each parameter in params.bin
 TARGETS = ("llvm", "cuda")
 CUDA_ARCH = "sm_90"  # H100 / H200
 
@@ -50,7 +57,9 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     threads = threads or os.cpu_count() or 1
     tvm = import_tvm(threads)
     start = time.perf_counter()
-    mod = to_relax(program, sparse=sparse, target=target)
+    from tvm.relax.transform import FoldConstant
+
+    mod, weights = _lift_weights(FoldConstant()(to_relax(program, sparse=sparse, target=target)))
     kernels = sorted(str(gv.name_hint) for gv in mod.functions if str(gv.name_hint).startswith("sparsec_linear_"))
     lowered = time.perf_counter()
     executable = tvm.compile(mod, target=cuda_target(CUDA_ARCH) if target == "cuda" else cpu_target())
@@ -64,10 +73,68 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
                 "seconds": {"lower": round(lowered - start, 2), "compile": round(time.perf_counter() - lowered, 2)}}
     with atomic_directory(out_dir) as tmp:
         executable.export_library(os.path.join(tmp, LIB_FILE))
-        manifest["files"] = {LIB_FILE: sha256_file(os.path.join(tmp, LIB_FILE))}
+        manifest["params"] = _write_params(weights, os.path.join(tmp, PARAMS_FILE))
+        manifest["files"] = {name: sha256_file(os.path.join(tmp, name)) for name in (LIB_FILE, PARAMS_FILE)}
         with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8") as f:
             f.write(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _lift_weights(mod, min_bytes: int = 1024):
+    """``(mod, weights)``: every constant of ``mod['main']`` of at least ``min_bytes`` becomes a trailing parameter
+    of main (``num_input`` marks where the user inputs end); ``weights`` are their values, in parameter order."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Lift(relax.PyExprMutator):
+        def __init__(self):
+            super().__init__(mod)
+            self.params, self.values = [], []
+
+        def visit_generic_const_(self, const):
+            ty, dtype = const.ty, str(const.ty.dtype)
+            if math.prod(int(d) for d in ty.shape) * np.dtype(_NUMPY.get(dtype, dtype)).itemsize < min_bytes:
+                return const
+            self.params.append(relax.Var(f"w{len(self.params)}", ty))
+            self.values.append(const.value)
+            return self.params[-1]
+
+    main = mod["main"]
+    lift = Lift()
+    body = lift.visit_expr(main.body)
+    mod["main"] = relax.Function(list(main.params) + lift.params, body, main.ret_ty, main.is_pure,
+                                 main.attrs).with_attr("num_input", len(main.params))
+    return mod, lift.values
+
+
+_NUMPY = {"bfloat16": "uint16"}  # numpy has no bfloat16: its bit pattern
+
+
+def _write_params(weights, path: str) -> list[dict]:
+    """Write ``weights`` (TVM tensors) to ``path`` one at a time, each at an ``ALIGN``-byte offset; their specs."""
+    specs = []
+    with open(path, "wb") as f:
+        for w in weights:
+            f.write(b"\0" * (-f.tell() % ALIGN))
+            array = w.numpy()
+            specs.append({"dtype": str(w.dtype), "shape": list(array.shape), "offset": f.tell()})
+            f.write(memoryview(np.ascontiguousarray(array).view(np.uint8)))
+            del array
+    return specs
+
+
+def _read_params(path: str, specs: list[dict], device) -> list:
+    """The parameters of ``params.bin`` as TVM tensors on ``device`` (read through a memory map: one copy)."""
+    import tvm
+
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    out = []
+    for spec in specs:
+        dtype = np.dtype(_NUMPY.get(spec["dtype"], spec["dtype"]))
+        count = math.prod(spec["shape"])
+        array = data[spec["offset"]: spec["offset"] + count * dtype.itemsize].view(dtype).reshape(spec["shape"])
+        out.append(tvm.runtime.empty(spec["shape"], spec["dtype"], device).copyfrom(array))
+    return out
 
 
 def read_build_manifest(path: str) -> dict:
@@ -94,10 +161,11 @@ def read_build_manifest(path: str) -> dict:
     if m.get("target") == "llvm" and m.get("cpu") != host_cpu():
         raise SparsecError(f"build '{path}' was compiled for CPU '{m.get('cpu')}', this machine is '{host_cpu()}':"
                            f" {rebuild}")
-    lib = os.path.join(path, LIB_FILE)
-    if not os.path.isfile(lib) or sha256_file(lib) != m.get("files", {}).get(LIB_FILE):
-        raise SparsecError(f"build '{path}': {LIB_FILE} is missing or does not match its checksum in {MANIFEST_FILE}"
-                           f" (modified or damaged): {rebuild}")
+    for name in (LIB_FILE, PARAMS_FILE):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file) or sha256_file(file) != m.get("files", {}).get(name):
+            raise SparsecError(f"build '{path}': {name} is missing or does not match its checksum in {MANIFEST_FILE}"
+                               f" (modified or damaged): {rebuild}")
     return m
 
 
@@ -108,6 +176,7 @@ class CompiledModel:
     path: str
     manifest: dict
     vm: Any
+    params: list
 
     @property
     def input_names(self) -> list[str]:
@@ -126,7 +195,7 @@ class CompiledModel:
         arrays = {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in inputs.items()}
         check_inputs(arrays, self.manifest["inputs"], source="inputs", what=f"build '{self.path}'")
         out = self.vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(arrays[n]), device=self.device)
-                                for n in self.input_names])
+                                for n in self.input_names], *self.params)
         outs = list(out) if not hasattr(out, "numpy") else [out]
         return dict(zip(output_names(len(outs)), (o.numpy() for o in outs)))
 
@@ -148,4 +217,5 @@ def load_compiled(path: str, *, threads: int | None = None) -> CompiledModel:
             os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
         device = tvm.cuda(0)
     lib = tvm.runtime.load_module(os.path.join(path, LIB_FILE))
-    return CompiledModel(path, manifest, relax.VirtualMachine(lib, device), device)
+    params = _read_params(os.path.join(path, PARAMS_FILE), manifest["params"], device)
+    return CompiledModel(path, manifest, relax.VirtualMachine(lib, device), params, device)

@@ -68,7 +68,7 @@ def llama_teal(tmp_path_factory):
 
 def test_teal_llama_build_matches_torch(llama_teal):
     art, out, program = llama_teal
-    assert sorted(os.listdir(out)) == ["manifest.json", "model.so"]
+    assert sorted(os.listdir(out)) == ["manifest.json", "model.so", "params.bin"]
     assert not [n for n in os.listdir(out.parent) if "sparsec-tmp" in n]
     compiled = _matches_torch(out, program)
     m = compiled.manifest
