@@ -396,15 +396,14 @@ class ThresholdSites:
 
     ``groups``: ``(tensor node, [(consumer node, module path), ...])`` in graph order. Each consumer gets a 0-d
     threshold buffer (in an ``nn.Module`` container named ``prefix`` on ``gm``), initialised to -1 (nothing zeroed),
-    and reads ``threshold(x, t)`` instead of ``x`` (``threshold_prefill(x, t, prefill)`` for ``prefill`` half / dense,
-    see :mod:`sparsec.ops`; the statistics cover every token either way). :meth:`calibrate` fills the buffers; :meth:`remove_observers`
+    and reads ``threshold(x, t)`` instead of ``x``. :meth:`calibrate` fills the buffers; :meth:`remove_observers`
     leaves only the thresholds.
     """
 
-    def __init__(self, gm, groups: list, prefix: str, bits: int, prefill: str = "all"):
+    def __init__(self, gm, groups: list, prefix: str, bits: int):
         import re
 
-        from sparsec.ops import THRESHOLD, THRESHOLD_PREFILL
+        from sparsec.ops import THRESHOLD
 
         self.gm = gm
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
@@ -434,8 +433,7 @@ class ThresholdSites:
                 site.thresholds.append(getattr(self.holder, buf))
                 with graph.inserting_before(consumer):
                     t = graph.get_attr(f"{holder_name}.{buf}")
-                    thr = (graph.call_function(THRESHOLD, (obs, t)) if prefill == "all" else
-                           graph.call_function(THRESHOLD_PREFILL, (obs, t, prefill)))
+                    thr = graph.call_function(THRESHOLD, (obs, t))
                 for node in (t, thr):  # the consumer's module path, so reports and later passes can target them
                     node.meta["nn_module_stack"] = consumer.meta.get("nn_module_stack")
                 thr.meta.update({key: x.meta[key] for key in ("val", "stack_trace") if key in x.meta})

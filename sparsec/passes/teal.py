@@ -23,8 +23,8 @@ _MATMUL_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.ma
 _IN_BLOCK = re.compile(r"(^|\.)\d+(\.|$)")  # a numbered child of a ModuleList: layers.3, h.0, layer.5, ...
 #: What measured_sparsity counts (METHODS.md, "Sparsity definitions"); *_param_weighted is TEAL's own number.
 _SPARSITY_DEFINITION = "zeros in thresholded linear inputs, calibration data"
-_PREFILL_DEFINITION = ("|x| <= t in thresholded linear inputs over every calibration token, as if thresholded"
-                       " (prefill={}: some tokens stay dense)")
+_PREFILL_DEFINITION = ("zeros in thresholded linear inputs, calibration data with every token thresholded (after"
+                       " calibration prefill={} leaves some tokens dense)")
 _FLATTEN = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
@@ -45,14 +45,15 @@ class TealConfig(PassConfig):
     sparsity=0 sets every threshold to 0, which reproduces the model bit for bit (every prefill mode).
     prefill (METHODS.md §2) says which tokens of an input with S tokens (its second-to-last axis, [batch, S, hidden])
     are thresholded: all (every token); half (positions >= S // 2, TEAL's quality path; a one-token decode step is
-    thresholded); dense (only S = 1 inputs, TEAL's speed path: dense prefill, sparse decode). half/dense apply the op
-    sparsec::threshold_prefill (see sparsec.ops: the rule reads the symbolic S, so it holds at every length of the
-    exported program). GPT-2's Conv1D flattens [batch, S, K] to [batch * S, K]: there the op goes before the flattening.
-    Calibration is the same for every mode: statistics over all calibration tokens.
+    thresholded); dense (only S = 1 inputs, TEAL's speed path: dense prefill, sparse decode). Calibration (and the
+    greedy search) is the same for every mode, with every calibration token thresholded, so the thresholds equal
+    prefill=all's; then half/dense turn each threshold into the op sparsec::threshold_prefill (see sparsec.ops: the
+    rule reads the symbolic S, so it holds at every length of the exported program). GPT-2's Conv1D flattens
+    [batch, S, K] to [batch * S, K]: there the threshold goes before the flattening.
     Reported sparsity: zeros in the inputs of the thresholded layers on the calibration data, counted with the
     thresholds in force (TEAL's definition, parameter-weighted, and element-weighted); with prefill half/dense it is
-    the sparsity of a thresholded token (|x| <= t over every calibration token, as if all were thresholded), while the
-    held-out sparsity counts the zeros the model makes, dense tokens included.
+    the sparsity of a thresholded token (counted while calibrating, every token thresholded), while the held-out
+    sparsity counts the zeros the model makes, dense tokens included.
     """
 
     sparsity: float = option(0.5, ge=0.0, lt=1.0, help="target fraction of zeros: per thresholded input (uniform) or"
@@ -110,7 +111,7 @@ def teal(gm: fx.GraphModule, cfg: TealConfig, ctx: PassContext) -> PassResult:
     for layer in layers:
         groups.setdefault(reader[layer.node][0], []).append(layer)
     sites = ThresholdSites(gm, [(x, [(reader[la.node][1], la.module) for la in g]) for x, g in groups.items()],
-                           "sparsec_teal", cfg.calib_bits, cfg.prefill)
+                           "sparsec_teal", cfg.calib_bits)
     site_of = {la.node: (site, j) for site, g in zip(sites.sites, groups.values()) for j, la in enumerate(g)}
     numel = {la.node: weight_numel(gm, la) for la in layers}
     target = {la.node: cfg.sparsity for la in layers}
@@ -132,6 +133,8 @@ def teal(gm: fx.GraphModule, cfg: TealConfig, ctx: PassContext) -> PassResult:
                     t.fill_(0.0)
     finally:
         sites.remove_observers()
+    if cfg.prefill != "all":
+        _apply_prefill(gm, [r for _, r in reader.values()], cfg.prefill)
 
     entries, zeros, total, wsum, wzero = [], 0, 0, 0.0, 0.0
     for la in layers:  # graph order
@@ -172,6 +175,16 @@ def _token_site(layer: WeightLayer, prefill: str) -> tuple[fx.Node, fx.Node]:
                          f" the input of every thresholded layer, and '{layer.module}' has none there; use prefill=all"
                          f" or leave the layer out with ignore={{{layer.module}}}")
     return x, layer.node
+
+
+def _apply_prefill(gm: fx.GraphModule, readers: list[fx.Node], mode: str) -> None:
+    """Turn the sparsec::threshold each of ``readers`` reads into sparsec::threshold_prefill(x, t, mode)."""
+    from sparsec.ops import THRESHOLD, THRESHOLD_PREFILL
+
+    for r in readers:
+        thr = next(a for a in r.all_input_nodes if a.op == "call_function" and a.target is THRESHOLD)
+        thr.target, thr.args = THRESHOLD_PREFILL, (*thr.args, mode)
+    gm.recompile()
 
 
 def _rank(node: fx.Node) -> int | None:
@@ -313,7 +326,7 @@ class _BlockEval:
     """
 
     def __init__(self, sub: fx.GraphModule, inputs: list, thresholds: list[torch.Tensor]):
-        from sparsec.ops import THRESHOLD, THRESHOLD_PREFILL
+        from sparsec.ops import THRESHOLD
 
         self.interp = fx.Interpreter(sub)
         self.nodes = [n for n in sub.graph.nodes if n.op not in ("placeholder", "output")]
@@ -343,7 +356,7 @@ class _BlockEval:
         self.plans = []
         for buf in thresholds:
             getter = next(n for n in self.nodes if n.op == "get_attr" and self.values[n] is buf)
-            start = next(u for u in getter.users if u.target in (THRESHOLD, THRESHOLD_PREFILL))
+            start = next(u for u in getter.users if u.target is THRESHOLD)
             dirty = {start}
             for n in self.nodes:
                 if any(a in dirty for a in n.all_input_nodes):

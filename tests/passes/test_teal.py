@@ -376,10 +376,11 @@ def _prefill_calls(module, ids) -> list:
 def prefilled():
     """teal 0.5 with prefill on the zoo Llama (half / dense by block, :func:`prefill_spec`) and GPT-2 (half)."""
     out = {}
-    for arch, spec in (("llama", prefill_spec(TARGET)), ("gpt2", f"teal{{sparsity={TARGET} prefill=half}}")):
+    for arch, spec, loop in (("llama", prefill_spec(TARGET), token_forward_loop(_ids(1, n=16, length=16))),
+                             ("gpt2", f"teal{{sparsity={TARGET} prefill=half}}",
+                              token_forward_loop(_ids(1), batch_size=16))):  # the data of ``calibrated``
         model, inputs = build(arch)
-        result = sparsec.transform(model, spec, example_inputs=inputs,
-                                   forward_loop=token_forward_loop(_ids(1, n=16, length=16)), measure=False,
+        result = sparsec.transform(model, spec, example_inputs=inputs, forward_loop=loop, measure=False,
                                    heldout_loop=token_forward_loop(_ids(3, n=8, length=16)))
         out[arch] = (model, inputs, result)
     return out
@@ -405,14 +406,22 @@ def test_prefill_masks_per_mode(arch, prefilled):
             assert torch.equal(y[:, :n], x[:, :n])
             assert torch.equal(y[:, n:], x[:, n:] * (x[:, n:].abs() > t))
     stats = result.report["passes"][0]["stats"]
-    assert stats["definition"] == ("|x| <= t in thresholded linear inputs over every calibration token, as if"
-                                   " thresholded (prefill=half: some tokens stay dense)")
+    assert stats["definition"] == ("zeros in thresholded linear inputs, calibration data with every token"
+                                   " thresholded (after calibration prefill=half leaves some tokens dense)")
     for e, mode in zip(result.report["layers"], modes):  # held out: the zeros made, dense tokens included
         assert e["threshold"] > 0 and abs(e["measured_sparsity"] - TARGET) <= 0.03, e
         if mode == "half":  # positions 8..15 of 16 thresholded: at most half of the inputs zero
             assert TARGET / 2 - 0.03 <= e["heldout_sparsity"] <= 0.5, e
         else:
             assert e["heldout_sparsity"] == 0.0, e
+
+
+def test_prefill_calibrates_like_all(prefilled, calibrated):
+    """Calibration thresholds every token whatever the prefill: GPT-2 with prefill=half gets prefill=all's thresholds
+    (same data), only the op that applies them differs."""
+    half, full = prefilled["gpt2"][2].report, calibrated["gpt2"][3].report
+    assert [(e["module"], e["threshold"], e["measured_sparsity"]) for e in half["layers"]] == \
+        [(e["module"], e["threshold"], e["measured_sparsity"]) for e in full["layers"]]
 
 
 def test_prefill_sparsity_zero_is_bit_exact():
