@@ -66,7 +66,7 @@ PREFILL_MODES = ("half", "dense")
 def dense_tokens(s, mode: str, minimum=min):
     """How many leading token positions of an input with ``s`` tokens pass unthresholded under ``mode``: ``s // 2``
     (half) or ``s * min(s - 1, 1)`` (dense: s when s > 1, else 0). ``s`` may be symbolic (a TVM PrimExpr with
-    ``minimum=tir.min``)."""
+    ``minimum=tirx.min``)."""
     return s // 2 if mode == "half" else s * minimum(s - 1, 1)
 
 
@@ -78,19 +78,25 @@ def _keep(x: Tensor, t: Tensor, mode: str) -> Tensor:
     return keep
 
 
+def _check_prefill_args(x: Tensor, t: Tensor, mode: str) -> None:
+    torch._check(t.dim() == 0, lambda: "sparsec::threshold_prefill: t must be a 0-d tensor, got shape"
+                 f" {tuple(t.shape)}")
+    torch._check(x.dim() >= 2, lambda: "sparsec::threshold_prefill: x needs a token axis (its second-to-last),"
+                 f" got shape {tuple(x.shape)}")
+    torch._check(mode in PREFILL_MODES, lambda: f"sparsec::threshold_prefill: mode must be one of {PREFILL_MODES},"
+                 f" got {mode!r}")
+
+
 @torch.library.custom_op("sparsec::threshold_prefill", mutates_args=())
 def threshold_prefill(x: Tensor, t: Tensor, mode: str) -> Tensor:
     """``x * (|x| > t)`` on the token positions ``mode`` thresholds, ``x`` on the others (module docstring)."""
+    _check_prefill_args(x, t, mode)
     return x * _keep(x, t, mode)
 
 
 @threshold_prefill.register_fake
 def _threshold_prefill_fake(x: Tensor, t: Tensor, mode: str) -> Tensor:
-    torch._check(t.dim() == 0, lambda: f"sparsec::threshold_prefill: t must be a 0-d tensor, got shape {tuple(t.shape)}")
-    torch._check(x.dim() >= 2, lambda: "sparsec::threshold_prefill: x needs a token axis (its second-to-last),"
-                 f" got shape {tuple(x.shape)}")
-    torch._check(mode in PREFILL_MODES, lambda: f"sparsec::threshold_prefill: mode must be one of {PREFILL_MODES},"
-                 f" got {mode!r}")
+    _check_prefill_args(x, t, mode)
     return torch.empty_like(x)
 
 

@@ -50,3 +50,27 @@ def test_export_save_load_reexport():
     assert torch.equal(loaded(x2), m(x2))
     again = torch.export.export(loaded, (x2,), strict=False)
     assert torch.equal(again.module()(x2), m(x2))
+
+
+def test_threshold_prefill_positions_opcheck_and_autograd():
+    """sparsec::threshold_prefill (teal{prefill=…}): half leaves positions < S // 2, dense every position when S > 1;
+    one token is thresholded by both. Passed positions keep their bits; the gradient is the same mask."""
+    import pytest
+
+    from sparsec.ops import THRESHOLD_PREFILL
+
+    x, t = torch.randn(2, 5, 16), torch.tensor(0.3)
+    for mode, tokens, dense in (("half", 5, 2), ("half", 1, 0), ("dense", 5, 5), ("dense", 1, 0)):
+        v = x[:, :tokens].clone().requires_grad_()
+        y = torch.ops.sparsec.threshold_prefill(v, t, mode)
+        keep = v.detach().abs() > t
+        keep[:, :dense] = True
+        assert torch.equal(y, v * keep) and torch.equal(y[:, :dense], v[:, :dense])
+        assert (y[:, dense:] == 0).any(-1).all()
+        y.sum().backward()
+        assert torch.equal(v.grad, keep.float())
+        torch.library.opcheck(THRESHOLD_PREFILL, (v, t, mode))
+    with pytest.raises(RuntimeError, match="mode must be one of \\('half', 'dense'\\), got 'all'"):
+        torch.ops.sparsec.threshold_prefill(x, t, "all")
+    with pytest.raises(RuntimeError, match="x needs a token axis"):
+        torch.ops.sparsec.threshold_prefill(x[0, 0], t, "half")
