@@ -123,7 +123,8 @@ def accelerate_program(program, *, threads: int | None = None, sparse: bool = Tr
     consts = Constants(program)
     originals = {n.name: n for n in program.graph.nodes}
     gm = program.module()
-    nodes = {n.name: n for n in gm.graph.nodes}  # the same names as in program.graph
+    nodes = {n.name: n for n in gm.graph.nodes}  # the same names as in program.graph, but for the user inputs
+    nodes.update(zip(program.graph_signature.user_inputs, [n for n in gm.graph.nodes if n.op == "placeholder"]))
     store = torch.nn.Module()
     gm.add_module(STORE, store)
     for node in list(gm.graph.nodes):

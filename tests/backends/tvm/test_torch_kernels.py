@@ -107,6 +107,24 @@ def test_routes_every_linear_as_the_tvm_lowering_does(request, fixture, sparse):
     assert ours == lowered
 
 
+@pytest.mark.parametrize("dtype,tol", [("float32", TOL), ("float16", dict(rtol=2e-3, atol=2e-3))])
+def test_mlp_with_biases_in_half_and_single_precision(dtype, tol):
+    """Biases (the zoo Llama has none) and fp16 storage; relu's output feeds the second layer's sparse kernel."""
+    torch.manual_seed(0)
+    td = getattr(torch, dtype)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 48)).to(td)
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}
+    program = torch.export.export(mlp, (torch.randn(3, 5, 64, dtype=td),), dynamic_shapes=(dims,))
+    module = sparsec.accelerate(program, threads=THREADS)
+    assert _kinds(module) == {"dense": 1, "sparse": 1}
+    with torch.no_grad():
+        for shape in [(1, 1, 64), (3, 5, 64)]:
+            x = torch.randn(*shape, dtype=td)
+            y = module(x)
+            assert y.dtype == td
+            torch.testing.assert_close(y, program.module()(x), **tol)
+
+
 def test_sparsity_zero_reproduces_the_original_model():
     model, result = _transform("teal{sparsity=0}")
     module = sparsec.accelerate(result, threads=THREADS)
@@ -114,6 +132,20 @@ def test_sparsity_zero_reproduces_the_original_model():
     with torch.no_grad():
         for feed in _feeds():
             torch.testing.assert_close(_logits(module(**feed)), model(**feed).logits, **TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,spec", [("gpt2", "teal{sparsity=0.5}"), ("gpt2", "relufy"), ("mistral", "teal{sparsity=0.5}"),
+                                       ("qwen2", "relufy")])
+def test_zoo_models_match_torch(arch, spec):
+    """GPT-2's Conv1D (addmm with a bias) and the other zoo decoders."""
+    model, inputs = build(arch, **(RELU_OVERRIDE[arch] if spec == "relufy" else {}))
+    loop = token_forward_loop(torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2)))
+    result = sparsec.transform(model, spec, example_inputs=inputs, forward_loop=loop, measure=False)
+    module = sparsec.accelerate(result, threads=THREADS)
+    assert "aten.linear.default" not in _ops(module) and "aten.addmm.default" not in _ops(module)
+    assert set(_kinds(module)) == {"threshold" if spec.startswith("teal") else "sparse", "dense"}
+    _matches_program(module, result.program)
 
 
 def test_kernels_take_torch_memory_zero_copy(relufy, monkeypatch):
