@@ -9,6 +9,10 @@ replacements read only the weight rows of the active inputs:
   ``MatMul(Gather(x, i), Gather(Wt, i))`` with ``i = NonZero(|x| > t)``; else the original dense MatMul. Any
   ONNX runtime runs it, for any batch and sequence length; the gathered rows are copied once per call.
 
+``teal{prefill=half|dense}`` exports its mask as ``Or(Greater(Abs(x), t), Less(position, n))``: one row (S = 1) is
+always thresholded, the other rows only by position. Such a linear takes SparseLinear only inside the same
+``If(Size(x) == K)`` (else the original MatMul), and the gather reads the active rows off that exact mask.
+
 Per layer the choice is made by measurement: for each distinct (K, N, bias, sparsity) each formulation is timed
 at batch 1 (one decode token) on random weights with that fraction of zero inputs, and the fastest is kept when it
 beats dense ORT by :data:`MARGIN`. The sparsity of a layer is measured by running the torch program on its example
@@ -49,6 +53,7 @@ class ThresholdedLinear:
     bias: Any
     masked: str  # name of the thresholded value (the torch node name of the sparsec::threshold call)
     layer: str  # module path of the linear
+    prefill: bool = False  # the mask is teal's prefill rule (thresholds only one-row inputs in full)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -75,7 +80,9 @@ def _layer(node) -> str:
 
 
 def _threshold_of(masked):
-    """(x, t, |x| > t) when ``masked`` is ``Mul(x, Cast(Greater(Abs(x), t)))`` with a constant float32 scalar t."""
+    """(x, t, keep mask, prefill) when ``masked`` is ``Mul(x, Cast(keep))`` with keep ``Greater(Abs(x), t)``
+    (sparsec::threshold) or ``Or(Greater(Abs(x), t), Less(position, n))`` (sparsec::threshold_prefill, prefill
+    True), t a constant float32 scalar."""
     import onnx_ir as ir
 
     mul = _producer(masked, "Mul")
@@ -83,7 +90,11 @@ def _threshold_of(masked):
         return None
     for x, mask in (mul.inputs, reversed(mul.inputs)):
         cast = _producer(mask, "Cast")
-        greater = _producer(cast.inputs[0], "Greater") if cast is not None else None
+        keep = cast.inputs[0] if cast is not None else None
+        either = _producer(keep, "Or")
+        if either is not None and _producer(either.inputs[1], "Less") is None:
+            continue
+        greater = _producer(either.inputs[0] if either is not None else keep, "Greater")
         absolute = _producer(greater.inputs[0], "Abs") if greater is not None else None
         if absolute is None or absolute.inputs[0] is not x:
             continue
@@ -91,7 +102,7 @@ def _threshold_of(masked):
         const = _const(t)
         if const is None or const.dtype != ir.DataType.FLOAT or const.size != 1:
             return None
-        return x, t, greater.outputs[0]
+        return x, t, keep, either is not None
     return None
 
 
@@ -130,19 +141,22 @@ def thresholded_linears(model) -> list[ThresholdedLinear]:
                 b = _const(other)
                 if b is not None and b.dtype == ir.DataType.FLOAT and list(b.shape) == [w.shape[1]]:
                     add, bias = user, other
-        found.append(ThresholdedLinear(node, add, *xt, wt, bias, masked.name, _layer(node)))
+        x, t, keep, prefill = xt
+        found.append(ThresholdedLinear(node, add, x, t, keep, wt, bias, masked.name, _layer(node), prefill))
     return found
 
 
 def threshold_sparsity(program, inputs: dict | None = None) -> dict[str, float]:
     """``{node name: fraction of zeros}`` of every ``sparsec::threshold`` output of ``program`` (an ExportedProgram)
-    run on ``inputs`` (default: its example inputs)."""
+    run on ``inputs`` (default: its example inputs); for ``sparsec::threshold_prefill`` the fraction a thresholded
+    token gets, ``|x| <= t`` over every token (a one-token decode step is thresholded in every mode)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from sparsec.inputs import example_inputs, run_program
-    from sparsec.ops import THRESHOLD
+    from sparsec.ops import THRESHOLD, THRESHOLD_PREFILL
 
-    names = [n.name for n in program.graph.nodes if n.op == "call_function" and n.target is THRESHOLD]
+    names = [n.name for n in program.graph.nodes if n.op == "call_function"
+             and n.target in (THRESHOLD, THRESHOLD_PREFILL)]
     zeros: list[float] = []
 
     class Record(TorchDispatchMode):
@@ -150,6 +164,9 @@ def threshold_sparsity(program, inputs: dict | None = None) -> dict[str, float]:
             out = func(*args, **(kwargs or {}))
             if func is THRESHOLD:
                 zeros.append(float((out == 0).float().mean()))
+            elif func is THRESHOLD_PREFILL:
+                x, t = args[:2]
+                zeros.append(float((x * (x.abs() > t) == 0).float().mean()))
             return out
 
     with Record():
@@ -305,7 +322,13 @@ def _replace_sparse(model, tl: ThresholdedLinear) -> None:
 
     inputs = [tl.x, tl.t, tl.wt] + ([tl.bias] if tl.bias is not None else [])
     node = ir.Node(DOMAIN, "SparseLinear", inputs, name=f"{tl.matmul.name}_sparse", num_outputs=1)
-    _swap(model, tl, [node])
+    if not tl.prefill:
+        _swap(model, tl, [node])
+        return
+    one_row = _Builder(node.name)
+    node.outputs[0].name = f"{node.name}_y"
+    one_row.nodes.append(node)
+    _swap(model, tl, _one_row_or_rows(tl, one_row, node.outputs[0]))
 
 
 class _Builder:
@@ -331,9 +354,7 @@ class _Builder:
 
 def _replace_gather(model, tl: ThresholdedLinear) -> None:
     """``If(Size(x) == K, then: gather of the active rows, else: the dense MatMul)`` in place of the linear."""
-    import onnx_ir as ir
-
-    k, n = tl.shape
+    n = tl.shape[1]
     prefix = f"{tl.matmul.name}_gather"
     one_row = _Builder(prefix)  # one token: y = x[i] @ Wt[i] with i = NonZero(|x| > t)
     active = one_row("Reshape", one_row("NonZero", one_row("Reshape", tl.keep, one_row.const([-1]))),
@@ -343,17 +364,25 @@ def _replace_gather(model, tl: ThresholdedLinear) -> None:
     if tl.bias is not None:
         y = one_row("Add", y, tl.bias)
     y = one_row("Reshape", y, one_row("Concat", one_row("Shape", tl.x, end=-1), one_row.const([n]), axis=0))
+    _swap(model, tl, _one_row_or_rows(tl, one_row, y))
+
+
+def _one_row_or_rows(tl: ThresholdedLinear, one_row: _Builder, y) -> list:
+    """The nodes of ``If(Size(x) == K, then: one_row's nodes giving y, else: the original MatMul [+ Add])``."""
+    import onnx_ir as ir
+
+    prefix = one_row.prefix
     rows = _Builder(f"{prefix}_rows")  # several tokens: the original formulation
     y_rows = rows("MatMul", tl.matmul.inputs[0], tl.wt)
     if tl.bias is not None:
         y_rows = rows("Add", y_rows, tl.bias)
     outer = _Builder(prefix + "_if")
-    cond = outer("Equal", outer("Size", tl.x), outer.const(k))
+    cond = outer("Equal", outer("Size", tl.x), outer.const(tl.shape[0]))
     branches = {"then_branch": ir.Graph([], [y], nodes=one_row.nodes, name=f"{prefix}_one_row"),
                 "else_branch": ir.Graph([], [y_rows], nodes=rows.nodes, name=f"{prefix}_rows")}
     node = ir.Node("", "If", [cond], [ir.AttrGraph(key, g) for key, g in branches.items()], num_outputs=1,
                    name=f"{prefix}_If")
-    _swap(model, tl, [*outer.nodes, node])
+    return [*outer.nodes, node]
 
 
 def _swap(model, tl: ThresholdedLinear, nodes: list) -> None:

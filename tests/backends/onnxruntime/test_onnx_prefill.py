@@ -1,5 +1,5 @@
 """ONNX export of teal{prefill=half|dense}: sparsec::threshold_prefill becomes standard ops that read the sequence
-length at run time (parity with torch at 1 and 7 tokens), and the sparse path leaves those layers to it."""
+length at run time (parity with torch at 1 and 7 tokens), and the sparse path takes a one-token step only."""
 import pytest
 import torch
 
@@ -25,6 +25,12 @@ def exported(tmp_path_factory):
     return model, result, path
 
 
+def _feeds():
+    for batch, tokens in ((1, 1), (2, 1), (1, 7), (2, 7)):
+        ids = torch.randint(0, 256, (batch, tokens), generator=torch.Generator().manual_seed(tokens))
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def test_prefill_matches_torch_at_one_and_several_tokens(exported):
     import onnx
 
@@ -34,9 +40,7 @@ def test_prefill_matches_torch_at_one_and_several_tokens(exported):
     domains = {n.domain for n in onnx.load(str(path), load_external_data=False).graph.node}
     assert domains <= {"", "ai.onnx"}, domains
     session = onnx_session(str(path))
-    for batch, tokens in ((1, 1), (2, 1), (1, 7), (2, 7)):
-        ids = torch.randint(0, 256, (batch, tokens), generator=torch.Generator().manual_seed(tokens))
-        feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    for feed in _feeds():
         want = run_program(result.program, feed)[0]
         got = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in feed.items()})[0])
         torch.testing.assert_close(got, want, **TOL)
@@ -44,16 +48,27 @@ def test_prefill_matches_torch_at_one_and_several_tokens(exported):
             assert (model(**feed)[0] - want).abs().max() > 1e-3
 
 
-def test_sparse_path_leaves_prefill_thresholds_to_the_standard_ops(exported):
-    """SparseLinear and the gather threshold every row they get: neither is put behind threshold_prefill."""
+@pytest.mark.parametrize("mode", ["all", "gather"])
+def test_sparse_path_only_on_one_row(exported, mode):
+    """SparseLinear (``all``) and the gather behind threshold_prefill, each inside If(one row): a one-token step
+    takes them (thresholded in both modes), several tokens the original MatMul on the prefill mask."""
     import onnx_ir as ir
 
+    from sparsec.backends.onnxruntime.runtime import onnx_session
     from sparsec.backends.onnxruntime.sparse import apply_sparse_kernels, thresholded_linears
 
     _, result, path = exported
     model = ir.load(str(path))
-    assert thresholded_linears(model) == []
-    before = [n.op_type for n in model.graph]
-    for mode in ("all", "gather", "auto"):
-        assert apply_sparse_kernels(model, result.program, mode)["layers"] == []
-    assert [n.op_type for n in model.graph] == before and "Or" in before
+    found = thresholded_linears(model)
+    assert len(found) == 14 and all(tl.prefill for tl in found)
+    info = apply_sparse_kernels(model, result.program, mode)
+    assert [e["kernel"] for e in info["layers"]] == ["sparse" if mode == "all" else "gather"] * 14
+    assert all(0.4 < e["sparsity"] < 0.6 for e in info["layers"]), info  # a thresholded token's, not the prefill's
+    ifs = [n for n in model.graph if n.op_type == "If"]
+    inner = [m.op_type for n in ifs for m in n.attributes["then_branch"].value]
+    assert len(ifs) == 14 and inner.count("SparseLinear") == (14 if mode == "all" else 0)
+    session = onnx_session(ir.to_proto(model).SerializeToString(), custom_ops=mode == "all")
+    for feed in _feeds():
+        want = run_program(result.program, feed)[0]
+        got = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in feed.items()})[0])
+        torch.testing.assert_close(got, want, **TOL)
