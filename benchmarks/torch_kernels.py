@@ -83,7 +83,8 @@ def table(layers: int, r: dict) -> str:
         d = "reference" if p == PEERS[2] else f"{r['diff'][p]:.2g}" + (" (what teal changes)" if p == PEERS[3] else "")
         lines.append(f"| {p} | {t:.1f} | {t / acc:.2f}x | {d} |")
     lines.append(f"\naccelerate (teal 0.5) is {ms[PEERS[3]] / acc:.2f}x faster than torch eager (dense) and"
-                 f" {ms[PEERS[2]] / acc:.2f}x faster than the teal program in torch; {r['params'] / 1e6:.0f} M parameters.")
+                 f" {ms[PEERS[2]] / acc:.2f}x faster than the teal program in torch;"
+                 f" {r['params'] / 1e6:.0f} M parameters.")
     return "\n".join(lines)
 
 

@@ -135,8 +135,8 @@ def test_sparsity_zero_reproduces_the_original_model():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,spec", [("gpt2", "teal{sparsity=0.5}"), ("gpt2", "relufy"), ("mistral", "teal{sparsity=0.5}"),
-                                       ("qwen2", "relufy")])
+@pytest.mark.parametrize("arch,spec", [("gpt2", "teal{sparsity=0.5}"), ("gpt2", "relufy"),
+                                       ("mistral", "teal{sparsity=0.5}"), ("qwen2", "relufy")])
 def test_zoo_models_match_torch(arch, spec):
     """GPT-2's Conv1D (addmm with a bias) and the other zoo decoders."""
     model, inputs = build(arch, **(RELU_OVERRIDE[arch] if spec == "relufy" else {}))
