@@ -136,15 +136,17 @@ def test_sparsity_zero_reproduces_the_original_model():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,spec", [("gpt2", "teal{sparsity=0.5}"), ("gpt2", "relufy"),
-                                       ("mistral", "teal{sparsity=0.5}"), ("qwen2", "relufy")])
+                                       ("mistral", "teal{sparsity=0.5}"), ("qwen2", "relufy"),
+                                       ("llama", "teal{sparsity=0.5 prefill=half}")])
 def test_zoo_models_match_torch(arch, spec):
-    """GPT-2's Conv1D (addmm with a bias) and the other zoo decoders."""
+    """GPT-2's Conv1D (addmm with a bias), the other zoo decoders, and teal's prefill threshold (its zeros skipped)."""
     model, inputs = build(arch, **(RELU_OVERRIDE[arch] if spec == "relufy" else {}))
     loop = token_forward_loop(torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2)))
     result = sparsec.transform(model, spec, example_inputs=inputs, forward_loop=loop, measure=False)
     module = sparsec.accelerate(result, threads=THREADS)
     assert "aten.linear.default" not in _ops(module) and "aten.addmm.default" not in _ops(module)
-    assert set(_kinds(module)) == {"threshold" if spec.startswith("teal") else "sparse", "dense"}
+    fused = spec.startswith("teal") and "prefill" not in spec
+    assert set(_kinds(module)) == {"threshold" if fused else "sparse", "dense"}
     _matches_program(module, result.program)
 
 
