@@ -166,7 +166,8 @@ def _token_site(layer: WeightLayer, prefill: str) -> tuple[fx.Node, fx.Node]:
     if prefill == "all":
         return x, layer.node
     rank = _rank(x)
-    if x.op == "call_function" and x.target in _FLATTEN and rank == 2 and (_rank(x.args[0]) or 0) >= 3:
+    if x.op == "call_function" and x.target in _FLATTEN and rank == 2 and (_rank(x.args[0]) or 0) >= 3 \
+            and x.meta["val"].shape[-1] == x.args[0].meta["val"].shape[-1]:
         if len(x.users) == 1:
             return x.args[0], x
         rank = None
