@@ -31,3 +31,21 @@ def test_prefill_build_matches_torch_at_one_and_several_tokens(tmp_path):
         torch.testing.assert_close(got, want, **TOL)
         with torch.no_grad():  # the thresholds act at both lengths (block 0 thresholds half of 7 tokens)
             assert (model(**feed)[0] - want).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_prefill_cuda_build(tmp_path):
+    """--target cuda: the threshold_prefill op is scheduled by dlight and the generated CUDA source compiles with nvcc
+    (no GPU here to run it); the linears after it take the GPU kernel that skips zero inputs."""
+    from sparsec.backends.tvm.cuda import require_nvcc
+
+    try:
+        require_nvcc()
+    except Exception as exc:
+        pytest.skip(str(exc))
+    model, inputs = build("llama")
+    ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(1))
+    result = sparsec.transform(model, prefill_spec(0.5), example_inputs=inputs, forward_loop=token_forward_loop(ids),
+                               measure=False)
+    manifest = sparsec.compile(result, str(tmp_path / "b"), target="cuda")
+    assert sorted(k.split("_")[2] for k in manifest["kernels"]) == ["dense", "sparse", "sparse", "sparse", "sparse"]
