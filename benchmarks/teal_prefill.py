@@ -1,4 +1,4 @@
-"""What teal's prefill policy costs in a TVM build: prefill=all / half / dense vs the dense build, one token and a prompt.
+"""teal's prefill policy in TVM builds: prefill=all / half / dense vs the dense build, one token and a prompt.
 
 Model: a Llama with TinyLlama-1.1B's block shape (hidden 2048, 32 heads, 4 kv heads, intermediate 5632) and
 ``--layers`` decoder layers, vocabulary 256 (so the dense LM head does not hide the blocks; random weights, seed 0),
@@ -85,7 +85,7 @@ def main() -> None:
                                         - programs[b].module()(**feeds[0])[0].numpy()).max()) for b in BUILDS}
             rows.append((tokens, {b: statistics.median(v) * 1e3 for b, v in times.items()}, diff))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"\n| tokens | build | median ms | speed-up vs TVM dense | max abs logit diff vs its torch program |")
+    print("\n| tokens | build | median ms | speed-up vs TVM dense | max abs logit diff vs its torch program |")
     print("|---|---|---|---|---|")
     for tokens, ms, diff in rows:
         for b in BUILDS:

@@ -86,7 +86,7 @@ def _threshold():
 def _threshold_prefill():
     """``x * (|x| > t)`` on the token positions ``mode`` thresholds (:mod:`sparsec.ops`), from x's symbolic S:
     keep = ``Or(Greater(Abs(x), t), Less(Range(0, S)[:, None], n))`` with n = ``S // 2`` (half) or ``S * Min(S - 1,
-    1)`` (dense). The keep mask is not a plain ``Greater``, so the sparse path never fuses it as a threshold."""
+    1)`` (dense). The sparse path (:mod:`.sparse`) recognises the ``Or`` and replaces such a linear only for one row."""
     from onnxscript import opset18 as op
 
     def threshold_prefill(x, t, mode: str):
