@@ -264,10 +264,10 @@ _GEMMA_RELUFY_TOL = dict(rtol=1e-4, atol=5e-4)
                                         if (m, n) != ("minilm", "relufy")])  # that one is test_real_minilm
 def test_real_models_after_each_pass(model, name, tmp_path):
     """The real MiniLM and Gemma 3 270M after each pass: ORT matches torch at two sequence lengths (text), with ORT's
-    own threshold decisions, which may differ from torch's only at ties (tests/backends/parity.py). Measured: Gemma
-    after teal 0.5 on --verify's padded 2x20 sample decides layer 3's down_proj input at token 8 of row 1 (8e-8
-    relative from t) unlike torch, and after it layer 10's gate/up input (1.6e-6); with those two decisions torch
-    matches ORT within 3.6e-5, with its own it differs by 8.0."""
+    own threshold decisions, which may differ from torch's only at ties (tests/backends/parity.py). Measured: on Gemma
+    after teal 0.5 and --verify's sample (2x20 tokens, row 2 left-padded) ORT decides one element of layer 3's down_proj
+    input (8e-8 relative from its t) unlike torch, and after it one of layer 10's gate/up input (1.6e-6); with those
+    two decisions torch matches ORT within 3.6e-5, with its own it differs by up to 8.0 in the logits."""
     tokenizer_dir = _tokenizer_dir(model)
     spec = _REAL_PASSES[name]
     spec = spec[model] if isinstance(spec, dict) else spec
