@@ -125,8 +125,9 @@ def accelerate_program(program, *, threads: int | None = None, sparse: bool = Tr
     gm = program.module()
     nodes = {n.name: n for n in gm.graph.nodes}  # the same names as in program.graph, but for the user inputs
     nodes.update(zip(program.graph_signature.user_inputs, [n for n in gm.graph.nodes if n.op == "placeholder"]))
-    store = torch.nn.Module()
-    gm.add_module(STORE, store)
+    if not hasattr(gm, STORE):  # (a program exported from an accelerated module has one already)
+        gm.add_module(STORE, torch.nn.Module())
+    store = gm.get_submodule(STORE)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or str(node.target) not in LINEAR_OPS:
             continue
@@ -142,11 +143,11 @@ def accelerate_program(program, *, threads: int | None = None, sparse: bool = Tr
         name = where.replace(".", "_")
         while hasattr(store, f"{name}_weight"):  # one module called twice
             name += "_"
-        n = int(w.shape[0])
+        n, tiles = int(w.shape[0]), num_tiles(int(w.shape[0]), threads)
         bias = consts.get(b_node) if b_node is not None else torch.zeros(n)
-        store.register_buffer(f"{name}_weight", pack_weight(w, dtype, tiles=num_tiles(n, threads)))
+        store.register_buffer(f"{name}_weight", pack_weight(w, dtype, tiles=tiles))
         store.register_buffer(f"{name}_bias", bias.detach().to(getattr(torch, dtype)).contiguous())
-        linear_kernel_fn(int(w.shape[1]), n, dtype, kind, num_tiles(n, threads))  # compile now, not at the 1st call
+        linear_kernel_fn(int(w.shape[1]), n, dtype, kind, tiles)  # compile now, not at the first call
         x = nodes[x_node.name]  # in gm: x, or the threshold(x, t) fused into the kernel
         with gm.graph.inserting_before(node):
             weight = gm.graph.get_attr(f"{STORE}.{name}_weight")

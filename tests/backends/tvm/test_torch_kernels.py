@@ -179,8 +179,10 @@ def test_accelerated_module_exports_with_torch_export(teal):
     feed = _feeds()[2]
     exported = torch.export.export(module, (), feed)
     assert _ops(exported.module())["sparsec.tvm_linear.default"] == 15
+    again = sparsec.accelerate(exported, threads=THREADS)  # nothing left to replace; its packed weights kept
     with torch.no_grad():
         assert torch.equal(_logits(exported.module()(**feed)), _logits(module(**feed)))
+        assert torch.equal(_logits(again(**feed)), _logits(module(**feed)))
 
 
 def test_kernel_libraries_are_cached_on_disk(relufy, tmp_path, monkeypatch):
