@@ -12,7 +12,9 @@ What is timed: a one-token forward (batch 1, sequence 1, no KV cache), as in ben
 everywhere (TVM_NUM_THREADS, torch.set_num_threads; OPENBLAS_NUM_THREADS=1), all peers interleaved round-robin in one
 process (order reversed every other round), each call on the next of 4 seeded tokens, one warm-up round, medians.
 Output agreement: max |logit diff| of each peer vs the teal program (the dense model: what teal changes). Peak RSS.
+With ``--linear-shapes``, also single linears (``bench_linear``): what the op costs over calling the kernel directly.
 Usage: python benchmarks/torch_kernels.py [--llama-layers 1,2] [--reps 21] [--calib-samples 4] [--no-build]
+       [--linear-shapes 4096x11008,11008x4096]
 """
 import argparse
 import os
@@ -88,6 +90,48 @@ def table(layers: int, r: dict) -> str:
     return "\n".join(lines)
 
 
+def bench_linear(k: int, n: int, reps: int) -> dict:
+    """One Llama MLP linear at batch 1 with a TEAL threshold dropping half of x: torch (threshold + F.linear),
+    ``sparsec::tvm_linear`` called from torch, and the same compiled kernel called directly with preallocated
+    tensors (what the op adds: dispatch, the output allocation, DLPack hand-over). Medians in ms."""
+    import torch
+    import torch.nn.functional as F
+
+    from sparsec.backends.tvm.kernels import num_tiles, pack_weight
+    from sparsec.backends.tvm.torch_kernels import linear_kernel_fn
+    from sparsec.ops import threshold
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    wp, bias = pack_weight(w, tiles=num_tiles(n, THREADS)), torch.zeros(n)
+    xs = [torch.randn(1, k, generator=g) for _ in range(8)]
+    t = torch.tensor(0.6745)  # the median of |N(0, 1)|: about half of each x dropped
+    kernel = linear_kernel_fn(k, n, "float32", "threshold", wp.shape[0])
+    y, thr = torch.empty(1, n), t.reshape(1)
+    calls = {"torch threshold + F.linear": lambda x: F.linear(threshold(x, t), w),
+             "sparsec::tvm_linear (from torch)": lambda x: torch.ops.sparsec.tvm_linear(x, wp, bias, t, "threshold"),
+             "the kernel called directly": lambda x: kernel(x, wp, thr, bias, y)}
+    times = {c: [] for c in calls}
+    with torch.no_grad():
+        for r in range(reps + 1):
+            for c in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+                start = time.perf_counter()
+                calls[c](xs[r % 8])
+                if r:
+                    times[c].append(time.perf_counter() - start)
+        want = F.linear(threshold(xs[0], t), w)
+        diff = float((calls["sparsec::tvm_linear (from torch)"](xs[0]) - want).abs().max())
+    return {"ms": {c: statistics.median(v) * 1e3 for c, v in times.items()}, "diff": diff}
+
+
+def linear_table(shape: str, r: dict) -> str:
+    ms, op = r["ms"], r["ms"]["sparsec::tvm_linear (from torch)"]
+    lines = [f"| W {shape} fp32, batch 1, threshold dropping ~50 % | median ms | time / op |", "|---|---|---|"]
+    lines += [f"| {c} | {t:.2f} | {t / op:.2f}x |" for c, t in ms.items()]
+    lines.append(f"\nop vs torch: max abs diff {r['diff']:.2g}")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-layers", default="1,2", help="decoder layer counts, comma separated")
@@ -95,6 +139,8 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--no-build", action="store_true", help="leave out the whole-program TVM build")
+    ap.add_argument("--linear-shapes", default="", help="also time single Llama MLP linears, e.g. 4096x11008,11008x4096"
+                    " (K inputs x N outputs); --llama-layers '' for these alone")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(THREADS)
     os.environ["OPENBLAS_NUM_THREADS"] = "1"  # OpenBLAS threads spin after a call and slow TVM's pool
@@ -103,7 +149,11 @@ def main():
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
     tables = []
-    for layers in (int(v) for v in args.llama_layers.split(",")):
+    for shape in filter(None, args.linear_shapes.split(",")):
+        k, n = (int(v) for v in shape.split("x"))
+        tables.append(linear_table(shape, bench_linear(k, n, args.reps)))
+        print(tables[-1], flush=True)
+    for layers in (int(v) for v in filter(None, args.llama_layers.split(","))):
         print(f"TinyLlama shape, {layers} layers:", flush=True)
         with tempfile.TemporaryDirectory() as d:
             tables.append(table(layers, bench(layers, args, d)))
@@ -111,7 +161,8 @@ def main():
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
     print()
     print("\n\n".join(tables))
-    print(f"\nteal calibration: {args.calib_samples} windows of {args.seq_len} tokens; {args.reps} reps; peak RSS:"
+    calib = f"teal calibration: {args.calib_samples} windows of {args.seq_len} tokens; " if args.llama_layers else ""
+    print(f"\n{calib}{args.reps} reps; peak RSS:"
           f" {peak:.2f} GiB; threads: {THREADS}; {os.cpu_count()} CPUs; load average at the end"
           f" {os.getloadavg()[0]:.1f}; {time.perf_counter() - start:.0f} s")
 
