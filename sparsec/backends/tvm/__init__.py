@@ -3,5 +3,6 @@
 - :mod:`sparsec.backends.tvm.kernels`: the CPU linear kernels (sparse GEMV, dense, batch > 1) and weight packing.
 - :mod:`sparsec.backends.tvm.lower`: torch.export program -> Relax, linear layers -> those kernels.
 - :mod:`sparsec.backends.tvm.build`: build directories (compile, write atomically, check, load, run).
+- :mod:`sparsec.backends.tvm.torch_kernels`: the same kernels in plain PyTorch (``sparsec::tvm_linear``, zero-copy).
 - :mod:`sparsec.backends.tvm.env`: importing TVM, its thread pool, the host-CPU target.
 """
