@@ -151,9 +151,9 @@ def test_zoo_fatrelu_onnx_matches_torch(arch, tmp_path):
     _zoo_case(arch, "relufy{to=fatrelu}", tmp_path)
 
 
-#: each pass after relufy (cats joins when it lands: the test picks up every registered pass named here)
+#: each pass after relufy; CATS thresholds a gated MLP's gate (Llama, Mistral, Qwen2), else the ReLU (FATReLU)
 _PASSES = {"teal": "relufy,teal{sparsity=0.5 calib_rounds=1}", "prune": "relufy,prune{sparsity=0.5}",
-           "cats": "relufy,cats"}
+           "cats": {"gpt2": "relufy,cats{fatrelu=true}", "bert": "relufy,cats{fatrelu=true}", None: "relufy,cats"}}
 
 
 @pytest.mark.slow
@@ -163,7 +163,8 @@ def test_zoo_passes_onnx_match_torch(name, arch, tmp_path):
     """Every pass's result exports and matches torch at two sequence lengths; teal also with the sparse kernels."""
     if name not in {p.name for p in sparsec.list_passes()}:
         pytest.skip(f"pass '{name}' is not in this checkout yet")
-    _zoo_case(arch, _PASSES[name], tmp_path, sparse_kernel="all" if name == "teal" else "none")
+    spec = _PASSES[name] if isinstance(_PASSES[name], str) else _PASSES[name].get(arch, _PASSES[name][None])
+    _zoo_case(arch, spec, tmp_path, sparse_kernel="all" if name == "teal" else "none")
 
 
 @pytest.mark.parametrize("arch", ["llama", *[pytest.param(a, marks=pytest.mark.slow)
