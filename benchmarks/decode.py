@@ -21,6 +21,7 @@ Goal (issue 7): TinyLlama-shaped with teal 0.5 >= 1.5x faster per token than the
 Usage: python benchmarks/decode.py [--models tinyllama,gemma] [--reps 21] [--llama-layers 1,4] [--calib-samples 4]
 """
 import argparse
+import gc
 import os
 import resource
 import statistics
@@ -31,14 +32,14 @@ THREADS = 2
 PEERS = ("TVM sparse (teal 0.5)", "TVM dense (teal 0.5)", "torch eager (dense)", "ORT (dense)")
 
 
-def tinyllama(layers: int):
-    """(HF model, example kwargs, forward_loop factory) of the TinyLlama-1.1B-shaped Llama with random weights."""
+def tinyllama(layers: int, vocab_size: int = 32000):
+    """(HF model, example kwargs) of the TinyLlama-1.1B-shaped Llama with random weights (seed 0)."""
     import torch
     import transformers as tf
 
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(hidden_size=2048, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4,
-                         intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
+                         intermediate_size=5632, vocab_size=vocab_size, max_position_embeddings=2048)
     model = tf.LlamaForCausalLM(cfg).eval()
     model.config.use_cache = False
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
@@ -88,16 +89,19 @@ def bench_model(name: str, args, workdir: str, layers: int | None) -> dict:
     onnx_path = os.path.join(workdir, f"{name}-dense.onnx")
     sparsec.export_onnx(dense_program, onnx_path, sparse_kernel="none", external_data=True)
     print(f"  ONNX export {time.perf_counter() - t0:.0f} s", flush=True)
-    teal_module = result.module()
-    del dense_program
-    compiled = {peer: sparsec.load_compiled(path, threads=THREADS) for peer, path in builds.items()}
-    session = onnx_session(onnx_path, threads=THREADS)
-
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     feeds = [{"input_ids": t, "attention_mask": torch.ones_like(t)}
              for t in (torch.randint(0, vocab, (1, 1), generator=g) for _ in range(4))]
     np_feeds = [{k: v.numpy() for k, v in f.items()} for f in feeds]
+    with torch.no_grad():  # references on the first token, before the peers are loaded (memory: one copy at a time)
+        ref = model(**feeds[0], use_cache=False).logits.numpy()
+        teal_ref = result.module()(**feeds[0])
+        teal_ref = (teal_ref[0] if isinstance(teal_ref, (tuple, list)) else teal_ref).numpy()
+    del dense_program, result
+    gc.collect()
+    compiled = {peer: sparsec.load_compiled(path, threads=THREADS) for peer, path in builds.items()}
+    session = onnx_session(onnx_path, threads=THREADS)
     calls = {PEERS[0]: lambda f: compiled[PEERS[0]](f)["output_0"],
              PEERS[1]: lambda f: compiled[PEERS[1]](f)["output_0"],
              PEERS[2]: lambda f: model(**f, use_cache=False).logits}
@@ -115,10 +119,6 @@ def bench_model(name: str, args, workdir: str, layers: int | None) -> dict:
             session.run(None, {k: np_feeds[r % 4][k] for k in names})
             if r:
                 times[PEERS[3]].append(time.perf_counter() - t)
-        # agreement on the first token
-        ref = model(**feeds[0], use_cache=False).logits.numpy()
-        teal_ref = teal_module(**feeds[0])
-        teal_ref = (teal_ref[0] if isinstance(teal_ref, (tuple, list)) else teal_ref).numpy()
     diff = {PEERS[0]: np.abs(calls[PEERS[0]](np_feeds[0]) - teal_ref).max(),
             PEERS[1]: np.abs(calls[PEERS[1]](np_feeds[0]) - teal_ref).max(),
             PEERS[3]: np.abs(session.run(None, {k: np_feeds[0][k] for k in names})[0] - ref).max(),

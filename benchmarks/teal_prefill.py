@@ -24,19 +24,6 @@ THREADS = 2
 BUILDS = ("TVM dense", "prefill=all", "prefill=half", "prefill=dense")
 
 
-def model_and_inputs(layers: int):
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(hidden_size=2048, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4,
-                         intermediate_size=5632, vocab_size=256, max_position_embeddings=2048)
-    model = tf.LlamaForCausalLM(cfg).eval()
-    model.config.use_cache = False
-    ids = torch.randint(0, 256, (2, 12))
-    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=1)
@@ -48,10 +35,11 @@ def main() -> None:
     import torch
 
     import sparsec
+    from decode import tinyllama  # benchmarks/decode.py: the TinyLlama-shaped model
     from sparsec.calibration import token_forward_loop
 
     torch.set_num_threads(THREADS)
-    model, example = model_and_inputs(args.layers)
+    model, example = tinyllama(args.layers, vocab_size=256)
     ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
     programs, compiled = {}, {}
     with tempfile.TemporaryDirectory() as work:
