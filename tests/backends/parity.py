@@ -14,31 +14,18 @@ token 2, 1.03e-6 relative from t=0.577), and the flipped element propagates to e
   then matches the backend. Decisive however many ties there are (a tie flipped early moves later activations, so
   later ties are not torch's own): ORT on the real Gemma 3 after teal 0.5 flips two, in layers 3 and 10, that no
   choice at torch's first 4 ties reproduced.
+
+Running torch with given decisions and the tie distance (``TIE``) are the product's :mod:`sparsec.backends.ties`, which
+``sparsec export --verify`` uses the same way.
 """
 import itertools
 
 import numpy as np
 import torch
 
-from sparsec.ops import THRESHOLD
+from sparsec.backends.ties import TIE, compare_decisions, run_with_decisions, threshold_nodes
 
 TOL = dict(rtol=1e-4, atol=1e-4)
-TIE = 3e-6  # relative distance |(|x| - t)| / t below which a backend and torch may decide a threshold differently
-
-
-def _run(program, inputs: dict, decide) -> list:
-    """The torch program on ``inputs`` with ``decide(node name, x, t) -> keep`` (bool, x's shape) at every
-    ``sparsec::threshold`` (``x * keep``: what the op computes when keep is ``|x| > t``)."""
-
-    class Decide(torch.fx.Interpreter):
-        def run_node(self, n):
-            if n.op != "call_function" or n.target is not THRESHOLD:
-                return super().run_node(n)
-            x, t = self.fetch_args_kwargs_from_env(n)[0]
-            return x * decide(n.name, x, t)
-
-    with torch.no_grad():
-        return list(Decide(program.module()).run(*inputs.values()))
 
 
 def reference(program, inputs: dict, flips=(), rel: float = TIE):
@@ -46,14 +33,17 @@ def reference(program, inputs: dict, flips=(), rel: float = TIE):
     (relative) of their threshold, and the decision of the i-th tie met (in graph order) is flipped when ``flips[i]``."""
     ties = [0]
 
-    def decide(name, x, t):
-        keep = (x.abs() > t).flatten()
-        for i in ((x.abs() - t).abs() <= rel * t.abs()).flatten().nonzero().flatten().tolist():
+    def decide(node, x, t, own, passed):
+        keep = own.flatten().clone()
+        near = (x.abs() - t).abs() <= rel * t.abs()
+        if passed is not None:  # a token threshold_prefill passes has no decision to flip
+            near &= ~passed
+        for i in near.flatten().nonzero().flatten().tolist():
             keep[i] ^= ties[0] < len(flips) and flips[ties[0]]
             ties[0] += 1
         return keep.view_as(x)
 
-    return _run(program, inputs, decide), ties[0]
+    return run_with_decisions(program, inputs, decide), ties[0]
 
 
 def _pairs(got: list, want: list, inputs: dict) -> list:
@@ -82,33 +72,18 @@ def assert_matches_up_to_ties(got: list, program, inputs: dict, max_ties: int = 
 
 def assert_matches_with_decisions(got: list, decisions: dict, program, inputs: dict, tol: dict = TOL,
                                   rel: float = TIE) -> dict:
-    """``got`` (numpy outputs) and ``decisions`` (``{threshold node name: the backend's |x| > t}``, one per
-    ``sparsec::threshold`` of ``program``) come from one backend run on ``inputs``. Asserts that (i) the torch program
-    run with those decisions decides differently from them only at ties (``|(|x| - t)| <= rel * t`` for torch's x
-    there, padded positions of an ``attention_mask`` left out) and (ii) then matches ``got`` within ``tol`` (compared
-    as in :func:`assert_matches_up_to_ties`). Returns ``{threshold node name: (decisions differing, largest relative
-    distance of them)}`` for the thresholds where any differ."""
-    mask = inputs.get("attention_mask")
-    missing = [n.name for n in program.graph.nodes if n.op == "call_function" and n.target is THRESHOLD
-               and n.name not in decisions]
+    """``got`` (numpy outputs) and ``decisions`` (``{threshold node name: the backend's keep mask}``, one per threshold
+    of ``program``) come from one backend run on ``inputs``. Asserts that (i) the torch program run with those
+    decisions decides differently from them only at ties (:func:`sparsec.backends.ties.compare_decisions`) and
+    (ii) then matches ``got`` within ``tol`` (compared as in :func:`assert_matches_up_to_ties`). Returns
+    ``{threshold node name: (decisions differing, largest relative distance of them)}`` where any differ."""
+    missing = [n.name for n in threshold_nodes(program) if n.name not in decisions]
     assert not missing, f"no backend decisions for thresholds {missing}"
-    differ, far = {}, []
-
-    def decide(name, x, t):
-        keep = torch.from_numpy(np.asarray(decisions[name]))
-        assert keep.shape == x.shape, f"{name}: backend decisions of shape {tuple(keep.shape)}, x {tuple(x.shape)}"
-        flipped = keep != (x.abs() > t)
-        if mask is not None and x.shape[:2] == mask.shape:
-            flipped &= mask.bool().view(*mask.shape, *[1] * (x.dim() - 2))
-        if flipped.any():
-            distance = ((x.abs() - t).abs() / t.abs())[flipped]
-            differ[name] = (int(flipped.sum()), float(distance.max()))
-            if differ[name][1] > rel:
-                far.append(f"{name}: {differ[name][0]} decisions, up to {differ[name][1]:.3g} from t={float(t):.4g}")
-        return keep
-
-    want = _run(program, inputs, decide)
+    want, differ = compare_decisions(program, inputs, decisions)
+    far = [f"{n}: {d['count']} decisions, up to {d['distance']:.3g} from t={d['t']:.4g}" for n, d in differ.items()
+           if d["distance"] > rel]
     assert not far, f"the backend decides beyond ties (relative distance > {rel:g}): {'; '.join(far)}"
+    differ = {n: (d["count"], d["distance"]) for n, d in differ.items()}
     for g, w in _pairs(got, want, inputs):
         torch.testing.assert_close(g, w, **tol, msg=lambda m: f"with the backend's decisions ({differ}): {m}")
     return differ

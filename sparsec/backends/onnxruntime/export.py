@@ -351,9 +351,22 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
 
 def verification_failure(v: dict, path: str) -> str:
     worst = max(v["runs"], key=lambda r: (not r["ok"], r["max_abs"]))
+    ties = worst.get("ties")
+    if ties and ties["not_ties"]:
+        name = ties["not_ties"][0]
+        d = ties["thresholds"][name]
+        where = f"threshold '{d['module']}' (node {name})" if d["module"] else f"threshold node {name}"
+        return (f"ONNX Runtime decides {d['count']} activations at {where} unlike torch, up to {d['distance']:.3g}"
+                f" (relative) from t={d['t']:.4g}, beyond a tie ({ties['tie']:g}), on {worst['inputs']} (max abs err"
+                f" {worst['max_abs']:.3g}); '{path}' was written: its threshold does not compute |x| > t as torch does,"
+                " inspect it")
+    n = ties["decisions"] if ties else 0
+    also = ("" if not ties else " (ONNX Runtime's threshold decisions are torch's)" if not n else
+            f" even with ONNX Runtime's own threshold decisions ({n} differ{'s' * (n == 1)} from torch's, all ties)")
+    errors = ties or worst
     return (f"ONNX Runtime output differs from the torch reference beyond rtol={v['rtol']:g}, atol={v['atol']:g} on"
-            f" {worst['inputs']} (max abs err {worst['max_abs']:.3g}, max rel err {worst['max_rel']:.3g}); '{path}'"
-            " was written: inspect it, or loosen --rtol/--atol")
+            f" {worst['inputs']}{also} (max abs err {errors['max_abs']:.3g}, max rel err {errors['max_rel']:.3g});"
+            f" '{path}' was written: inspect it, or loosen --rtol/--atol")
 
 
 def _fsync_file(p: str) -> None:

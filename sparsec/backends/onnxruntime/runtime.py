@@ -6,15 +6,17 @@ from typing import Any
 
 import numpy as np
 
+from sparsec.backends.ties import TIE
 from sparsec.errors import SparsecError, first_line
 from sparsec.inputs import check_inputs, example_inputs, load_inputs_file, onnx_input_spec, run_program
 
 DEFAULT_RTOL = DEFAULT_ATOL = 1e-4
 
 
-def onnx_session(model: str | bytes, *, threads: int | None = None, custom_ops: bool | None = None):
+def onnx_session(model: str | bytes, *, threads: int | None = None, custom_ops: bool | None = None,
+                 external_data_dir: str | None = None):
     """An ONNX Runtime CPU session for the model file ``model`` (external data beside it is found by ORT), or for a
-    serialized model (bytes).
+    serialized model (bytes; its external data is looked up in ``external_data_dir``).
 
     ``custom_ops``: register sparsec's custom-op library (``ai.sparsec``, :mod:`.kernels`): True = always (built if
     needed), None = when it is already built, or when the model turns out to need it.
@@ -35,6 +37,9 @@ def onnx_session(model: str | bytes, *, threads: int | None = None, custom_ops: 
         opts.log_severity_level = 3  # errors only: warnings would break the one-line error contract
         if threads:
             opts.intra_op_num_threads = threads
+        if external_data_dir:
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                          external_data_dir)
         if library:
             opts.register_custom_ops_library(library)
         return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
@@ -47,7 +52,7 @@ def onnx_session(model: str | bytes, *, threads: int | None = None, custom_ops: 
         return session(library)
     except Exception as exc:
         if custom_ops is None and library is None and DOMAIN in str(exc):
-            return onnx_session(model, threads=threads, custom_ops=True)
+            return onnx_session(model, threads=threads, custom_ops=True, external_data_dir=external_data_dir)
         raise SparsecError(f"ONNX Runtime cannot load {label}: {first_line(exc)[:300]}") from None
 
 
@@ -120,8 +125,72 @@ def compare_outputs(got: list, want: list, *, rtol: float = DEFAULT_RTOL, atol: 
             "max_rel": max((e.get("max_rel", float("inf")) for e in per), default=0.0), "outputs": per}
 
 
+def decision_session(onnx_path: str, program):
+    """(session, decision_of): an ONNX Runtime session of an in-memory copy of the model file ``onnx_path`` (only
+    read) that also outputs every threshold's keep mask (the ``Greater`` / ``Or`` its ``Mul`` casts), and
+    ``{threshold node name of program: its mask output}``. The exporter folds thresholds of one input with equal t
+    into one (Gemma's q/k/v, gate/up): they share its mask. A threshold the sparse path left without a mask is not in
+    ``decision_of``; ``(None, {})`` when none has one."""
+    import onnx
+    import onnx_ir as ir
+
+    from sparsec.backends.onnxruntime.sparse import _threshold_of
+    from sparsec.backends.ties import threshold_nodes
+
+    proto = onnx.load(onnx_path, load_external_data=False)
+    masks = {}
+    for node in ir.from_proto(proto).graph:
+        found = _threshold_of(node.outputs[0]) if node.op_type == "Mul" else None
+        if found is not None:
+            masks[node.outputs[0].name] = found[2].name
+    thresholds = threshold_nodes(program)
+    decision_of = {}
+    for n in thresholds:
+        folded = [m.name for m in thresholds if m.name in masks and m.args[0] is n.args[0]]
+        if n.name in masks or folded:
+            decision_of[n.name] = masks[n.name if n.name in masks else folded[0]]
+    if not decision_of:
+        return None, {}
+    outputs = {o.name for o in proto.graph.output}
+    for name in sorted(set(decision_of.values()) - outputs):
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None))
+    folder = os.path.dirname(os.path.abspath(onnx_path))
+    return onnx_session(proto.SerializeToString(), external_data_dir=folder), decision_of
+
+
+def _with_onnx_decisions(probe, program, module, arrays: dict, got: list, label: str, *, rtol: float, atol: float,
+                         tie: float) -> dict:
+    """The torch program run with ONNX Runtime's threshold decisions (``probe``: :func:`decision_session`) against
+    ONNX Runtime's outputs ``got``: which decisions differ from torch's, whether all are ties, and the errors then."""
+    from sparsec.backends.ties import compare_decisions, threshold_nodes
+
+    session, decision_of = probe
+    out = run_onnx(session, arrays, source=label) if session is not None else {}
+    want, differ = compare_decisions(program, arrays, {n: out[v] for n, v in decision_of.items()}, module)
+    cmp = compare_outputs(got, want, rtol=rtol, atol=atol, attention_mask=arrays.get("attention_mask"))
+    far = [n for n, d in differ.items() if d["distance"] > tie]
+    return {"ok": cmp["ok"] and not far, "tie": tie, "decisions": sum(d["count"] for d in differ.values()),
+            "max_distance": max((d["distance"] for d in differ.values()), default=0.0), "not_ties": far,
+            "thresholds": differ, "max_abs": cmp["max_abs"], "max_rel": cmp["max_rel"],
+            "without_mask": [n.name for n in threshold_nodes(program) if n.name not in decision_of]}
+
+
+def describe_run(r: dict) -> str:
+    """One line on a run of :func:`verify_onnx` (``r``: one of its ``runs``)."""
+    line = f"{r['inputs']}: max abs err {r['max_abs']:.3g}, max rel err {r['max_rel']:.3g}"
+    ties = r.get("ties")
+    if ties is None:
+        return f"{line}  {'ok' if r['ok'] else 'BEYOND TOLERANCE'}"
+    kind = "all ties" if not ties["not_ties"] else f"at {len(ties['not_ties'])} threshold(s) beyond a tie"
+    n = ties["decisions"]
+    return (f"{line} with torch's own threshold decisions; {n} decision{'s' * (n != 1)} differ{'s' * (n == 1)},"
+            f" {kind} (<= {ties['max_distance']:.2g} relative from t); with ONNX Runtime's decisions: max abs err"
+            f" {ties['max_abs']:.3g}  {'ok' if r['ok'] else 'BEYOND TOLERANCE'}")
+
+
 def verify_onnx(onnx_path: str, program, inputs: Any = None, *, spec: list[dict] | None = None,
-                rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL, shorter: bool = True) -> dict:
+                rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL, shorter: bool = True,
+                tie: float = TIE) -> dict:
     """Run the ONNX model in ONNX Runtime and the torch ``program`` (ExportedProgram) on the same inputs and compare.
 
     ``inputs``: None (the program's example inputs; with ``shorter``, also the same inputs cut to a shorter
@@ -129,8 +198,17 @@ def verify_onnx(onnx_path: str, program, inputs: Any = None, *, spec: list[dict]
     positions where an ``attention_mask`` input is 0 are not compared (see :func:`compare_outputs`). Inputs are
     checked against ``spec`` (default: the program's input spec). Returns ``{"ok", "max_abs", "max_rel", "runs":
     [...]}``; it does not raise when the outputs differ: check ``ok``.
+
+    Thresholds are discontinuous (:mod:`sparsec.backends.ties`): when a run differs beyond tolerance and the program
+    has thresholds, ONNX Runtime runs again on an in-memory copy of the model that also outputs its threshold masks,
+    and torch runs with those decisions. The run passes when every decision that differs from torch's is a tie
+    (within ``tie`` of t, relative: :data:`~sparsec.backends.ties.TIE` = 3e-6) and the outputs then match within
+    tolerance; the run's ``ties`` records it (``decisions`` differing, ``max_distance``, ``not_ties``: threshold
+    nodes beyond a tie, ``thresholds``: per node its module, t, count and distance, ``max_abs`` / ``max_rel`` with
+    ONNX Runtime's decisions). ``max_abs`` / ``max_rel`` stay the errors with torch's own decisions.
     """
     from sparsec.artifact import input_spec
+    from sparsec.backends.ties import threshold_nodes
 
     spec = spec if spec is not None else input_spec(program)
     if inputs is None:
@@ -145,6 +223,7 @@ def verify_onnx(onnx_path: str, program, inputs: Any = None, *, spec: list[dict]
         sets = [("inputs", {k: _to_numpy(v) for k, v in inputs.items()})]
     session = onnx_session(onnx_path)
     module = program.module()
+    probe = None
     runs = []
     for label, arrays in sets:
         check_inputs(arrays, spec, source=label, what="the artifact")
@@ -155,6 +234,11 @@ def verify_onnx(onnx_path: str, program, inputs: Any = None, *, spec: list[dict]
         cmp["inputs"] = label
         cmp["shapes"] = {k: list(v.shape) for k, v in arrays.items()}
         cmp["output_names"] = list(got)
+        if not cmp["ok"] and threshold_nodes(program):
+            probe = probe or decision_session(onnx_path, program)
+            cmp["ties"] = _with_onnx_decisions(probe, program, module, arrays, list(got.values()), label, rtol=rtol,
+                                               atol=atol, tie=tie)
+            cmp["ok"] = cmp["ties"]["ok"]
         runs.append(cmp)
     return {"ok": all(r["ok"] for r in runs), "rtol": rtol, "atol": atol,
             "max_abs": max(r["max_abs"] for r in runs), "max_rel": max(r["max_rel"] for r in runs), "runs": runs}

@@ -14,6 +14,7 @@ import sparsec
 from sparsec.backends.onnxruntime import (TRANSLATIONS, compare_outputs, export_onnx, onnx_session,
                                           register_translation)
 from sparsec.backends.onnxruntime.export import VerificationError
+from sparsec.backends.onnxruntime.runtime import decision_session
 from sparsec.errors import SparsecError
 from sparsec.inputs import example_inputs, run_program
 from tests.zoo import build
@@ -25,47 +26,16 @@ pytest.importorskip("onnxruntime")
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _with_decision_outputs(onnx_path, program):
-    """(a copy of the ONNX model beside it that also outputs every threshold's mask ``|x| > t``, ``{sparsec::threshold
-    node of program: the name of its mask output}``). The exporter folds thresholds of one input with equal t into
-    one (Gemma's q/k/v, gate/up): they share its mask."""
-    import onnx_ir as ir
-
-    from sparsec.backends.onnxruntime.sparse import _threshold_of
-    from sparsec.ops import THRESHOLD
-
-    thresholds = [n for n in program.graph.nodes if n.op == "call_function" and n.target is THRESHOLD]
-    if not thresholds:
-        return None, {}
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    masks = {}
-    for node in ir.from_proto(proto).graph:
-        found = _threshold_of(node.outputs[0]) if node.op_type == "Mul" else None
-        if found is not None:
-            masks[node.outputs[0].name] = found[2].name
-    decision_of = {}
-    for n in thresholds:
-        kept = [m.name for m in thresholds if m.name in masks and m.args[0] is n.args[0]]
-        if n.name in masks or kept:
-            decision_of[n.name] = masks[n.name if n.name in masks else kept[0]]
-    for name in sorted(set(decision_of.values())):
-        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None))
-    probe = os.path.join(os.path.dirname(str(onnx_path)), "decisions-" + os.path.basename(str(onnx_path)))
-    onnx.save(proto, probe)  # beside the model: its external data (if any) is found
-    return probe, decision_of
-
-
 def _ort_matches_torch(onnx_path, program, feeds, tol=TOL, up_to_ties=False):
     """Run ORT and the torch program on each feed; assert_close every output; return the ONNX model proto.
-    ``up_to_ties``: ORT also outputs its threshold masks (a copy of the model; its outputs must equal the model's) and
-    the torch program run with ORT's decisions must differ from them only at ties and then match ORT
-    (tests/backends/parity.py)."""
+    ``up_to_ties``: ORT also outputs its threshold masks (an in-memory copy of the model, ``decision_session``; its
+    outputs must equal the model's) and the torch program run with ORT's decisions must differ from them only at
+    ties and then match ORT (tests/backends/parity.py)."""
     from tests.backends.parity import assert_matches_with_decisions
 
     session = onnx_session(str(onnx_path))
     names = [i.name for i in session.get_inputs()]
-    probe, decision_of = _with_decision_outputs(onnx_path, program) if up_to_ties else (None, {})
-    probe = onnx_session(probe) if probe else None
+    probe, decision_of = decision_session(str(onnx_path), program) if up_to_ties else (None, {})
     module = program.module()
     for feed in feeds:
         arrays = {k: v.numpy() for k, v in feed.items() if k in names}
@@ -193,22 +163,27 @@ def test_teal_threshold_op_lowered_to_standard_ops(tmp_path):
     assert "Abs" in ops and "Greater" in ops  # (shared inputs, e.g. q/k/v, share one Abs after optimization)
 
 
-def test_ort_threshold_decisions_against_torch(tmp_path):
+@pytest.fixture(scope="module")
+def teal_llama():
+    """The zoo Llama after teal 0.5 (a TransformResult): 14 thresholds."""
+    model, inputs = build("llama")
+    return sparsec.transform(model, "teal{sparsity=0.5 calib_rounds=1}", example_inputs=inputs,
+                             forward_loop=lambda m: m(**inputs), measure=False)
+
+
+def test_ort_threshold_decisions_against_torch(teal_llama, tmp_path):
     """ORT's threshold masks (extra outputs of a copy of the model) are torch's on the zoo Llama after teal; one
     decision changed far from its threshold fails the tie rule, naming the threshold."""
     from tests.backends.parity import assert_matches_with_decisions
 
-    model, inputs = build("llama")
-    result = sparsec.transform(model, "teal{sparsity=0.5 calib_rounds=1}", example_inputs=inputs,
-                               forward_loop=lambda m: m(**inputs), measure=False)
+    result = teal_llama
     path = tmp_path / "teal.onnx"
     export_onnx(result, path)
-    probe, decision_of = _with_decision_outputs(path, result.program)
+    session, decision_of = decision_session(str(path), result.program)
     thresholds = [n.name for n in result.program.graph.nodes if n.target is torch.ops.sparsec.threshold.default]
     assert sorted(decision_of) == sorted(thresholds) and len(thresholds) == 14  # 2 layers x q, k, v, o, gate, up, down
     assert len(set(decision_of.values())) == 8  # q/k/v and gate/up: one input, one t, one mask in the exported graph
     feed = _token_feeds()[0]
-    session = onnx_session(probe)
     out = dict(zip([o.name for o in session.get_outputs()], session.run(None, {k: v.numpy() for k, v in feed.items()})))
     got = [out["output_0"]]
     decisions = {n: out[v] for n, v in decision_of.items()}
@@ -217,6 +192,94 @@ def test_ort_threshold_decisions_against_torch(tmp_path):
     far.flat[0] = not far.flat[0]
     with pytest.raises(AssertionError, match=r"decides beyond ties .*threshold_3: 1 decisions, up to"):
         assert_matches_with_decisions(got, decisions, result.program, feed)
+
+
+def _threshold_inputs(path, program, name: str, feed: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(ORT's, torch's) input x of the threshold node ``name`` on ``feed`` (ORT's as an extra output of a copy)."""
+    import onnx_ir as ir
+
+    from sparsec.backends.onnxruntime.sparse import _threshold_of
+    from sparsec.backends.ties import run_with_decisions
+
+    proto = onnx.load(str(path))
+    mul = next(n for n in ir.from_proto(proto).graph if n.outputs[0].name == name)
+    x = _threshold_of(mul.outputs[0])[0].name
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
+    ort_x = onnx_session(proto.SerializeToString()).run([x], feed)[0]
+    seen = {}
+
+    def decide(node, x, t, own, passed):
+        seen[node.name] = x.numpy().copy()
+        return own
+
+    run_with_decisions(program, feed, decide)
+    return ort_x, seen[name]
+
+
+def _cli_export_verify(capsys, result, tmp_path):
+    art, model = tmp_path / "art", tmp_path / "m.onnx"
+    sparsec.save(result, str(art))
+    code, out, err = run_cli(capsys, "export", art, "--to", "onnx", "-o", model, "--verify")
+    assert sorted(os.listdir(tmp_path)) == ["art", "m.onnx"]  # the decision copy is in memory only
+    return code, out, err
+
+
+def test_cli_verify_passes_a_tie_and_says_so(teal_llama, tmp_path, capsys):
+    """A real tie: ORT and torch compute layer 0's down_proj input (threshold_6) a few ulps apart; with t set between
+    the two values of its largest such element, ORT keeps it and torch drops it, which moves the logits beyond 1e-4.
+    --verify then runs torch with ORT's decisions, finds that one differing decision a tie and the outputs equal."""
+    program = teal_llama.program
+    probe = tmp_path / "probe" / "m.onnx"
+    export_onnx(teal_llama, probe)
+    feed = {k: v.numpy() for k, v in example_inputs(program).items()}
+    ort_x, torch_x = (np.abs(v) for v in _threshold_inputs(probe, program, "threshold_6", feed))
+    apart = np.abs(ort_x - torch_x) >= 2 * np.spacing(torch_x)  # a float32 lies strictly between
+    i = int(np.argmax(np.where(apart, torch_x, 0)))
+    t = np.float32((float(ort_x.flat[i]) + float(torch_x.flat[i])) / 2)
+    assert apart.flat[i] and min(ort_x.flat[i], torch_x.flat[i]) < t < max(ort_x.flat[i], torch_x.flat[i])
+    node = next(n for n in program.graph.nodes if n.name == "threshold_6")
+    buffer = program.state_dict[program.graph_signature.inputs_to_buffers[node.args[1].name]]
+    old = buffer.clone()
+    buffer.fill_(float(t))
+    try:
+        code, out, err = _cli_export_verify(capsys, teal_llama, tmp_path / "cli")
+    finally:
+        buffer.copy_(old)
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.strip().startswith("example inputs:"))
+    assert "with torch's own threshold decisions; 1 decision differs, all ties (<= " in line, out
+    assert line.endswith("  ok") and "with ONNX Runtime's decisions: max abs err" in line
+    assert float(line.split("max abs err ")[1].split(",")[0]) > 1e-4  # torch's own decisions: beyond tolerance
+    # ties, but the outputs differ beyond a (too tight) tolerance even with ORT's decisions
+    code, _, err = run_cli(capsys, "export", tmp_path / "cli" / "art", "--to", "onnx", "-o", tmp_path / "tight.onnx",
+                           "--verify", "--rtol", "1e-9", "--atol", "1e-9")
+    message = one_error_line(err)
+    assert code == 1 and "beyond rtol=1e-09, atol=1e-09 on example inputs even with ONNX Runtime's own threshold" \
+        " decisions (1 differs from torch's, all ties) (max abs err " in message, message
+
+
+def test_cli_verify_fails_beyond_a_tie_naming_the_threshold(teal_llama, tmp_path, capsys):
+    """A wrong threshold translation (t halved) decides many activations far from t unlike torch: --verify exits 1
+    with one line naming the first such threshold's module."""
+    from onnxscript import opset18 as op
+
+    right = TRANSLATIONS["sparsec::threshold"]
+
+    @register_translation("sparsec::threshold")
+    def _halved():
+        def threshold(x, t):
+            keep = op.Greater(op.Abs(x), op.CastLike(op.Mul(t, op.Constant(value_float=0.5)), x))
+            return op.Mul(x, op.CastLike(keep, x))
+        return threshold
+
+    try:
+        code, _, err = _cli_export_verify(capsys, teal_llama, tmp_path)
+    finally:
+        TRANSLATIONS["sparsec::threshold"] = right
+    message = one_error_line(err)
+    assert code == 1 and "ONNX Runtime decides " in message, message
+    assert " activations at threshold 'model.layers.0.self_attn.q_proj' (node threshold) unlike torch, up to" in message
+    assert "beyond a tie (3e-06), on example inputs (max abs err " in message and "was written" in message
 
 
 def _text_feeds(program, tokenizer_dir):
@@ -263,12 +326,13 @@ _GEMMA_RELUFY_TOL = dict(rtol=1e-4, atol=5e-4)
 @pytest.mark.slow
 @pytest.mark.parametrize("model,name", [(m, n) for m in ("minilm", "gemma3-270m") for n in sorted(_REAL_PASSES)
                                         if (m, n) != ("minilm", "relufy")])  # that one is test_real_minilm
-def test_real_models_after_each_pass(model, name, tmp_path):
+def test_real_models_after_each_pass(model, name, tmp_path, capsys):
     """The real MiniLM and Gemma 3 270M after each pass: ORT matches torch at two sequence lengths (text), with ORT's
     own threshold decisions, which may differ from torch's only at ties (tests/backends/parity.py). Measured: on Gemma
     after teal 0.5 and --verify's sample (2x20 tokens, row 2 left-padded) ORT decides one element of layer 3's down_proj
     input (8e-8 relative from its t) unlike torch, and after it one of layer 10's gate/up input (1.6e-6); with those
-    two decisions torch matches ORT within 3.6e-5, with its own it differs by up to 8.0 in the logits."""
+    two decisions torch matches ORT within 3.6e-5, with its own it differs by up to 8.0 in the logits: `sparsec export
+    --verify` (tie-aware) passes."""
     tokenizer_dir = _tokenizer_dir(model)
     spec = _REAL_PASSES[name]
     spec = spec[model] if isinstance(spec, dict) else spec
@@ -276,16 +340,21 @@ def test_real_models_after_each_pass(model, name, tmp_path):
                                measure=False)
     path = tmp_path / "m.onnx"
     kernel = "gather" if name == "teal" else "none"  # teal: the gather branch on one token, dense on several
-    out = export_onnx(result, path, verify=model == "minilm", sparse_kernel=kernel)
-    assert out.external_data == os.path.exists(f"{path}.data")  # Gemma: 1.07 GB of fp32 weights, at the 1 GiB line
+    tol = _GEMMA_RELUFY_TOL if (model, name) == ("gemma3-270m", "relufy") else TOL
     feeds = _text_feeds(result.program, tokenizer_dir)
     feeds.append({k: v[:1, :1] for k, v in feeds[0].items()})
     if model == "minilm":
+        out = export_onnx(result, path, verify=True, sparse_kernel=kernel)
         assert out.verification["ok"] and len(out.verification["runs"]) == 2
-    else:  # --verify's own inputs (the sample sentence and its first half) with the tie rule
+    else:  # as a user runs it: `sparsec export ART --to onnx --verify` (tie-aware) passes
+        sparsec.save(result, str(tmp_path / "art"))
+        code, stdout, err = run_cli(capsys, "export", tmp_path / "art", "--to", "onnx", "-o", path, "--verify",
+                                    "--sparse-kernel", kernel, "--rtol", tol["rtol"], "--atol", tol["atol"])
+        assert code == 0, err + stdout
+        assert ("weights in" in stdout) == os.path.exists(f"{path}.data")  # 1.07 GB of fp32 weights: the 1 GiB line
+        # --verify's own inputs (the sample sentence and its first half) with the tie rule here too
         sample = example_inputs(result.program)
         feeds += [sample, {k: v[:, : v.shape[1] // 2] for k, v in sample.items()}]
-    tol = _GEMMA_RELUFY_TOL if (model, name) == ("gemma3-270m", "relufy") else TOL
     _ort_matches_torch(path, result.program, feeds, tol=tol, up_to_ties=True)
 
 
@@ -359,7 +428,8 @@ def test_verification_beyond_tolerance_raises(mlp_artifact, tmp_path, monkeypatc
     monkeypatch.setattr(runtime, "run_onnx", lambda *a, **k: {n: v + 1e-2 for n, v in real(*a, **k).items()})
     with pytest.raises(VerificationError, match=r"beyond rtol=0.0001, atol=0.0001 .*max abs err 0.01") as info:
         export_onnx(mlp_artifact, tmp_path / "m.onnx", verify=True)
-    assert not info.value.result.verification["ok"]
+    assert not info.value.result.verification["ok"] and info.value.exit_code == 1
+    assert "ties" not in info.value.result.verification["runs"][0]  # no thresholds: nothing to decide
 
 
 def test_op_without_translation_names_op_and_module(tmp_path):
