@@ -76,7 +76,8 @@ def _decompose(program):
 
     import torch
 
-    program = copy.deepcopy(program)
+    shared = [*program.state_dict.values(), *program.constants.values()]  # the graph is copied, the weights are not
+    program = copy.deepcopy(program, memo={id(t): t for t in shared})
     for node in program.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.view.default:
             node.target = torch.ops.aten.reshape.default
