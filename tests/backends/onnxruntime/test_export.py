@@ -17,13 +17,12 @@ from sparsec.backends.onnxruntime.export import VerificationError
 from sparsec.backends.onnxruntime.runtime import decision_session
 from sparsec.errors import SparsecError
 from sparsec.inputs import example_inputs, run_program
+from tests.backends.parity import GEMMA_RELUFY_TOL, TOL, assert_matches_with_decisions
 from tests.zoo import build
 from tests.cli_helpers import one_error_line, run_cli
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-
-TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 def _ort_matches_torch(onnx_path, program, feeds, tol=TOL, up_to_ties=False):
@@ -31,8 +30,6 @@ def _ort_matches_torch(onnx_path, program, feeds, tol=TOL, up_to_ties=False):
     ``up_to_ties``: ORT also outputs its threshold masks (an in-memory copy of the model, ``decision_session``; its
     outputs must equal the model's) and the torch program run with ORT's decisions must differ from them only at
     ties and then match ORT (tests/backends/parity.py)."""
-    from tests.backends.parity import assert_matches_with_decisions
-
     session = onnx_session(str(onnx_path))
     names = [i.name for i in session.get_inputs()]
     probe, decision_of = decision_session(str(onnx_path), program) if up_to_ties else (None, {})
@@ -174,8 +171,6 @@ def teal_llama():
 def test_ort_threshold_decisions_against_torch(teal_llama, tmp_path):
     """ORT's threshold masks (extra outputs of a copy of the model) are torch's on the zoo Llama after teal; one
     decision changed far from its threshold fails the tie rule, naming the threshold."""
-    from tests.backends.parity import assert_matches_with_decisions
-
     result = teal_llama
     path = tmp_path / "teal.onnx"
     export_onnx(result, path)
@@ -318,9 +313,6 @@ _REAL_PASSES = {"relufy": "relufy", "teal": "teal{sparsity=0.5}", "prune": "prun
                 "cats": {"minilm": "relufy,cats{fatrelu=true}", "gemma3-270m": "cats"}}
 
 
-#: the real Gemma 3 after relufy (not fine-tuned): logits up to |36|, and ORT's MLAS sums in another order than torch:
-#: measured max |diff| 1.7e-4 at unpadded positions (5e-6 of the logit range), so atol 5e-4 there
-_GEMMA_RELUFY_TOL = dict(rtol=1e-4, atol=5e-4)
 
 
 @pytest.mark.slow
@@ -340,7 +332,7 @@ def test_real_models_after_each_pass(model, name, tmp_path, capsys):
                                measure=False)
     path = tmp_path / "m.onnx"
     kernel = "gather" if name == "teal" else "none"  # teal: the gather branch on one token, dense on several
-    tol = _GEMMA_RELUFY_TOL if (model, name) == ("gemma3-270m", "relufy") else TOL
+    tol = GEMMA_RELUFY_TOL if (model, name) == ("gemma3-270m", "relufy") else TOL
     feeds = _text_feeds(result.program, tokenizer_dir)
     feeds.append({k: v[:1, :1] for k, v in feeds[0].items()})
     if model == "minilm":
