@@ -26,9 +26,10 @@ import torch
 from sparsec.backends.ties import TIE, compare_decisions, run_with_decisions, threshold_nodes
 
 TOL = dict(rtol=1e-4, atol=1e-4)
-#: the real Gemma 3 after relufy (not fine-tuned): logits up to |36|, and a backend sums in another order than torch:
-#: measured max |diff| 1.7e-4 (ORT's MLAS) and 2.0e-4 (TVM) at real-text positions, 5e-6 of the logit range: atol 5e-4
-GEMMA_RELUFY_TOL = dict(rtol=1e-4, atol=5e-4)
+#: the real Gemma 3 after relufy (not fine-tuned): logits up to |36|, and a backend sums in another order than torch
+#: through 18 blocks: measured max |diff| 1.7e-4 (ORT's MLAS, 9-token text) and 2.0e-4 / 5.2e-4 (TVM, 9 / 16 tokens)
+#: at real-text positions, about 1e-5 of the logit range: atol 1e-3
+GEMMA_RELUFY_TOL = dict(rtol=1e-4, atol=1e-3)
 
 
 def reference(program, inputs: dict, flips=(), rel: float = TIE):
