@@ -34,6 +34,19 @@ THREADS = 2
 PEERS = ("TVM sparse (teal 0.5)", "TVM dense (teal 0.5)", "torch eager (dense)", "ORT (dense)")
 
 
+def median_ms(calls: dict, inputs: list, reps: int) -> dict:
+    """Median milliseconds per call of each of ``calls`` (name -> fn(input)): ``reps`` + 1 rounds, the first a warm-up,
+    the calls interleaved round-robin (order reversed every other round), round r on ``inputs[r % len(inputs)]``."""
+    names, times = list(calls), {name: [] for name in calls}
+    for r in range(reps + 1):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            calls[name](inputs[r % len(inputs)])
+            if r:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
+
+
 def tinyllama(layers: int, vocab_size: int = 32000):
     """(HF model, example kwargs) of the TinyLlama-1.1B-shaped Llama with random weights (seed 0)."""
     import torch
@@ -103,31 +116,21 @@ def bench_model(name: str, args, workdir: str, layers: int | None) -> dict:
     del dense_program, result
     gc.collect()
     compiled = {peer: sparsec.load_compiled(path, threads=THREADS) for peer, path in builds.items()}
-    calls = {PEERS[0]: lambda f: compiled[PEERS[0]](f)["output_0"],
-             PEERS[1]: lambda f: compiled[PEERS[1]](f)["output_0"],
-             PEERS[2]: lambda f: model(**f, use_cache=False).logits}
-    times = {peer: [] for peer in PEERS}
+    calls = {PEERS[0]: lambda i: compiled[PEERS[0]](np_feeds[i])["output_0"],  # i: which of the 4 tokens
+             PEERS[1]: lambda i: compiled[PEERS[1]](np_feeds[i])["output_0"],
+             PEERS[2]: lambda i: model(**feeds[i], use_cache=False).logits}
     with torch.no_grad():
-        for r in range(args.reps + 1):
-            for peer in (PEERS[:3] if r % 2 == 0 else PEERS[2::-1]):
-                t = time.perf_counter()
-                calls[peer](np_feeds[r % 4] if peer.startswith("TVM") else feeds[r % 4])
-                if r:  # the first round warms up
-                    times[peer].append(time.perf_counter() - t)
-        diff = {p: np.abs(calls[p](np_feeds[0]) - teal_ref).max() for p in PEERS[:2]}
-        del calls[PEERS[1]], compiled[PEERS[1]]  # ORT is loaded only now: one weight copy less held at any time
+        ms = median_ms(calls, range(4), args.reps)
+        diff = {p: np.abs(calls[p](0) - teal_ref).max() for p in PEERS[:2]}
+        del calls, compiled  # ORT is loaded only now: one weight copy less held at any time
         gc.collect()
         session = onnx_session(onnx_path, threads=THREADS)
         names = [i.name for i in session.get_inputs()]
-        for r in range(args.reps + 1):
-            t = time.perf_counter()
-            session.run(None, {k: np_feeds[r % 4][k] for k in names})
-            if r:
-                times[PEERS[3]].append(time.perf_counter() - t)
-    diff.update({PEERS[3]: np.abs(session.run(None, {k: np_feeds[0][k] for k in names})[0] - ref).max(),
-                 "teal program vs dense torch": np.abs(teal_ref - ref).max()})
+        ort = lambda i: session.run(None, {k: np_feeds[i][k] for k in names})[0]  # noqa: E731
+        ms.update(median_ms({PEERS[3]: ort}, range(4), args.reps))
+    diff.update({PEERS[3]: np.abs(ort(0) - ref).max(), "teal program vs dense torch": np.abs(teal_ref - ref).max()})
     params = sum(p.numel() for p in model.parameters())
-    return {"ms": {p: statistics.median(v) * 1e3 for p, v in times.items()}, "diff": diff, "params": params}
+    return {"ms": ms, "diff": diff, "params": params}
 
 
 def table(label: str, r: dict) -> str:

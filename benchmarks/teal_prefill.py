@@ -16,7 +16,6 @@ Usage: python benchmarks/teal_prefill.py [--layers 1] [--tokens 1,32] [--reps 21
 import argparse
 import os
 import resource
-import statistics
 import tempfile
 import time
 
@@ -35,7 +34,7 @@ def main() -> None:
     import torch
 
     import sparsec
-    from decode import tinyllama  # benchmarks/decode.py: the TinyLlama-shaped model
+    from decode import median_ms, tinyllama  # benchmarks/decode.py: the TinyLlama-shaped model, timing
     from sparsec.calibration import token_forward_loop
 
     torch.set_num_threads(THREADS)
@@ -61,17 +60,11 @@ def main() -> None:
             feeds = [{"input_ids": t, "attention_mask": torch.ones_like(t)}
                      for t in (torch.randint(0, 256, (1, tokens), generator=g) for _ in range(4))]
             np_feeds = [{k: v.numpy() for k, v in f.items()} for f in feeds]
-            times = {b: [] for b in BUILDS}
-            for r in range(args.reps + 1):
-                for b in (BUILDS if r % 2 == 0 else BUILDS[::-1]):
-                    t = time.perf_counter()
-                    compiled[b](np_feeds[r % 4])
-                    if r:  # the first round warms up
-                        times[b].append(time.perf_counter() - t)
+            ms = median_ms({b: compiled[b] for b in BUILDS}, np_feeds, args.reps)
             with torch.no_grad():
                 diff = {b: float(np.abs(compiled[b](np_feeds[0])["output_0"]
                                         - programs[b].module()(**feeds[0])[0].numpy()).max()) for b in BUILDS}
-            rows.append((tokens, {b: statistics.median(v) * 1e3 for b, v in times.items()}, diff))
+            rows.append((tokens, ms, diff))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("\n| tokens | build | median ms | speed-up vs TVM dense | max abs logit diff vs its torch program |")
     print("|---|---|---|---|---|")

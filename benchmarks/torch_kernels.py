@@ -19,7 +19,6 @@ Usage: python benchmarks/torch_kernels.py [--llama-layers 1,2] [--reps 21] [--ca
 import argparse
 import os
 import resource
-import statistics
 import tempfile
 import time
 
@@ -33,7 +32,7 @@ def bench(layers: int, args, workdir: str) -> dict:
     import torch
 
     import sparsec
-    from decode import transform  # benchmarks/decode.py: the TinyLlama-shaped model and its teal transform
+    from decode import median_ms, transform  # benchmarks/decode.py: the TinyLlama-shaped model, teal, timing
 
     t0 = time.perf_counter()
     model, dense_program, result = transform("tinyllama", args, layers)
@@ -63,17 +62,11 @@ def bench(layers: int, args, workdir: str) -> dict:
     g = torch.Generator().manual_seed(0)
     feeds = [{"input_ids": t, "attention_mask": torch.ones_like(t)}
              for t in (torch.randint(0, model.config.vocab_size, (1, 1), generator=g) for _ in range(4))]
-    times = {p: [] for p in peers}
     with torch.no_grad():
-        for r in range(args.reps + 1):
-            for p in (peers if r % 2 == 0 else peers[::-1]):
-                t = time.perf_counter()
-                calls[p](feeds[r % 4])
-                if r:  # the first round warms up
-                    times[p].append(time.perf_counter() - t)
+        ms = median_ms({p: calls[p] for p in peers}, feeds, args.reps)
         ref = calls[PEERS[2]](feeds[0])
         diff = {p: float(np.abs((calls[p](feeds[0]) - ref).numpy()).max()) for p in peers if p != PEERS[2]}
-    return {"ms": {p: statistics.median(v) * 1e3 for p, v in times.items()}, "diff": diff,
+    return {"ms": ms, "diff": diff,
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -96,6 +89,7 @@ def bench_linear(k: int, n: int, reps: int) -> dict:
     tensors (what the op adds: dispatch, the output allocation, DLPack hand-over). Medians in ms."""
     import torch
     import torch.nn.functional as F
+    from decode import median_ms
 
     from sparsec.backends.tvm.kernels import num_tiles, pack_weight
     from sparsec.backends.tvm.torch_kernels import linear_kernel_fn
@@ -111,17 +105,11 @@ def bench_linear(k: int, n: int, reps: int) -> dict:
     calls = {"torch threshold + F.linear": lambda x: F.linear(threshold(x, t), w),
              "sparsec::tvm_linear (from torch)": lambda x: torch.ops.sparsec.tvm_linear(x, wp, bias, t, "threshold"),
              "the kernel called directly": lambda x: kernel(x, wp, thr, bias, y)}
-    times = {c: [] for c in calls}
     with torch.no_grad():
-        for r in range(reps + 1):
-            for c in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
-                start = time.perf_counter()
-                calls[c](xs[r % 8])
-                if r:
-                    times[c].append(time.perf_counter() - start)
+        ms = median_ms(calls, xs, reps)
         want = F.linear(threshold(xs[0], t), w)
         diff = float((calls["sparsec::tvm_linear (from torch)"](xs[0]) - want).abs().max())
-    return {"ms": {c: statistics.median(v) * 1e3 for c, v in times.items()}, "diff": diff}
+    return {"ms": ms, "diff": diff}
 
 
 def linear_table(shape: str, r: dict) -> str:
