@@ -1,11 +1,12 @@
 """Quality and calibration cost of teal (uniform, greedy) and cats on the real Gemma 3 270M and MiniLM.
 
     .venv/bin/python benchmarks/teal_quality.py [--parts cost,minilm,gemma] [--sparsities 0.25,0.4,0.5]
-        [--methods uniform,greedy,cats]
+        [--methods uniform,greedy,greedy-normalized,cats]
 
 - gemma: perplexity on 16 x 512 tokens of Wikipedia articles [:60] (gensim), calibration on articles [60:]
   (16 x 512 tokens, the default), at each sparsity for each method; sparsity 0 = the dense model. greedy searches
-  once, at the highest sparsity, and looks the lower ones up in that table (greedy_table=DIR, as TEAL does).
+  once, at the highest sparsity, and looks the lower ones up in that table (greedy_table=DIR, as TEAL does);
+  greedy-normalized scores its steps with greedy_error=normalized.
 - cost: the teal pass calibrating Gemma 3 270M on 4 x 512 tokens vs the dense forward over the same tokens
   (interleaved repetitions, medians), and its peak RSS above the dense forward's (sampled every 5 ms).
 - minilm: mean cosine of transformed vs dense sentence embeddings on 64 held-out Wikipedia sentences at 0.5.
@@ -37,6 +38,8 @@ def _gemma_ids(samples: int, seq_len: int = 512):
 def _spec(method: str, p: float, table: str = "search") -> str:
     if method == "cats":
         return f"cats{{sparsity={p}}}"
+    if method == "greedy-normalized":
+        return f"teal{{sparsity={p} allocation=greedy greedy_error=normalized greedy_table={table}}}"
     return f"teal{{sparsity={p} allocation={method} greedy_table={table}}}"
 
 
@@ -56,7 +59,7 @@ def gemma(sparsities, methods) -> None:
                 result = sparsec.transform("builtin:gemma3-270m", _spec(method, p, table), measure=False,
                                            heldout_samples=0)
                 seconds = time.perf_counter() - start
-                if method == "greedy" and table == "search":
+                if method.startswith("greedy") and table == "search":
                     table = os.path.join(tmp, "greedy")
                     sparsec.save(result, table)
                 cells[p] = f"{perplexity(result.module(), ids):.2f}"

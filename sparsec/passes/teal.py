@@ -39,7 +39,8 @@ class TealConfig(PassConfig):
     histogram of its input before that input reaches its layer, so later layers are calibrated on the inputs they
     will see (TEAL calibrates on the dense model and misses the target downstream). Inputs shared by several layers
     (q/k/v, gate/up) are observed once. allocation=greedy runs TEAL's block-wise greedy search first (per-projection
-    sparsities per block; the lookup table is stored in the report, stats.greedy_table). Default targets: the linears
+    sparsities per block; the lookup table is stored in the report, stats.greedy_table), scoring a step by the block
+    output error (greedy_error). Default targets: the linears
     inside numbered blocks (Llama/Mistral/Qwen2/Gemma q,k,v,o,gate,up,down; GPT-2 c_attn, attn c_proj, c_fc, mlp
     c_proj; BERT query/key/value, attention output, intermediate, output), not the LM head or pooler.
     sparsity=0 sets every threshold to 0, which reproduces the model bit for bit (every prefill mode).
@@ -72,6 +73,10 @@ class TealConfig(PassConfig):
     greedy_step: float = option(0.05, gt=0.0, le=0.5, help="greedy: sparsity step of a projection as large as the"
                                 " block's first one (step_p = greedy_step / w_p; TEAL: 0.05)")
     greedy_samples: int = option(2, ge=1, help="greedy: calibration sequences the search runs each block on")
+    greedy_error: Literal["residual", "normalized"] = option(
+        "residual", help="greedy: the block output error a step is scored by: residual = L2 norm over hidden of the"
+        " output difference (TEAL); normalized = of the outputs each divided by its RMS over hidden first (what the"
+        " next block's norm reads; lower perplexity on Gemma 3 270M, benchmarks/results/teal_quality.md)")
     greedy_table: str = option("search", help="greedy: 'search' runs the search; or an artifact directory whose"
                                " report holds a teal greedy table of this model searched up to at least this"
                                " sparsity: its rows are looked up, no search (TEAL: one table for every target)")
@@ -304,14 +309,22 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _block_error(out: list, ref: list) -> float:
+def _rms_normalized(x: torch.Tensor) -> torch.Tensor:
+    return x / x.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def _block_error(out: list, ref: list, normalized: bool = False) -> float:
     """TEAL's greedy error on the last 25% of tokens (``out``/``ref``: the block's outputs restricted to them, see
     :attr:`_BlockEval.ref`): L2 norm over hidden of the difference, mean over batch and tokens (summed over the
-    block's floating outputs of rank >= 2)."""
+    block's floating outputs of rank >= 2). ``normalized``: of the outputs each divided by its root mean square over
+    hidden (per token) first, i.e. the error as the next block's RMSNorm / LayerNorm sees it (up to its scale)."""
     err = 0.0
     for o, r in zip(out, ref):
         if isinstance(o, torch.Tensor) and o.is_floating_point() and o.dim() >= 2:
-            err += float((o - r).float().norm(dim=-1).mean())
+            o, r = o.float(), r.float()
+            if normalized:
+                o, r = _rms_normalized(o), _rms_normalized(r)
+            err += float((o - r).norm(dim=-1).mean())
     return err
 
 
@@ -421,8 +434,9 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
 
     Per block, weights w_p = parameter count of each projection relative to the block's first one, step_p =
     greedy_step / w_p; from all zeros, repeatedly raise the projection whose step adds the least block output error
-    (:func:`_block_error`) until the effective sparsity sum(w_p s_p) / sum(w_p) reaches ``cfg.sparsity``. Thresholds
-    for a candidate come from histograms of the dense inputs. Returns one table per block:
+    (:func:`_block_error`, normalized with greedy_error=normalized) until the effective sparsity
+    sum(w_p s_p) / sum(w_p) reaches ``cfg.sparsity``. Thresholds for a candidate come from histograms of the dense
+    inputs. Returns one table per block:
     ``{block, modules, weights, rows: [[effective sparsity, error, [s_p...]], ...]}``."""
     blocks: dict[str, list[WeightLayer]] = {}
     for la in layers:
@@ -472,7 +486,8 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
         evals = [_BlockEval(sub, xs, bufs) for xs in inputs]
 
         def error(p: int) -> float:
-            errs = torch.tensor([sum(_block_error(ev.outputs(p), ev.ref) for ev in evals) / len(evals)],
+            normalized = cfg.greedy_error == "normalized"
+            errs = torch.tensor([sum(_block_error(ev.outputs(p), ev.ref, normalized) for ev in evals) / len(evals)],
                                 dtype=torch.float64)
             _all_reduce_mean(errs)
             return float(errs[0])

@@ -272,6 +272,40 @@ def test_real_gemma3_270m_heldout_sparsity_per_layer(target):
     assert len(heldout) == 126 and max(abs(s - target) for s in heldout) <= 0.02, heldout
 
 
+def test_greedy_block_error_definitions():
+    """residual: mean over tokens of the L2 norm of the difference; normalized: of the RMS-normalized outputs, so a
+    scale of the block's output (as the next block's norm would undo) does not change it."""
+    from sparsec.passes.teal import _block_error
+
+    ref = torch.tensor([[[3.0, 4.0], [1.0, 1.0]]])  # [batch 1, 2 tokens, hidden 2]
+    out = torch.tensor([[[3.0, 0.0], [2.0, 2.0]]])
+    assert _block_error([out], [ref]) == pytest.approx((4.0 + 2 ** 0.5) / 2)
+    # normalized: token 0 rms 5/sqrt2 vs 3/sqrt2; token 1 is a scaled copy of the reference (error 0)
+    expected = float(torch.linalg.vector_norm(torch.tensor([3.0, 0.0]) / (3 / 2 ** 0.5)
+                                              - torch.tensor([3.0, 4.0]) / (5 / 2 ** 0.5))) / 2
+    assert _block_error([out], [ref], normalized=True) == pytest.approx(expected)
+    assert _block_error([10 * out], [10 * ref], normalized=True) == pytest.approx(expected)
+    assert _block_error([10 * out], [10 * ref]) == pytest.approx(10 * _block_error([out], [ref]))
+    assert _block_error([torch.zeros(1, 2, 2)], [torch.zeros(1, 2, 2)], normalized=True) == 0.0  # no 0/0
+
+
+def test_greedy_normalized_error_changes_the_search():
+    """greedy_error=normalized scores the same candidates on normalized outputs: a valid table reaching the target,
+    with errors other than the residual search's (the rows record the error of each accepted step)."""
+    model, inputs = build("llama")
+    tables = {}
+    for error in ("residual", "normalized"):
+        spec = f"teal{{sparsity=0.5 allocation=greedy greedy_step=0.2 greedy_error={error}}}"
+        result = sparsec.transform(model, spec, example_inputs=inputs, forward_loop=token_forward_loop(_ids(1, n=16), batch_size=8),
+                                   measure=False, heldout_samples=0)
+        tables[error] = result.report["passes"][0]["stats"]["greedy_table"]
+        assert f"greedy_error={error}" in result.report["pipeline"]
+    for res, norm in zip(tables["residual"], tables["normalized"]):
+        assert norm["rows"][-1][0] >= 0.5 > norm["rows"][-2][0]
+        assert [r[1] for r in norm["rows"][1:]] != [r[1] for r in res["rows"][1:]]
+        assert all(0 < r[1] for r in norm["rows"][1:])
+
+
 def test_greedy_restricted_block_evaluation_is_exact():
     """The greedy search re-runs only what a candidate threshold changes, on the last quarter of the tokens where the
     nodes are position-wise: its block outputs equal a full run of the block, bit for bit."""
