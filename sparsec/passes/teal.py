@@ -76,7 +76,8 @@ class TealConfig(PassConfig):
     greedy_error: Literal["residual", "normalized"] = option(
         "residual", help="greedy: the block output error a step is scored by: residual = L2 norm over hidden of the"
         " output difference (TEAL); normalized = of the outputs each divided by its RMS over hidden first (what the"
-        " next block's norm reads; lower perplexity on Gemma 3 270M, benchmarks/results/teal_quality.md)")
+        " next block's norm reads; on Gemma 3 270M a little lower perplexity at 0.4 and 0.5, not at 0.25:"
+        " benchmarks/results/teal_quality.md)")
     greedy_table: str = option("search", help="greedy: 'search' runs the search; or an artifact directory whose"
                                " report holds a teal greedy table of this model searched up to at least this"
                                " sparsity: its rows are looked up, no search (TEAL: one table for every target)")
