@@ -40,9 +40,9 @@ class TealConfig(PassConfig):
     will see (TEAL calibrates on the dense model and misses the target downstream). Inputs shared by several layers
     (q/k/v, gate/up) are observed once. allocation=greedy runs TEAL's block-wise greedy search first (per-projection
     sparsities per block; the lookup table is stored in the report, stats.greedy_table), scoring a step by the block
-    output error (greedy_error). Default targets: the linears
-    inside numbered blocks (Llama/Mistral/Qwen2/Gemma q,k,v,o,gate,up,down; GPT-2 c_attn, attn c_proj, c_fc, mlp
-    c_proj; BERT query/key/value, attention output, intermediate, output), not the LM head or pooler.
+    output error (greedy_error). Default targets: the linears inside numbered blocks (Llama/Mistral/Qwen2/Gemma
+    q,k,v,o,gate,up,down; GPT-2 c_attn, attn c_proj, c_fc, mlp c_proj; BERT query/key/value, attention output,
+    intermediate, output), not the LM head or pooler.
     sparsity=0 sets every threshold to 0, which reproduces the model bit for bit (every prefill mode).
     prefill (METHODS.md §2) says which tokens of an input with S tokens (its second-to-last axis, [batch, S, hidden])
     are thresholded: all (every token); half (positions >= S // 2, TEAL's quality path; a one-token decode step is
@@ -472,6 +472,7 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
     for site in sites.sites:
         site.hist.all_reduce()
     key = {n: k for k, n in enumerate(needed)}
+    normalized = cfg.greedy_error == "normalized"
     batches = recorder.batches
     tables = []
     for b, members in progress(blocks.items(), desc="teal greedy search", total=len(blocks)):
@@ -487,7 +488,6 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
         evals = [_BlockEval(sub, xs, bufs) for xs in inputs]
 
         def error(p: int) -> float:
-            normalized = cfg.greedy_error == "normalized"
             errs = torch.tensor([sum(_block_error(ev.outputs(p), ev.ref, normalized) for ev in evals) / len(evals)],
                                 dtype=torch.float64)
             _all_reduce_mean(errs)

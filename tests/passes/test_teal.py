@@ -296,8 +296,8 @@ def test_greedy_normalized_error_changes_the_search():
     tables = {}
     for error in ("residual", "normalized"):
         spec = f"teal{{sparsity=0.5 allocation=greedy greedy_step=0.2 greedy_error={error}}}"
-        result = sparsec.transform(model, spec, example_inputs=inputs, forward_loop=token_forward_loop(_ids(1, n=16), batch_size=8),
-                                   measure=False, heldout_samples=0)
+        result = sparsec.transform(model, spec, example_inputs=inputs, measure=False, heldout_samples=0,
+                                   forward_loop=token_forward_loop(_ids(1, n=16), batch_size=8))
         tables[error] = result.report["passes"][0]["stats"]["greedy_table"]
         assert f"greedy_error={error}" in result.report["pipeline"]
     for res, norm in zip(tables["residual"], tables["normalized"]):
