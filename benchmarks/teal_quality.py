@@ -1,12 +1,13 @@
 """Quality and calibration cost of teal (uniform, greedy) and cats on the real Gemma 3 270M and MiniLM.
 
     .venv/bin/python benchmarks/teal_quality.py [--parts cost,minilm,gemma] [--sparsities 0.25,0.4,0.5]
-        [--methods uniform,greedy,greedy-normalized,cats]
+        [--methods uniform,greedy,greedy-normalized,cats,rotate-uniform,rotate-greedy] [--rotate rotate{...}]
 
 - gemma: perplexity on 16 x 512 tokens of Wikipedia articles [:60] (gensim), calibration on articles [60:]
   (16 x 512 tokens, the default), at each sparsity for each method; sparsity 0 = the dense model. greedy searches
   once, at the highest sparsity, and looks the lower ones up in that table (greedy_table=DIR, as TEAL does);
-  greedy-normalized scores its steps with greedy_error=normalized.
+  greedy-normalized scores its steps with greedy_error=normalized; rotate-METHOD runs the --rotate pass (default
+  'rotate') before teal.
 - cost: the teal pass calibrating Gemma 3 270M on 4 x 512 tokens vs the dense forward over the same tokens
   (interleaved repetitions, medians), and its peak RSS above the dense forward's (sampled every 5 ms).
 - minilm: mean cosine of transformed vs dense sentence embeddings on 64 held-out Wikipedia sentences at 0.5.
@@ -35,7 +36,9 @@ def _gemma_ids(samples: int, seq_len: int = 512):
     return tokenize_windows(heldout_text(), tok, seq_len, samples)
 
 
-def _spec(method: str, p: float, table: str = "search") -> str:
+def _spec(method: str, p: float, table: str = "search", rotate: str = "rotate") -> str:
+    if method.startswith("rotate-"):
+        return f"{rotate},{_spec(method[len('rotate-'):], p, table)}"
     if method == "cats":
         return f"cats{{sparsity={p}}}"
     if method == "greedy-normalized":
@@ -43,7 +46,7 @@ def _spec(method: str, p: float, table: str = "search") -> str:
     return f"teal{{sparsity={p} allocation={method} greedy_table={table}}}"
 
 
-def gemma(sparsities, methods) -> None:
+def gemma(sparsities, methods, rotate: str) -> None:
     import sparsec
     from sparsec.evaluate import perplexity
     from sparsec.frontend import load_model
@@ -56,10 +59,10 @@ def gemma(sparsities, methods) -> None:
             cells, table = {}, "search"
             for p in sorted(sparsities, reverse=True):  # greedy: the search at the highest, lookups below
                 start = time.perf_counter()
-                result = sparsec.transform("builtin:gemma3-270m", _spec(method, p, table), measure=False,
+                result = sparsec.transform("builtin:gemma3-270m", _spec(method, p, table, rotate), measure=False,
                                            heldout_samples=0)
                 seconds = time.perf_counter() - start
-                if method.startswith("greedy") and table == "search":
+                if "greedy" in method and table == "search":
                     table = os.path.join(tmp, "greedy")
                     sparsec.save(result, table)
                 cells[p] = f"{perplexity(result.module(), ids):.2f}"
@@ -123,7 +126,7 @@ def cost(reps: int = 3) -> None:
     print(f"\npeak RSS above the dense forward's: {extra:.3f} GiB ({reps} interleaved repetitions)", flush=True)
 
 
-def minilm(methods) -> None:
+def minilm(methods, rotate: str) -> None:
     import sparsec
     from sparsec.data import wiki_sentences
     from sparsec.evaluate import embeddings
@@ -137,10 +140,10 @@ def minilm(methods) -> None:
     dense = embeddings(loaded.module.eval(), tok, sentences, 128)
     print("| MiniLM, sparsity 0.5 | mean cosine to dense |\n|---|---|")
     for method in [m for m in methods if m != "cats"]:  # MiniLM's MLP is not gated
-        result = sparsec.transform("builtin:minilm", _spec(method, 0.5), measure=False, heldout_samples=0,
-                                   seq_len=128)
+        spec = _spec(method, 0.5, rotate=rotate)
+        result = sparsec.transform("builtin:minilm", spec, measure=False, heldout_samples=0, seq_len=128)
         cos = torch.nn.functional.cosine_similarity(dense, embeddings(result.module(), tok, sentences, 128), dim=-1)
-        print(f"| teal {method} | {float(cos.mean()):.4f} |", flush=True)
+        print(f"| {spec} | {float(cos.mean()):.4f} |", flush=True)
 
 
 def main() -> None:
@@ -148,15 +151,16 @@ def main() -> None:
     ap.add_argument("--parts", default="cost,minilm,gemma")
     ap.add_argument("--sparsities", default="0.25,0.4,0.5")
     ap.add_argument("--methods", default="uniform,greedy,cats")
+    ap.add_argument("--rotate", default="rotate", help="the rotate pass of the rotate-* methods")
     args = ap.parse_args()
     parts, methods = args.parts.split(","), args.methods.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {psutil.cpu_count()} CPUs")
     if "cost" in parts:
         cost()
     if "minilm" in parts:
-        minilm(methods)
+        minilm(methods, args.rotate)
     if "gemma" in parts:
-        gemma([float(p) for p in args.sparsities.split(",")], methods)
+        gemma([float(p) for p in args.sparsities.split(",")], methods, args.rotate)
 
 
 if __name__ == "__main__":

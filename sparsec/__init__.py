@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _API = {"transform", "save", "load", "load_artifact", "list_passes", "trace", "TransformResult", "export_onnx", "run",
         "compile", "load_compiled", "accelerate"}
 _CONFIGS = {"RelufyConfig": "sparsec.passes.relufy", "TealConfig": "sparsec.passes.teal",
-            "CatsConfig": "sparsec.passes.cats",
+            "CatsConfig": "sparsec.passes.cats", "RotateConfig": "sparsec.passes.rotate",
             "RegularizeConfig": "sparsec.passes.regularize", "JSReLUConfig": "sparsec.passes.jsrelu",
             "DBMLPConfig": "sparsec.passes.db_mlp", "StripConfig": "sparsec.passes.strip",
             "PruneConfig": "sparsec.passes.prune", "FoldConfig": "sparsec.passes.fold"}

@@ -162,6 +162,16 @@ def weight_layers(gm: fx.GraphModule) -> list[WeightLayer]:
     return out
 
 
+#: Name of the module holding the rotate pass's rotation matrices (their matmuls look like weight layers).
+ROTATION_HOLDER = "sparsec_rotate"
+
+
+def is_rotation(layer: WeightLayer) -> bool:
+    """True for a matmul by one of the rotate pass's rotations (not a layer of the model: not thresholded, pruned)."""
+    w = layer.node.args[_WEIGHT_OPERAND.get(layer.node.target, 1)]
+    return isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target).startswith(ROTATION_HOLDER + ".")
+
+
 def weight_numel(gm: fx.GraphModule, layer: WeightLayer) -> int:
     """Elements of the weight matrix of ``layer`` (0 when it is not a parameter of ``gm``)."""
     node = _through_transparent_up(layer.node.args[_WEIGHT_OPERAND.get(layer.node.target, 1)])

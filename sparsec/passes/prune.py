@@ -12,7 +12,7 @@ from torch import nn
 
 from sparsec.config import PassConfig, option
 from sparsec.errors import UsageError
-from sparsec.graph import TRANSPARENT_OPS, TargetMatcher, WeightLayer, op_name, weight_layers
+from sparsec.graph import TRANSPARENT_OPS, TargetMatcher, WeightLayer, is_rotation, op_name, weight_layers
 from sparsec.passes.base import PassContext, PassResult
 from sparsec.registry import register_pass
 from sparsec.training import register_holder
@@ -200,7 +200,7 @@ def _positions(layer: WeightLayer, out_dim: int) -> int:
 def _collect(gm: fx.GraphModule, cfg: PruneConfig, matcher: TargetMatcher) -> list[_Weight]:
     weights: dict[fx.Node, _Weight] = {}
     for layer in weight_layers(gm):
-        if not matcher.selects(layer.node):
+        if is_rotation(layer) or not matcher.selects(layer.node):
             continue
         src, flips = _weight_source(layer)
         if src.op == "call_function" and src.target is aten.mul.Tensor:

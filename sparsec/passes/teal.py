@@ -12,7 +12,7 @@ from torch import nn
 from sparsec.calibration import ThresholdSites, progress
 from sparsec.config import PassConfig, option
 from sparsec.errors import UsageError
-from sparsec.graph import TargetMatcher, WeightLayer, module_stack, weight_layers, weight_numel
+from sparsec.graph import TargetMatcher, WeightLayer, is_rotation, module_stack, weight_layers, weight_numel
 from sparsec.passes.base import PassContext, PassResult
 from sparsec.registry import register_pass
 
@@ -96,6 +96,8 @@ class TealConfig(PassConfig):
 def _candidates(gm: fx.GraphModule, cfg: TealConfig, matcher: TargetMatcher) -> list[WeightLayer]:
     out = []
     for layer in weight_layers(gm):
+        if is_rotation(layer):
+            continue
         if cfg.scope == "blocks" and (layer.node.target not in _MATMUL_OPS or not _IN_BLOCK.search(layer.module)):
             continue
         if matcher.selects(layer.node):
