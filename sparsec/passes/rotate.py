@@ -162,7 +162,8 @@ def rotate(gm: fx.GraphModule, cfg: RotateConfig, ctx: PassContext) -> PassResul
         (inputs if cost <= cfg.max_cost else skipped).append((x, group, cost))
     heads = []
     if cfg.heads:
-        for la in layers:
+        whole = {la.node for _, group, _ in inputs for la in group}  # their input is rotated whole instead
+        for la in [la for la in layers if la.node not in whole]:
             found = _value_projection(la, by_node)
             if found is not None and _weight(gm, found[0]) is not None:
                 heads.append((la, *found))
@@ -202,7 +203,7 @@ def rotate(gm: fx.GraphModule, cfg: RotateConfig, ctx: PassContext) -> PassResul
     for (x, group, cost), m in progress(list(zip(inputs, moments)), desc="rotate", total=len(inputs)):
         q = torch.linalg.eigh(m.sum)[1]
         parent = group[0].module.rpartition(".")[0]
-        name = parent.replace(".", "_") or "input"
+        name = group[0].module.replace(".", "_") or "input"  # unique: a layer reads one input
         holder.register_buffer(name, q.to(device=device, dtype=x.meta["val"].dtype))
         with gm.graph.inserting_before(min((la.node for la in group), key=_order(gm))):
             qn = gm.graph.get_attr(f"{HOLDER}.{name}")
