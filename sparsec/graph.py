@@ -168,7 +168,11 @@ ROTATION_HOLDER = "sparsec_rotate"
 
 def is_rotation(layer: WeightLayer) -> bool:
     """True for a matmul by one of the rotate pass's rotations (not a layer of the model: not thresholded, pruned)."""
-    w = layer.node.args[_WEIGHT_OPERAND.get(layer.node.target, 1)]
+    return _is_rotation_node(layer.node)
+
+
+def _is_rotation_node(node: fx.Node) -> bool:
+    w = node.args[1] if node.target is aten.matmul.default and len(node.args) > 1 else None
     return isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target).startswith(ROTATION_HOLDER + ".")
 
 
@@ -189,8 +193,9 @@ def _from_weight_layer(node: fx.Node, max_nodes: int = 64) -> bool:
         if n in seen or not isinstance(n, fx.Node) or n.op != "call_function":
             continue
         seen.add(n)
-        if n.target in LINEAR_OPS:
+        if n.target in LINEAR_OPS and not _is_rotation_node(n):
             return True
-        if n.target in _MLP_ELEMENTWISE or getattr(n.target, "namespace", None) == "sparsec":  # sparsec::threshold
+        if n.target in _MLP_ELEMENTWISE or getattr(n.target, "namespace", None) == "sparsec" \
+                or _is_rotation_node(n):  # sparsec::threshold; a rotation of the same tensor
             frontier.extend(a for a in n.all_input_nodes)
     return False

@@ -36,7 +36,7 @@ class RotateConfig(PassConfig):
     a tensor is rotated only when d_in² <= max_cost x the multiply-adds of the layers reading it (Gemma 3 270M, 0.25:
     gate/up input 0.16 yes; q/k/v 0.42, o 1.6, down 3.2 no). heads: the attention output, per head, Q_g per key/value
     head g from the o-projection input's per-head second moments, folded into the weights (value rows Q_gᵀ W_v, output
-    columns W_o Q_g): no run-time cost, no new nodes. Only where the value reaches scaled_dot_product_attention and the
+    columns W_o Q_g): no run-time cost, no new nodes (not where o's input is rotated whole). Only where the value reaches scaled_dot_product_attention and the
     output reaches the o-projection through layout ops (checked numerically on the calibration data: otherwise that
     layer is reported as not folded).
     Measured on Gemma 3 270M and MiniLM (benchmarks/results/teal_quality.md): teal at sparsity 0.5 after rotate has
@@ -202,7 +202,6 @@ def rotate(gm: fx.GraphModule, cfg: RotateConfig, ctx: PassContext) -> PassResul
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     for (x, group, cost), m in progress(list(zip(inputs, moments)), desc="rotate", total=len(inputs)):
         q = torch.linalg.eigh(m.sum)[1]
-        parent = group[0].module.rpartition(".")[0]
         name = group[0].module.replace(".", "_") or "input"  # unique: a layer reads one input
         holder.register_buffer(name, q.to(device=device, dtype=x.meta["val"].dtype))
         with gm.graph.inserting_before(min((la.node for la in group), key=_order(gm))):
@@ -216,13 +215,14 @@ def rotate(gm: fx.GraphModule, cfg: RotateConfig, ctx: PassContext) -> PassResul
         for la in group:
             la.node.replace_input_with(x, z)
             _rotate_columns(gm, la, q)
-        entries.append({"module": parent, "op": "rotate", "kind": "input", "layers": [la.module for la in group],
+        entries.append({"module": group[0].module, "op": "rotate", "kind": "input",
+                        "layers": [la.module for la in group],
                         "dim": int(q.shape[0]), "cost": round(cost, 6)})
     if heads:
         entries += _fold_heads_checked(gm, ctx, heads, [m.sum for m in moments[len(inputs):]])
     gm.graph.lint()
     gm.recompile()
-    entries += [{"module": group[0].module.rpartition(".")[0], "op": "rotate", "kind": "input", "rotated": False,
+    entries += [{"module": group[0].module, "op": "rotate", "kind": "input", "rotated": False,
                  "layers": [la.module for la in group], "dim": int(x.meta["val"].shape[-1]), "cost": round(cost, 6)}
                 for x, group, cost in skipped]
     stats = {"inputs_rotated": len(inputs), "inputs_skipped_cost": len(skipped),

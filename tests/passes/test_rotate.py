@@ -7,6 +7,7 @@ import sparsec
 from sparsec.calibration import token_forward_loop
 from sparsec.errors import SparsecError
 from sparsec.graph import ROTATION_HOLDER, is_rotation, weight_layers
+from sparsec.measure import run_and_count_zeros
 from sparsec.ops import THRESHOLD
 from tests.zoo import build
 
@@ -49,7 +50,7 @@ def test_llama_rotates_the_mlp_input_and_folds_the_heads():
     entries = {(e.get("layers", [e["module"]])[0], e["kind"]): e for e in result.report["layers"]}
     mlp = entries[("model.layers.0.mlp.gate_proj", "input")]
     # hidden 64 read by gate and up (128 outputs each): 64² / (64 * 256) = 0.25 <= max_cost 0.25
-    assert mlp["module"] == "model.layers.0.mlp" and mlp["cost"] == 0.25
+    assert mlp["module"] == "model.layers.0.mlp.gate_proj" and mlp["cost"] == 0.25
     assert mlp["layers"] == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"] and "rotated" not in mlp
     assert entries[("model.layers.0.self_attn.q_proj", "input")]["rotated"] is False  # q/k/v: 64 / 128 = 0.5
     assert entries[("model.layers.0.mlp.down_proj", "input")]["cost"] == 2.0  # 128 / 64
@@ -109,6 +110,9 @@ def test_teal_after_rotate_thresholds_the_rotated_inputs():
     assert sum(1 for t in thresholds if t.args[0] in rotations) == 4  # gate and up read the rotated input
     teal = [e for e in result.report["layers"] if e["op"] == "teal"]
     assert len(teal) == 14 and all(abs(e["measured_sparsity"] - 0.5) <= 0.03 for e in teal)
+    # the rotations are weight layers of the model (counted, 0 sparsity) but gate/up stay MLP inputs, not intermediates
+    stats = run_and_count_zeros(gm, (), inputs)[1]
+    assert stats["mlp_layers"] == 2 and stats["weight_layers"] == 17
 
 
 def test_rotate_after_teal_is_refused():
