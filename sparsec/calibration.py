@@ -69,10 +69,7 @@ class AbsHistogram:
 
     def all_reduce(self) -> None:
         """Sum the counts over the ranks of the default process group (no-op when not distributed)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(self.counts, op=dist.ReduceOp.SUM)
+        all_reduce_sum(self.counts)
 
     def reset(self) -> None:
         self.counts.zero_()
@@ -483,10 +480,18 @@ class ThresholdSites:
         self.gm.recompile()
 
 
-def _all_reduce_counts(site: ThresholdSite) -> None:
+def all_reduce_sum(t: torch.Tensor) -> int:
+    """Sum ``t`` in place over the ranks of the default process group; returns the world size (1, and ``t``
+    untouched, when not distributed)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        counts = torch.tensor([site.numel, *site.zeros], dtype=torch.int64)
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 1
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dist.get_world_size()
+
+
+def _all_reduce_counts(site: ThresholdSite) -> None:
+    counts = torch.tensor([site.numel, *site.zeros], dtype=torch.int64)
+    if all_reduce_sum(counts) > 1:
         site.numel, site.zeros = int(counts[0]), [int(c) for c in counts[1:]]

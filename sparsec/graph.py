@@ -133,6 +133,16 @@ _ACT_OPERAND = {aten.addmm.default: 1}
 _WEIGHT_OPERAND = {aten.addmm.default: 2}
 
 
+def activation_operand(node: fx.Node):
+    """The activation argument of a linear-like op node (addmm's is arg 1: bias, input, weight; the others' arg 0)."""
+    return node.args[_ACT_OPERAND.get(node.target, 0)]
+
+
+def weight_operand(node: fx.Node):
+    """The weight argument of a linear-like op node (addmm's is arg 2; the others' arg 1)."""
+    return node.args[_WEIGHT_OPERAND.get(node.target, 1)]
+
+
 def _is_parameter(node) -> bool:
     node = _through_transparent_up(node)
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.mul.Tensor:  # weight * mask
@@ -154,11 +164,11 @@ def weight_layers(gm: fx.GraphModule) -> list[WeightLayer]:
     """Every linear-like op whose second operand is a parameter (attention's q·kᵀ and p·v are not included)."""
     out = []
     for node in call_nodes(gm, LINEAR_OPS):
-        a_idx, w_idx = _ACT_OPERAND.get(node.target, 0), _WEIGHT_OPERAND.get(node.target, 1)
-        if len(node.args) <= w_idx or not _is_parameter(node.args[w_idx]) or not isinstance(node.args[a_idx],
-                                                                                            fx.Node):
+        if len(node.args) <= _WEIGHT_OPERAND.get(node.target, 1) or not _is_parameter(weight_operand(node)) \
+                or not isinstance(activation_operand(node), fx.Node):
             continue
-        out.append(WeightLayer(node, node.args[a_idx], module_path(node), _from_weight_layer(node.args[a_idx])))
+        x = activation_operand(node)
+        out.append(WeightLayer(node, x, module_path(node), _from_weight_layer(x)))
     return out
 
 
@@ -178,13 +188,14 @@ def _is_rotation_node(node: fx.Node) -> bool:
 
 def weight_numel(gm: fx.GraphModule, layer: WeightLayer) -> int:
     """Elements of the weight matrix of ``layer`` (0 when it is not a parameter of ``gm``)."""
-    node = _through_transparent_up(layer.node.args[_WEIGHT_OPERAND.get(layer.node.target, 1)])
+    node = _through_transparent_up(weight_operand(layer.node))
     if node.op == "call_function" and node.target is aten.mul.Tensor:  # weight * mask (the prune pass)
         node = _through_transparent_up(node.args[0])
     try:
         return int(operator.attrgetter(node.target)(gm).numel())
     except (AttributeError, TypeError):
         return 0
+
 
 def _from_weight_layer(node: fx.Node, max_nodes: int = 64) -> bool:
     seen, frontier = set(), [node]

@@ -11,14 +11,13 @@ from torch import nn
 
 from sparsec.config import PassConfig, option
 from sparsec.errors import UsageError
-from sparsec.graph import TRANSPARENT_OPS, TargetMatcher, module_path, weight_layers
+from sparsec.graph import TRANSPARENT_OPS, TargetMatcher, activation_operand, module_path, weight_layers
 from sparsec.passes.base import PassContext, PassResult
 from sparsec.passes.regularize import mlp_producers
 from sparsec.registry import register_pass
 from sparsec.training import register_holder
 
 aten = torch.ops.aten
-_ACT_OPERAND = {aten.addmm.default: 1}
 
 
 @dataclass(frozen=True)
@@ -141,7 +140,7 @@ def db_mlp(gm: fx.GraphModule, cfg: DBMLPConfig, ctx: PassContext) -> PassResult
         if not layer.mlp_intermediate or not matcher.selects(layer.node):
             continue
         for prod in sorted(mlp_producers(layer.input), key=lambda n: n.name):
-            x = prod.args[_ACT_OPERAND.get(prod.target, 0)]
+            x = activation_operand(prod)
             val = x.meta.get("val") if isinstance(x, fx.Node) else None
             norm = _norm_feeding(x) if val is not None and val.dim() >= 3 else None
             if norm is not None:

@@ -11,14 +11,13 @@ from torch import nn
 
 from sparsec.config import PassConfig, option
 from sparsec.errors import UsageError
-from sparsec.graph import LINEAR_OPS, TargetMatcher, module_path, weight_layers
+from sparsec.graph import LINEAR_OPS, TargetMatcher, module_path, weight_layers, weight_operand
 from sparsec.passes.base import PassContext, PassResult
 from sparsec.passes.relufy import find_activations
 from sparsec.registry import register_pass
 from sparsec.training import REGULARIZE
 
 HOLDER = "sparsec_regularize"
-_WEIGHT_OPERAND = {torch.ops.aten.addmm.default: 2}
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ def _sites(gm: fx.GraphModule, cfg: RegularizeConfig, matcher: TargetMatcher) ->
     groups = {}
     for layer in selected:
         if matcher.selects(layer.node):
-            groups.setdefault(layer.node.args[_WEIGHT_OPERAND.get(layer.node.target, 1)], []).append(layer.node)
+            groups.setdefault(weight_operand(layer.node), []).append(layer.node)
     return list(groups.items())
 
 

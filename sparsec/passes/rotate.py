@@ -8,11 +8,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from sparsec.calibration import progress
+from sparsec.calibration import all_reduce_sum, progress
 from sparsec.config import PassConfig, option
 from sparsec.errors import SparsecError, UsageError
 from sparsec.graph import ROTATION_HOLDER as HOLDER
-from sparsec.graph import TRANSPARENT_OPS, TargetMatcher, WeightLayer, is_rotation, weight_layers
+from sparsec.graph import TRANSPARENT_OPS, TargetMatcher, WeightLayer, is_rotation, weight_layers, weight_operand
 from sparsec.passes.base import PassContext, PassResult
 from sparsec.passes.prune import set_parameter
 from sparsec.passes.teal import _IN_BLOCK, _MATMUL_OPS
@@ -79,7 +79,7 @@ class _SecondMoment(nn.Module):
 def _weight(gm: fx.GraphModule, layer: WeightLayer) -> tuple[str, bool] | None:
     """(parameter path, whether it is stored [out, in] as aten.linear's) of a layer whose weight is a plain parameter
     operand; None otherwise (a pruned weight * mask, a weight through reshapes)."""
-    w = layer.node.args[2 if layer.node.target is aten.addmm.default else 1]
+    w = weight_operand(layer.node)
     if not (isinstance(w, fx.Node) and w.op == "get_attr"
             and isinstance(operator.attrgetter(w.target)(gm), nn.Parameter)):
         return None
@@ -92,35 +92,27 @@ def _out_features(gm, layer: WeightLayer) -> int:
     return int(shape[0] if out_in else shape[-1])
 
 
-def _rotate_columns(gm, layer: WeightLayer, q: torch.Tensor, cols: slice = slice(None)) -> None:
-    """The layer's weight W ← W Q on its input features ``cols`` (W Q for [out, in]; Qᵀ W for [in, out])."""
+def _rotate_weight(gm, layer: WeightLayer, q: torch.Tensor, features: slice, side: str) -> None:
+    """Rotate the layer's ``features`` by Q: side 'in' = its input features (W ← W Q), side 'out' = its output
+    features (W ← Qᵀ W on those rows, and the bias of aten.linear / addmm with them). In float64; W stored [out, in]
+    (aten.linear) or [in, out] (mm, matmul, addmm)."""
     target, out_in = _weight(gm, layer)
     w = operator.attrgetter(target)(gm).detach()
     new = w.double().clone()
-    if out_in:
-        new[:, cols] = new[:, cols] @ q
+    if (side == "in") == out_in:  # rotate columns of the stored matrix
+        new[:, features] = new[:, features] @ q
     else:
-        new[cols, :] = q.T @ new[cols, :]
+        new[features, :] = q.T @ new[features, :]
     set_parameter(gm, target, new.to(w.dtype))
-
-
-def _rotate_rows(gm, layer: WeightLayer, q: torch.Tensor, rows: slice) -> None:
-    """The layer's output features ``rows`` rotated by Qᵀ (weight rows, and the bias of aten.linear)."""
-    target, out_in = _weight(gm, layer)
-    w = operator.attrgetter(target)(gm).detach()
-    new = w.double().clone()
-    if out_in:
-        new[rows, :] = q.T @ new[rows, :]
-    else:
-        new[:, rows] = new[:, rows] @ q
-    set_parameter(gm, target, new.to(w.dtype))
-    bias = layer.node.args[2] if layer.node.target is aten.linear.default and len(layer.node.args) > 2 \
-        else layer.node.args[0] if layer.node.target is aten.addmm.default else None
-    if isinstance(bias, fx.Node) and bias.op == "get_attr":
-        b = operator.attrgetter(bias.target)(gm).detach()
-        new_b = b.double().clone()
-        new_b[rows] = q.T @ new_b[rows]
-        set_parameter(gm, bias.target, new_b.to(b.dtype))
+    if side == "out":
+        node = layer.node
+        bias = node.args[2] if node.target is aten.linear.default and len(node.args) > 2 \
+            else node.args[0] if node.target is aten.addmm.default else None
+        if isinstance(bias, fx.Node) and bias.op == "get_attr":
+            b = operator.attrgetter(bias.target)(gm).detach()
+            new_b = b.double().clone()
+            new_b[features] = q.T @ new_b[features]
+            set_parameter(gm, bias.target, new_b.to(b.dtype))
 
 
 def _value_projection(o: WeightLayer, by_node: dict) -> tuple[WeightLayer, int] | None:
@@ -193,7 +185,7 @@ def rotate(gm: fx.GraphModule, cfg: RotateConfig, ctx: PassContext) -> PassResul
             gm.delete_submodule(name)
         gm.recompile()
     for m in moments:
-        _all_reduce_sum(m.sum)
+        all_reduce_sum(m.sum)
         if m.tokens == 0:
             raise SparsecError("rotate: the calibration data never reached the rotated layers: the forward_loop ran"
                                " no batch through the model")
@@ -216,7 +208,7 @@ def rotate(gm: fx.GraphModule, cfg: RotateConfig, ctx: PassContext) -> PassResul
         z.meta["val"] = x.meta["val"]
         for la in group:
             la.node.replace_input_with(x, z)
-            _rotate_columns(gm, la, q)
+            _rotate_weight(gm, la, q, slice(None), "in")
         entries.append({"module": group[0].module, "op": "rotate", "kind": "input",
                         "layers": [la.module for la in group],
                         "dim": int(q.shape[0]), "cost": round(cost, 6)})
@@ -286,8 +278,8 @@ def _fold_heads_checked(gm, ctx: PassContext, heads: list, moments: list[torch.T
         n_kv = _out_features(gm, v) // head_dim
         for g in range(n_kv):  # key/value head g is read by query heads g * group ...: their (equal) rotation
             h = g * (r.shape[0] // head_dim // n_kv) * head_dim
-            _rotate_rows(gm, v, r[h:h + head_dim, h:h + head_dim], slice(g * head_dim, (g + 1) * head_dim))
-        _rotate_columns(gm, o, r)
+            _rotate_weight(gm, v, r[h:h + head_dim, h:h + head_dim], slice(g * head_dim, (g + 1) * head_dim), "out")
+        _rotate_weight(gm, o, r, slice(None), "in")
     after = _layer_inputs(gm, ctx, [o for o, *_ in folds])
     for (o, v, _, r, entry), x0, x1 in zip(folds, before, after):
         expect = (x0.double() @ r).to(x1.dtype)
@@ -322,9 +314,3 @@ def _layer_inputs(gm, ctx: PassContext, layers: list[WeightLayer]) -> list[torch
         Tap(gm).run(*[bound[n.target] for n in gm.graph.nodes if n.op == "placeholder"])
     return [seen[la.input] for la in layers]
 
-
-def _all_reduce_sum(t: torch.Tensor) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)

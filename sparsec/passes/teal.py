@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from sparsec.calibration import ThresholdSites, progress
+from sparsec.calibration import ThresholdSites, all_reduce_sum, progress
 from sparsec.config import PassConfig, option
 from sparsec.errors import UsageError
 from sparsec.graph import TargetMatcher, WeightLayer, is_rotation, module_stack, weight_layers, weight_numel
@@ -492,8 +492,8 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
         def error(p: int) -> float:
             errs = torch.tensor([sum(_block_error(ev.outputs(p), ev.ref, normalized) for ev in evals) / len(evals)],
                                 dtype=torch.float64)
-            _all_reduce_mean(errs)
-            return float(errs[0])
+            world = all_reduce_sum(errs)  # the mean over ranks of their mean errors
+            return float(errs[0]) / world
 
         s = [0.0] * len(members)
         eff = 0.0
@@ -524,10 +524,3 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
                        "rows": rows})
     return tables
 
-
-def _all_reduce_mean(t: torch.Tensor) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
