@@ -115,6 +115,34 @@ def test_teal_after_rotate_thresholds_the_rotated_inputs():
     assert stats["mlp_layers"] == 2 and stats["weight_layers"] == 17
 
 
+def test_greedy_teal_after_rotate_searches_the_rotated_blocks(tmp_path):
+    """rotate,teal{allocation=greedy}: each block's table lists its 7 projections (no rotation matmul), its last row
+    reaches the target, every layer is calibrated on its (rotated) input to its row's sparsity, and a later run looks
+    the table up from the artifact (the benchmark's setup: search at the highest target, look up below)."""
+    from sparsec.passes.teal import pick_row
+
+    spec = "rotate,teal{sparsity=0.5 allocation=greedy greedy_step=0.2}"
+    _, _, result = _transform("llama", spec, _ids(1, n=16))
+    stats = result.report["passes"][1]["stats"]
+    tables = stats["greedy_table"]
+    assert [t["block"] for t in tables] == ["model.layers.0", "model.layers.1"]
+    teal = {e["module"]: e for e in result.report["layers"] if e["op"] == "teal"}
+    for table in tables:
+        assert [m.rsplit(".", 1)[-1] for m in table["modules"]] == ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                    "gate_proj", "up_proj", "down_proj"]
+        assert table["rows"][-1][0] >= 0.5 > table["rows"][-2][0]
+        for module, p in zip(table["modules"], pick_row(table, 0.5)[2]):
+            assert teal[module]["target_sparsity"] == p
+            assert teal[module]["threshold"] == 0.0 if p == 0 else abs(teal[module]["measured_sparsity"] - p) <= 0.02
+    assert abs(stats["measured_sparsity_param_weighted"] - 0.5) <= 0.05
+    sparsec.save(result, str(tmp_path / "g"))
+    _, _, lower = _transform("llama", f"rotate,teal{{sparsity=0.3 allocation=greedy greedy_table={tmp_path / 'g'}}}",
+                             _ids(1, n=16))
+    assert lower.report["passes"][1]["stats"]["greedy_table"] == tables
+    assert [e["target_sparsity"] for e in lower.report["layers"] if e["op"] == "teal"] == \
+        [p for t in tables for p in pick_row(t, 0.3)[2]]
+
+
 def test_rotate_after_teal_is_refused():
     with pytest.raises(SparsecError, match="rotate"):
         _transform("llama", "teal,rotate")
