@@ -164,11 +164,11 @@ def weight_layers(gm: fx.GraphModule) -> list[WeightLayer]:
     """Every linear-like op whose second operand is a parameter (attention's q·kᵀ and p·v are not included)."""
     out = []
     for node in call_nodes(gm, LINEAR_OPS):
-        if len(node.args) <= _WEIGHT_OPERAND.get(node.target, 1) or not _is_parameter(weight_operand(node)) \
-                or not isinstance(activation_operand(node), fx.Node):
+        if len(node.args) <= _WEIGHT_OPERAND.get(node.target, 1) or not _is_parameter(weight_operand(node)):
             continue
         x = activation_operand(node)
-        out.append(WeightLayer(node, x, module_path(node), _from_weight_layer(x)))
+        if isinstance(x, fx.Node):
+            out.append(WeightLayer(node, x, module_path(node), _from_weight_layer(x)))
     return out
 
 
