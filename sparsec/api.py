@@ -35,7 +35,8 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
               trust_remote_code: bool = False, dynamic: bool = True, instruments: Iterable = (),
               measure: bool = True, calib_data: str | None = None, calib_samples: int = 16,
               seq_len: int | None = None, batch_size: int = 4, max_memory: int | str | None = None,
-              heldout_loop: Callable | None = None, heldout_samples: int = 4) -> TransformResult:
+              heldout_loop: Callable | None = None, heldout_samples: int = 4, kv_cache: bool = False,
+              max_context: int | None = None) -> TransformResult:
     """Capture ``model`` with torch.export and run the pipeline ``spec`` on it.
 
     ``model``: an ``nn.Module`` (with ``example_inputs``), an ``ExportedProgram``, or a path / spec string as on the
@@ -52,9 +53,13 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     ``heldout_sparsity`` and ``report['sparsity']`` under each definition of :mod:`sparsec.report`.
     ``max_memory`` (bytes or e.g. ``"8GiB"``; default: the memory available now): the run is refused before the
     passes start when its estimate (:mod:`sparsec.resources`) exceeds it.
+    ``kv_cache``: capture a causal LM as a cached program for generation (:mod:`sparsec.kv_cache`), contexts up to
+    ``max_context`` tokens; calibration and held-out loops then see it as an uncached model
+    (:class:`sparsec.kv_cache.FullSequence`).
     """
     from sparsec import frontend
     from sparsec.instruments import default_instruments
+    from sparsec.kv_cache import full_sequence_loop, program_layout
     from sparsec.pipeline import as_pipeline
     from sparsec.registry import get_pass
 
@@ -75,7 +80,10 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     heldout_source = "heldout_loop"
     if need and heldout_loop is None and loaded.tokenizer_dir and heldout_samples > 0:
         heldout_loop, heldout_source = _heldout_loop(loaded, seq_len, heldout_samples, batch_size)
-    captured = frontend.capture(loaded, dynamic=dynamic)
+    captured = frontend.capture(loaded, dynamic=dynamic, kv_cache=kv_cache, max_context=max_context)
+    layout = program_layout(captured.program)
+    if layout is not None:
+        forward_loop, heldout_loop = (full_sequence_loop(f, layout) for f in (forward_loop, heldout_loop))
     _check_memory(captured.program, budget, calib=(calib_samples, _calib_seq_len(loaded, seq_len), batch_size)
                   if calibrate else None)
     gm = captured.program.module()

@@ -370,6 +370,14 @@ def bind_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
         raise UsageError(f"example inputs do not fit {type(module).__name__}.forward: {exc}") from None
 
 
+def flat_inputs(module: nn.Module, args: tuple, kwargs: dict) -> list:
+    """The inputs in the order of the captured graph's placeholders: bound to ``forward``'s parameters, nested
+    lists (a cached program's past tensors) flattened."""
+    from torch.utils._pytree import tree_leaves
+
+    return [leaf for value in bind_inputs(module, args, kwargs).values() for leaf in tree_leaves(value)]
+
+
 def _dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict, spec) -> dict[str, Any]:
     """``dynamic_shapes`` keyed by forward parameter name, ``spec(name, tensor)`` giving each tensor's dims."""
     sig = inspect.signature(module.forward).parameters
@@ -430,11 +438,17 @@ def _tuple_outputs_hook(module, args, kwargs, out):
     return out
 
 
-def capture(loaded: LoadedModel, *, dynamic: bool = True) -> Captured:
-    """``torch.export`` (non-strict) the loaded module with dynamic batch/sequence dims where the model allows."""
+def capture(loaded: LoadedModel, *, dynamic: bool = True, kv_cache: bool = False,
+            max_context: int | None = None) -> Captured:
+    """``torch.export`` (non-strict) the loaded module with dynamic batch/sequence dims where the model allows.
+
+    ``kv_cache``: capture a Hugging Face causal LM as a cached program (:mod:`sparsec.kv_cache`) accepting contexts
+    up to ``max_context`` tokens (default: the model's maximum positions, at most 4096)."""
     if loaded.program is not None:
         return Captured(loaded.program, loaded.args, loaded.kwargs, loaded)
     module = loaded.module
+    if kv_cache:
+        return _capture_cached(loaded, max_context)
     dyn = _dynamic_shapes(module, loaded.args, loaded.kwargs, _default_dims) if dynamic else None
     cache_cfg = getattr(module, "config", None)
     saved_cache = getattr(cache_cfg, "use_cache", None)
@@ -472,6 +486,30 @@ def _capture_failure_message(loaded: LoadedModel, exc: Exception, failed: str | 
             + "; ".join(hints) + " (--debug shows the full trace)")
 
 
+def _capture_cached(loaded: LoadedModel, max_context: int | None) -> Captured:
+    from sparsec import kv_cache
+
+    module = loaded.module
+    ids = loaded.kwargs.get("input_ids")
+    if not kv_cache.is_causal_lm(module) or ids is None:
+        raise UsageError(f"--kv-cache applies to causal language models (Hugging Face models with an LM head that"
+                         f" generate text); '{loaded.source}' ({type(module).__name__}) is not one: drop --kv-cache")
+    limit = kv_cache.default_max_context(module.config)
+    max_context = max_context or limit
+    if max_context < 2 or max_context > limit:
+        raise UsageError(f"--max-context {max_context} is outside 2..{limit} (the model's maximum positions)")
+    tracker = _ModuleTracker(module)
+    try:
+        example = kv_cache.cached_example_inputs(module, ids)
+        program = kv_cache.export_cached(module, example, max_context)
+    except Exception as exc:
+        failed = tracker.stack[-1] if tracker.stack else None
+        raise SparsecError(_capture_failure_message(loaded, exc, failed, True)) from exc
+    finally:
+        tracker.remove()
+    return Captured(program, example, {}, loaded)
+
+
 def reexport(gm: torch.fx.GraphModule, captured: Captured):
     """Export a rewritten module again, keeping dynamic exactly the dims that were dynamic in the original."""
     from torch.export import Dim
@@ -484,7 +522,13 @@ def reexport(gm: torch.fx.GraphModule, captured: Captured):
         dims = symbolic.get(name) if isinstance(x, torch.Tensor) else None
         return {i: Dim.AUTO for i in dims} if dims else None
 
-    dyn = _dynamic_shapes(gm, captured.args, captured.kwargs, spec)
+    from sparsec.kv_cache import cached_dynamic_shapes, program_layout
+
+    layout = program_layout(captured.program)
+    if layout is not None:  # the cached program's named dims and ranges (Dim.AUTO would specialise P = 0 away)
+        dyn = cached_dynamic_shapes(layout.layers, layout.max_context)
+    else:
+        dyn = _dynamic_shapes(gm, captured.args, captured.kwargs, spec)
     try:
         return torch.export.export(gm, captured.args, captured.kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as exc:

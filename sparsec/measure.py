@@ -33,12 +33,10 @@ def run_and_count_zeros(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[
     """Run ``gm`` on the inputs; returns (outputs, statistics as defined in this module's docstring)."""
     layers = weight_layers(gm)
     counts = {layer.input: [0, 0] for layer in layers}
-    from sparsec.frontend import bind_inputs
+    from sparsec.frontend import flat_inputs
 
-    bound = bind_inputs(gm, args, kwargs)
-    flat = [bound[n.target] for n in gm.graph.nodes if n.op == "placeholder"]
     with torch.no_grad():
-        out = _ZeroCounter(gm, counts).run(*flat)
+        out = _ZeroCounter(gm, counts).run(*flat_inputs(gm, args, kwargs))
 
     def frac(selected):
         zeros = sum(counts[layer.input][0] for layer in selected)

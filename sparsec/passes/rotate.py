@@ -299,7 +299,7 @@ def _parameter_nodes(layer: WeightLayer) -> list[fx.Node]:
 
 def _layer_inputs(gm, ctx: PassContext, layers: list[WeightLayer]) -> list[torch.Tensor]:
     """The inputs of ``layers`` when ``gm`` runs on the example inputs."""
-    from sparsec.frontend import bind_inputs
+    from sparsec.frontend import flat_inputs
 
     wanted, seen = {la.input for la in layers}, {}
 
@@ -310,8 +310,7 @@ def _layer_inputs(gm, ctx: PassContext, layers: list[WeightLayer]) -> list[torch
                 seen[n] = out
             return out
 
-    bound = bind_inputs(gm, ctx.args, ctx.kwargs)
     with torch.no_grad():
-        Tap(gm).run(*[bound[n.target] for n in gm.graph.nodes if n.op == "placeholder"])
+        Tap(gm).run(*flat_inputs(gm, ctx.args, ctx.kwargs))
     return [seen[la.input] for la in layers]
 
