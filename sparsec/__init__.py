@@ -9,7 +9,7 @@ from sparsec.errors import SparsecError
 __version__ = "0.1.0"
 
 _API = {"transform", "save", "load", "load_artifact", "list_passes", "trace", "TransformResult", "export_onnx", "run",
-        "compile", "load_compiled", "accelerate"}
+        "compile", "load_compiled", "accelerate", "generate"}
 _CONFIGS = {"RelufyConfig": "sparsec.passes.relufy", "TealConfig": "sparsec.passes.teal",
             "CatsConfig": "sparsec.passes.cats", "RotateConfig": "sparsec.passes.rotate",
             "RegularizeConfig": "sparsec.passes.regularize", "JSReLUConfig": "sparsec.passes.jsrelu",
@@ -22,6 +22,8 @@ __all__ = sorted(_API | set(_CONFIGS) | {"SparsecError", "__version__", "regular
 def __getattr__(name: str):
     import importlib
 
+    if name == "generate":
+        return importlib.import_module("sparsec.generation").generate
     if name in _API:
         return getattr(importlib.import_module("sparsec.api"), name)
     if name == "regularization_loss":

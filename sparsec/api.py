@@ -24,6 +24,7 @@ class TransformResult:
     source: dict
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    generation: dict | None = None  # a cached program's {"eos_token_id", "max_context"} (sparsec.generation)
 
     def module(self):
         """A runnable ``nn.Module`` (an fx.GraphModule); trainable like any module."""
@@ -111,7 +112,19 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     source = {"model": loaded.source, "kind": loaded.kind}
     if loaded.tokenizer_dir:
         source["tokenizer"] = loaded.tokenizer_dir
-    return TransformResult(program, pipeline, report, source, captured.args, captured.kwargs)
+    generation = None
+    if layout is not None:
+        generation = {"eos_token_id": _eos_token_id(loaded.module), "max_context": layout.max_context}
+    return TransformResult(program, pipeline, report, source, captured.args, captured.kwargs, generation)
+
+
+def _eos_token_id(module) -> int | list[int] | None:
+    """The end-of-sequence token id(s) of a Hugging Face model: its generation config's, else its config's."""
+    for cfg in (getattr(module, "generation_config", None), getattr(module, "config", None)):
+        eos = getattr(cfg, "eos_token_id", None)
+        if eos is not None:
+            return eos
+    return None
 
 
 def _calibration_loop(pass_name: str, loaded, calib_data, samples: int, seq_len: int | None, batch_size: int):
@@ -213,7 +226,10 @@ def save(result: TransformResult, out_dir: str, *, force: bool = False) -> str:
 
     manifest = {"versions": tool_versions(), "pipeline": result.pipeline.canonical(), "source": result.source,
                 "inputs": input_spec(result.program)}
-    return write_artifact(out_dir, result.program, result.pipeline.to_yaml(), manifest, result.report, force=force)
+    if result.generation is not None:
+        manifest["generation"] = result.generation
+    return write_artifact(out_dir, result.program, result.pipeline.to_yaml(), manifest, result.report, force=force,
+                          tokenizer_dir=result.source.get("tokenizer"))
 
 
 def load(path: str):

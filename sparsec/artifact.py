@@ -19,6 +19,10 @@ from sparsec.errors import SparsecError, first_line
 FORMAT = "sparsec-artifact"
 FORMAT_VERSION = 1
 MODEL_FILE, RECIPE_FILE, MANIFEST_FILE, REPORT_FILE = "model.pt2", "recipe.yaml", "manifest.json", "report.json"
+TOKENIZER_DIR = "tokenizer"
+#: the files of a Hugging Face tokenizer that an artifact keeps (so ``sparsec generate --prompt`` needs no source)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 _TMP_MARK = ".sparsec-tmp-"
 
 
@@ -113,9 +117,20 @@ def check_output_dir(out_dir: str, force: bool, inputs: list[str] = ()) -> None:
                                " artifacts: remove it yourself or choose another -o")
 
 
+def copy_tokenizer(source_dir: str | None, dest_dir: str) -> list[str]:
+    """Copy the tokenizer files of ``source_dir`` (:data:`TOKENIZER_FILES`) into ``dest_dir``; their names."""
+    names = [f for f in TOKENIZER_FILES if source_dir and os.path.isfile(os.path.join(source_dir, f))]
+    if names:
+        os.makedirs(dest_dir, exist_ok=True)
+        for name in names:
+            shutil.copyfile(os.path.join(source_dir, name), os.path.join(dest_dir, name))
+    return names
+
+
 def write_artifact(out_dir: str, program, recipe_yaml: str, manifest: dict, report: dict, *,
-                   force: bool = False) -> str:
-    """Write the artifact into a temporary sibling directory and rename it into place at the end."""
+                   force: bool = False, tokenizer_dir: str | None = None) -> str:
+    """Write the artifact into a temporary sibling directory and rename it into place at the end; the tokenizer
+    files of ``tokenizer_dir`` are kept in its ``tokenizer/`` folder."""
     import torch
 
     check_output_dir(out_dir, force)
@@ -123,7 +138,9 @@ def write_artifact(out_dir: str, program, recipe_yaml: str, manifest: dict, repo
         torch.export.save(program, os.path.join(tmp, MODEL_FILE))
         _write_text(os.path.join(tmp, RECIPE_FILE), recipe_yaml)
         _write_text(os.path.join(tmp, REPORT_FILE), json.dumps(report, indent=2, default=_json_default))
-        files = {f: sha256_file(os.path.join(tmp, f)) for f in (MODEL_FILE, RECIPE_FILE, REPORT_FILE)}
+        names = [MODEL_FILE, RECIPE_FILE, REPORT_FILE]
+        names += [f"{TOKENIZER_DIR}/{f}" for f in copy_tokenizer(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR))]
+        files = {f: sha256_file(os.path.join(tmp, f)) for f in names}
         fingerprint = hashlib.sha256(json.dumps([manifest.get("pipeline"), files[MODEL_FILE]]).encode()).hexdigest()
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "fingerprint": fingerprint,
                 "files": files}
@@ -232,6 +249,7 @@ MANIFEST_SCHEMA = {
     "pipeline": str, "fingerprint": str, "versions?": dict, "source?": {"model?": str, "kind?": str},
     "inputs?": [_OneOf({"name": str, "dtype": str, "shape": [_DIM]}, {"name": str, "value": str})],
     "files": {MODEL_FILE: str, RECIPE_FILE: str, REPORT_FILE: str},
+    "generation?": {"eos_token_id": _OneOf(int, [int], None), "max_context": _OneOf(int, None)},
 }
 _STATS = {"mlp_intermediate_sparsity": _NUMBER, "linear_input_sparsity": _NUMBER, "mlp_layers": int,
           "weight_layers": int}
@@ -301,7 +319,9 @@ def read_manifest(path: str) -> dict:
         raise SparsecError(f"'{path}' has artifact format version {version!r}; this sparsec reads version"
                            f" {FORMAT_VERSION}: re-create it with this sparsec or use the version that made it")
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != {MODEL_FILE, RECIPE_FILE, REPORT_FILE}:
+    extra = set(files) - {MODEL_FILE, RECIPE_FILE, REPORT_FILE} if isinstance(files, dict) else set()
+    if (not isinstance(files, dict) or len(files) - len(extra) != 3
+            or any(f not in {f"{TOKENIZER_DIR}/{t}" for t in TOKENIZER_FILES} for f in extra)):
         raise SparsecError(f"'{mpath}' lists no valid 'files' checksums; the artifact is damaged: re-create it")
     bad = schema_mismatch(manifest, MANIFEST_SCHEMA)
     if bad:

@@ -73,6 +73,8 @@ def cli(ctx, debug):
     sparsec export OUT/ --to onnx -o model.onnx      export to ONNX (--verify: compare with torch)
     sparsec compile OUT/ -o BUILD/                   compile with TVM and sparsec's sparse kernels
     sparsec run model.onnx --inputs FILE             run with ONNX Runtime (BUILD/ with TVM, OUT/ with torch)
+    sparsec generate OUT/ --prompt TEXT              generate text (OUT/ from 'transform --kv-cache', its .onnx
+                                                     export or its TVM build)
 
     MODEL: a Hugging Face directory, a .pt2 file, a sparsec artifact, 'package.module:factory' (with --weights
     FILE for a state dict), or builtin:minilm / builtin:gemma3-270m (models that ship in packages).
@@ -101,9 +103,13 @@ def cli(ctx, debug):
 @click.option("--max-memory", metavar="SIZE", help="memory budget, e.g. 8GiB: a run whose estimate (parameters +"
               " peak activations of a calibration batch) exceeds it is refused before it starts [default: the memory"
               " available now]")
+@click.option("--kv-cache", is_flag=True, help="capture a causal LM with a KV cache (prefill + one-token decode"
+              " steps) so that the artifact, its ONNX export and its TVM build can 'sparsec generate'")
+@click.option("--max-context", type=int, default=None, metavar="N", help="with --kv-cache: the longest context"
+              " (prompt + generated tokens) [default: the model's maximum positions, at most 4096]")
 @_model_options
 def transform(model, spec, recipe, sets, out, force, dump_ir, as_json, weights, unsafe_pickle, trust_remote_code,
-              static, plugins, calib_data, calib_samples, seq_len, batch_size, max_memory):
+              static, plugins, calib_data, calib_samples, seq_len, batch_size, max_memory, kv_cache, max_context):
     """Rewrite MODEL with a pipeline of passes and write the artifact directory OUT."""
     from sparsec.resources import parse_memory
 
@@ -122,7 +128,7 @@ def transform(model, spec, recipe, sets, out, force, dump_ir, as_json, weights, 
                            trust_remote_code=trust_remote_code, dynamic=not static,
                            instruments=[DumpIR(dump_ir)] if dump_ir else [], calib_data=calib_data,
                            calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size,
-                           max_memory=budget)
+                           max_memory=budget, kv_cache=kv_cache, max_context=max_context)
     api.save(result, out, force=force)
     summary = {"artifact": out, "pipeline": result.pipeline.canonical(),
                "passes": [{"name": p["name"], "stats": p["stats"], "seconds": p.get("seconds")}
@@ -476,6 +482,115 @@ def run(model, inputs, out, force, as_json):
         click.echo(f"  {o['name']}: {o['dtype']}{o['shape']}")
     if out:
         click.echo(f"wrote {out}")
+
+
+@cli.command("generate", context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--prompt", metavar="TEXT", help="the prompt, tokenised with the model's tokenizer")
+@click.option("--input-ids", metavar="FILE", help="the prompt as token ids: a .pt/.npy tensor or a text file of"
+              " integers")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, metavar="N")
+@click.option("--temperature", type=float, default=0.0, show_default=True, metavar="T",
+              help="0: greedy; > 0: sample with this temperature")
+@click.option("--top-k", type=int, default=0, show_default=True, metavar="K", help="sample from the K most likely"
+              " tokens (0: all)")
+@click.option("--top-p", type=float, default=1.0, show_default=True, metavar="P", help="sample from the smallest"
+              " set of tokens whose probability reaches P")
+@click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="seed of the sampler")
+@click.option("--ignore-eos", is_flag=True, help="always generate --max-new-tokens tokens")
+@click.option("--tokenizer", metavar="DIR", help="tokenizer directory when MODEL keeps none")
+@click.option("--threads", type=int, default=None, metavar="N", help="threads [default: all CPUs]")
+@click.option("--stream", is_flag=True, help="print the text as it is generated")
+@click.option("--json", "as_json", is_flag=True, help="print tokens, text and timings as one JSON document")
+def generate(model, prompt, input_ids, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, tokenizer,
+             threads, stream, as_json):
+    """Generate text with MODEL: an artifact directory from 'transform --kv-cache' (torch), its .onnx export (ONNX
+    Runtime) or its TVM build directory."""
+    from sparsec.generation import check_options
+
+    check_options(max_new_tokens, temperature, top_k, top_p)
+    if (prompt is None) == (input_ids is None):
+        raise UsageError("give exactly one of --prompt TEXT and --input-ids FILE")
+    if not os.path.exists(model):
+        raise SparsecError(f"model '{model}' does not exist; give an artifact directory, a .onnx file or a TVM build"
+                           " directory")
+    from sparsec.generation import open_stepper, run_generation
+
+    stepper, info = open_stepper(model, threads=threads)
+    tok = _tokenizer_for(model, tokenizer or info.get("tokenizer"), needed=prompt is not None)
+    if prompt is not None:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    else:
+        ids = _read_token_ids(input_ids)
+    printed = []
+
+    def on_token(token: int) -> None:
+        if stream and tok is not None and not as_json:
+            printed.append(token)
+            click.echo(tok.decode(printed[-1:]), nl=False)
+            sys.stdout.flush()
+
+    result = run_generation(stepper, ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                            eos_token_id=info.get("eos_token_id"), ignore_eos=ignore_eos, on_token=on_token,
+                            what=f"'{model}'")
+    new = result.new_tokens.tolist()
+    text = tok.decode(new, skip_special_tokens=True) if tok is not None else None
+    summary = {"model": model, "backend": stepper.backend, "prompt_tokens": result.prompt_tokens,
+               "tokens": new, "text": text, "stopped_by": result.stopped_by,
+               "prefill_ms": round(result.prefill_ms, 3), "decode_ms_per_token": round(result.decode_ms_per_token, 3),
+               "tokens_per_s": round(result.tokens_per_second, 2)}
+    if as_json:
+        _echo_json(summary)
+        return
+    if stream:
+        click.echo()
+    else:
+        click.echo(text if text is not None else " ".join(map(str, new)))
+    click.echo(f"{stepper.backend}: {len(new)} tokens, prefill {result.prefill_ms:.1f} ms"
+               f" ({result.prompt_tokens} tokens), decode {result.decode_ms_per_token:.2f} ms/token"
+               f" ({result.tokens_per_second:.1f} tokens/s), stopped by {result.stopped_by}", err=True)
+
+
+def _tokenizer_for(model: str, tok_dir: str | None, *, needed: bool):
+    """The Hugging Face tokenizer kept with MODEL (or --tokenizer DIR); None when there is none and none is
+    needed (--input-ids: tokens are printed as ids)."""
+    if not tok_dir:
+        if needed:
+            raise UsageError(f"'{model}' keeps no tokenizer, so --prompt cannot be tokenised: pass the prompt as token"
+                             " ids with --input-ids FILE, or give --tokenizer DIR")
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    except Exception as exc:
+        raise SparsecError(f"cannot load the tokenizer in '{tok_dir}': {type(exc).__name__}: {exc}") from None
+
+
+def _read_token_ids(path: str):
+    """Token ids from a .pt/.npy tensor (weights-only) or a text file of whitespace-separated integers."""
+    import torch
+
+    if path.endswith((".pt", ".pth", ".npy")):
+        from sparsec.calibration import load_token_file
+
+        try:
+            ids = load_token_file(path)
+        except SparsecError as exc:
+            raise type(exc)(exc.message.replace("calibration file", "--input-ids")) from None
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                ids = torch.tensor([int(t) for t in f.read().split()], dtype=torch.long)
+        except OSError as exc:
+            raise SparsecError(f"--input-ids '{path}' cannot be read: {exc.strerror}") from None
+        except ValueError:
+            raise UsageError(f"--input-ids '{path}' must hold whitespace-separated integer token ids") from None
+    if ids.is_floating_point() or ids.numel() == 0:
+        raise UsageError(f"--input-ids '{path}' must hold a non-empty sequence of integer token ids")
+    return ids.reshape(1, -1).long()
 
 
 @cli.command(context_settings=CONTEXT)

@@ -193,7 +193,7 @@ def open_stepper(model: Any, *, threads: int | None = None, sparse_kernel: str =
         info["tokenizer"] = tok if os.path.isdir(tok) else None
         model = model.program
     elif hasattr(model, "pipeline") and hasattr(model, "program"):  # a TransformResult
-        info.update(model.source.get("generation", {}))
+        info.update(model.generation or {})
         info["tokenizer"] = model.source.get("tokenizer")
         model = model.program
     if not hasattr(model, "graph_signature"):

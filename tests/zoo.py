@@ -5,12 +5,13 @@ SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, interme
 
 
 def build(arch: str, **overrides):
-    """(model, example kwargs) for arch in llama, mistral, qwen2, gpt2, bert; overrides go into the config."""
+    """(model, example kwargs) for arch in llama, mistral, qwen2, gemma3, gpt2, bert; overrides go into the config.
+    gemma3 alternates sliding-window (window 8) and full attention layers."""
     import transformers as tf
 
     torch.manual_seed(0)
     if arch == "llama":
-        cfg = tf.LlamaConfig(**SMALL, num_key_value_heads=2, **overrides)
+        cfg = tf.LlamaConfig(**{**SMALL, "num_key_value_heads": 2, **overrides})
         model = tf.LlamaForCausalLM(cfg)
     elif arch == "mistral":
         cfg = tf.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=16, **overrides)
@@ -18,6 +19,12 @@ def build(arch: str, **overrides):
     elif arch == "qwen2":
         cfg = tf.Qwen2Config(**SMALL, num_key_value_heads=2, **overrides)
         model = tf.Qwen2ForCausalLM(cfg)
+    elif arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(**{**SMALL, "num_hidden_layers": 3}, num_key_value_heads=1, head_dim=16,
+                                  sliding_window=8, max_position_embeddings=256,
+                                  layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                  **overrides)
+        model = tf.Gemma3ForCausalLM(cfg)
     elif arch == "gpt2":
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=256, n_positions=64,
                             bos_token_id=0, eos_token_id=0, **overrides)
