@@ -58,6 +58,7 @@ def evaluate(artifact: str, *, ppl: str | None = None, embed: str | None = None,
     from sparsec.api import load_artifact
     from sparsec.calibration import tokenize_windows
     from sparsec.frontend import load_model
+    from sparsec.kv_cache import FullSequence, program_layout
 
     if (ppl is None) == (embed is None):
         raise UsageError("give one of --ppl TEXTFILE (causal LMs: perplexity) and --embed TEXTFILE (encoders: cosine"
@@ -75,6 +76,9 @@ def evaluate(artifact: str, *, ppl: str | None = None, embed: str | None = None,
     tokenizer = AutoTokenizer.from_pretrained(source["tokenizer"], local_files_only=True)
     dense = load_model(source["model"], None).module.eval()
     sparse = art.program.module()
+    layout = program_layout(art.program)
+    if layout is not None:  # a cached program: logits at every position, from an empty cache
+        sparse = FullSequence(sparse, layout)
     result = {"artifact": artifact, "model": source["model"], "pipeline": art.manifest.get("pipeline")}
     if ppl:
         ids = tokenize_windows(text, tokenizer, seq_len, samples)

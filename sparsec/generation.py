@@ -48,17 +48,18 @@ class Generation:
 
 
 class TorchStepper:
-    """Steps a cached program (an ExportedProgram or its module) in torch; the cache is a list of tensors."""
+    """Steps a cached program in torch: ``program`` is an ExportedProgram, or a module taking its inputs (e.g.
+    :func:`sparsec.accelerate` of one) with its ``layout``; the cache is a list of tensors."""
 
     backend = "torch"
 
-    def __init__(self, program):
+    def __init__(self, program, layout=None):
         from sparsec.kv_cache import program_layout
 
-        self.layout = program_layout(program)
+        self.layout = layout or program_layout(program)
         if self.layout is None:
             raise uncached_error("the program")
-        self.module = program.module()
+        self.module = program.module() if hasattr(program, "graph_signature") else program
         self._keep = torch.zeros(1, dtype=torch.long)
         self.reset()
 

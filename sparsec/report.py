@@ -29,13 +29,14 @@ def measure_layers(gm, forward_loop: Callable) -> dict[str, dict]:
     acc: dict[str, list] = {}
 
     def model(*args, **kwargs):
-        stats = run_and_count_zeros(gm, args, kwargs)[1]
+        out, stats = run_and_count_zeros(gm, args, kwargs)
         first = next((v for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor)), None)
         weight = first.numel() if first is not None else 1
         for layer in stats["layers"]:
             a = acc.setdefault(layer["module"], [0.0, 0.0, layer["mlp_intermediate"]])
             a[0] += layer["input_sparsity"] * weight
             a[1] += weight
+        return out
 
     model.__signature__ = inspect.signature(gm.forward)
     forward_loop(model)

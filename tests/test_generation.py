@@ -69,8 +69,10 @@ def test_rotate_teal_generation_equals_the_program_rerun_on_the_whole_sequence()
     from sparsec.kv_cache import FullSequence, program_layout
 
     model, example = zoo.build("llama")
+    heldout = token_forward_loop(torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3)))
     result = sparsec.transform(model, "rotate,teal{sparsity=0.5}", example_inputs=example,
-                               forward_loop=_calibration(), kv_cache=True)
+                               forward_loop=_calibration(), heldout_loop=heldout, kv_cache=True)
+    assert 0.4 < result.report["sparsity"]["teal_param_weighted"] < 0.6  # measured through the cached program
     tokens = sparsec.generate(result, PROMPT, max_new_tokens=NEW, ignore_eos=True)
     full = FullSequence(result.program.module(), program_layout(result.program))
     ids = PROMPT
