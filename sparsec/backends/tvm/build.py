@@ -3,8 +3,11 @@
 A build directory holds ``model.so`` (the compiled Relax VM executable: code only), ``params.bin`` (the weights,
 packed for the kernels, as raw little-endian arrays at 64-byte aligned offsets) and ``manifest.json``: format and
 version, the sparsec and TVM versions, the target and the CPU it was compiled for, the thread count, the input spec,
-the number of outputs, each parameter's dtype, shape and offset, and the sha256 of both files. Loading checks all of
+the number of outputs, each parameter's dtype, shape and offset, and the sha256 of every file. Loading checks all of
 it: a build from another sparsec or TVM version, or for another CPU, is refused with a message saying how to rebuild.
+A cached decoder program (:mod:`sparsec.kv_cache`) also records ``generation`` (``eos_token_id``, ``max_context`` in
+tokens) and keeps the artifact's tokenizer files in ``tokenizer/``: :class:`sparsec.backends.tvm.generate.TvmStepper`
+generates from the build directory alone.
 Keeping the weights out of the library keeps compiling a large model affordable: the weights are never embedded in
 generated code, and each is written to ``params.bin`` one at a time.
 """
@@ -24,7 +27,7 @@ from sparsec.errors import SparsecError
 
 FORMAT = "sparsec-tvm-build"
 FORMAT_VERSION = 2
-LIB_FILE, PARAMS_FILE, MANIFEST_FILE = "model.so", "params.bin", "manifest.json"
+LIB_FILE, PARAMS_FILE, MANIFEST_FILE, TOKENIZER_DIR = "model.so", "params.bin", "manifest.json", "tokenizer"
 ALIGN = 64  # byte alignment of each parameter in params.bin
 TARGETS = ("llvm", "cuda")
 CUDA_ARCH = "sm_90"  # H100 / H200
@@ -40,11 +43,15 @@ def is_build_dir(path: str) -> bool:
 
 
 def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int | None = None, sparse: bool = True,
-                    inputs: list | None = None, source: str | None = None, force: bool = False) -> dict:
+                    inputs: list | None = None, source: str | None = None, force: bool = False,
+                    generation: dict | None = None, tokenizer: str | None = None) -> dict:
     """Lower ``program`` (an ExportedProgram) with sparsec's kernels, compile it for ``target`` and write the build
-    directory ``out_dir`` atomically. Returns the manifest."""
+    directory ``out_dir`` atomically. Returns the manifest.
+
+    A cached program's ``generation`` facts (``eos_token_id``, ``max_context``) and the tokenizer files of the folder
+    ``tokenizer`` go into the build; both default to those of the artifact directory ``source``."""
     import sparsec
-    from sparsec.artifact import atomic_directory, check_output_dir, input_spec, sha256_file
+    from sparsec.artifact import atomic_directory, check_output_dir, copy_tokenizer, input_spec, sha256_file
     from sparsec.backends.tvm.cuda import cuda_sources, cuda_target, nvcc_compile, require_nvcc
     from sparsec.backends.tvm.env import cpu_target, host_cpu, import_tvm
     from sparsec.backends.tvm.lower import to_relax
@@ -54,6 +61,8 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     check_output_dir(out_dir, force)
     if target == "cuda":
         require_nvcc()
+    inputs = inputs if inputs is not None else input_spec(program)
+    generation, tokenizer = _generation_facts(inputs, source, generation, tokenizer)
     threads = threads or os.cpu_count() or 1
     tvm = import_tvm(threads)
     start = time.perf_counter()
@@ -68,16 +77,41 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "sparsec": sparsec.__version__,
                 "tvm": tvm.__version__, "target": target, "cpu": host_cpu(), "threads": threads,
                 "arch": CUDA_ARCH if target == "cuda" else None,
-                "sparse": sparse, "kernels": kernels, "inputs": inputs if inputs is not None else input_spec(program),
+                "sparse": sparse, "kernels": kernels, "inputs": inputs,
                 "outputs": len(program.graph_signature.user_outputs), "source": source,
                 "seconds": {"lower": round(lowered - start, 2), "compile": round(time.perf_counter() - lowered, 2)}}
     with atomic_directory(out_dir) as tmp:
         executable.export_library(os.path.join(tmp, LIB_FILE))
         manifest["params"] = _write_params(weights, os.path.join(tmp, PARAMS_FILE))
-        manifest["files"] = {name: sha256_file(os.path.join(tmp, name)) for name in (LIB_FILE, PARAMS_FILE)}
+        names = [LIB_FILE, PARAMS_FILE]
+        if generation is not None:
+            manifest["generation"] = generation
+            names += [f"{TOKENIZER_DIR}/{f}" for f in copy_tokenizer(tokenizer, os.path.join(tmp, TOKENIZER_DIR))]
+        manifest["files"] = {name: sha256_file(os.path.join(tmp, name)) for name in names}
         with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8") as f:
             f.write(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _generation_facts(inputs: list, source: str | None, generation: dict | None,
+                      tokenizer: str | None) -> tuple[dict | None, str | None]:
+    """``(generation, tokenizer folder)`` of a cached program (``(None, None)`` for any other): given, else the
+    artifact ``source``'s manifest ``generation`` and its ``tokenizer/``, else the context limit of the inputs."""
+    from sparsec.kv_cache import cache_layout
+
+    layout = cache_layout(inputs)
+    if layout is None:
+        return None, None
+    if source and os.path.isdir(source):
+        if generation is None:
+            try:
+                with open(os.path.join(source, MANIFEST_FILE), encoding="utf-8") as f:
+                    generation = json.load(f).get("generation")
+            except (OSError, ValueError):
+                generation = None
+        tokenizer = tokenizer or os.path.join(source, TOKENIZER_DIR)
+    facts = {"eos_token_id": None, "max_context": layout.max_context, **(generation or {})}
+    return facts, tokenizer if tokenizer and os.path.isdir(tokenizer) else None
 
 
 def _lift_weights(mod, min_bytes: int = 1024):
@@ -161,7 +195,7 @@ def read_build_manifest(path: str) -> dict:
     if m.get("target") == "llvm" and m.get("cpu") != host_cpu():
         raise SparsecError(f"build '{path}' was compiled for CPU '{m.get('cpu')}', this machine is '{host_cpu()}':"
                            f" {rebuild}")
-    for name in (LIB_FILE, PARAMS_FILE):
+    for name in dict.fromkeys([LIB_FILE, PARAMS_FILE, *m.get("files", {})]):
         file = os.path.join(path, name)
         if not os.path.isfile(file) or sha256_file(file) != m.get("files", {}).get(name):
             raise SparsecError(f"build '{path}': {name} is missing or does not match its checksum in {MANIFEST_FILE}"

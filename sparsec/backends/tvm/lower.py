@@ -12,7 +12,9 @@ at run time. The kernel is chosen from the op that produces the linear's input:
   the sparse kernel, skipping zero inputs;
 * anything else: the dense kernel of the same family.
 
-Every other op goes through TVM's own ``from_exported_program`` converters.
+``aten.scaled_dot_product_attention`` (kept through decomposition on the CPU) calls the scheduled attention kernel
+of :mod:`sparsec.backends.tvm.attention` on the un-repeated key/value heads. Every other op goes through TVM's own
+``from_exported_program`` converters.
 """
 from __future__ import annotations
 
@@ -69,9 +71,10 @@ def linear_operands(node, consts):
     return node.args[0], w, node.args[2] if len(node.args) > 2 else None
 
 
-def _decompose(program):
-    """``program`` in core ATen with ``aten.linear`` kept. Views become reshapes first: torch cannot decompose some
-    views of dynamic-shape transposes (GPT-2's attention output), and a reshape is a view wherever one is possible."""
+def _decompose(program, keep_sdpa: bool = False):
+    """``program`` in core ATen with ``aten.linear`` (and with ``keep_sdpa``, ``aten.scaled_dot_product_attention``)
+    kept. Views become reshapes first: torch cannot decompose some views of dynamic-shape transposes (GPT-2's
+    attention output), and a reshape is a view wherever one is possible."""
     import copy
 
     import torch
@@ -84,7 +87,26 @@ def _decompose(program):
     program.graph_module.recompile()
     table = torch.export.default_decompositions()
     del table[torch.ops.aten.linear.default]
+    if keep_sdpa:
+        table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
     return program.run_decompositions(table)
+
+
+_COPIES = {*_VIEWS, "aten.clone.default"}
+
+
+def repeated_kv(node) -> tuple:
+    """``(source node, G)`` when ``node`` is grouped-query attention's key/value head repeat, ``reshape(expand(
+    unsqueeze(x, 2), [B, Hk, G, T, D]), [B, Hk * G, T, D])`` (Hugging Face's ``repeat_kv``), else ``(node, 1)``."""
+    inner = node
+    while getattr(inner, "op", None) == "call_function" and str(inner.target) in _COPIES:
+        inner = inner.args[0]
+    if (getattr(inner, "op", None) == "call_function" and str(inner.target) == "aten.expand.default"
+            and str(getattr(inner.args[0], "target", "")) == "aten.unsqueeze.default"
+            and inner.args[0].args[1] == 2 and len(inner.args[1]) == 5 and isinstance(inner.args[1][2], int)
+            and inner is not node):
+        return inner.args[0].args[0], inner.args[1][2]
+    return node, 1
 
 
 class Constants:
@@ -125,6 +147,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
     ``target='cuda'``: the GPU kernel (:mod:`sparsec.backends.tvm.cuda`), which skips zero inputs in every layer.
     """
     import torch
+    import tvm
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -132,7 +155,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
     from sparsec.backends.tvm.kernels import linear_kernel, pack_weight
     from sparsec.graph import module_path
 
-    program = _decompose(program)
+    program = _decompose(program, keep_sdpa=target == "llvm")
     consts = Constants(program)
     funcs = {}
 
@@ -198,14 +221,65 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
         return importer.block_builder.emit(relax.op.strided_slice(
             importer.env[node.args[0]], [dim], [start], [importer.env[end]], [step], assume_inbound=True))
 
+    def convert_cat(node, importer):  # torch skips legacy empty 1-D inputs (a fresh DynamicCache's), TVM rejects them
+        tensors = [t for t in node.args[0] if not (t.meta["val"].dim() == 1 and t.meta["val"].shape[0] == 0)]
+        if len(tensors) == len(node.args[0]):
+            return importer._cat(node)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if len(tensors) == 1:
+            return importer.env[tensors[0]]
+        return importer.block_builder.emit(relax.op.concat([importer.env[t] for t in tensors], axis=dim))
+
+    def convert_sdpa(node, importer):  # sparsec's scheduled attention kernel (sparsec.backends.tvm.attention)
+        from sparsec.backends.tvm.attention import attention_kernel
+
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        args = dict(zip(names, node.args), **node.kwargs)
+        (k_node, group), (v_node, group_v) = repeated_kv(args["key"]), repeated_kv(args["value"])
+        if group != group_v:
+            (k_node, group), (v_node, group_v) = (args["key"], 1), (args["value"], 1)
+        q, k, v = (importer.env[n] for n in (args["query"], k_node, v_node))
+        if (len(q.ty.shape) != 4 or args.get("dropout_p", 0.0) != 0.0
+                or not all(isinstance(d, tvm.tirx.IntImm) for x in (q, k, v) for d in (x.ty.shape[1], x.ty.shape[3]))):
+            return importer._scaled_dot_product_attention(node)
+        heads, dim = int(q.ty.shape[1]), int(q.ty.shape[3])
+        kv_heads, value_dim = int(k.ty.shape[1]), int(v.ty.shape[3])
+        dtype, bb = str(q.ty.dtype), importer.block_builder
+        batch, seq, length = q.ty.shape[0], q.ty.shape[2], k.ty.shape[2]
+        mask, mask_heads, kind = args.get("attn_mask"), 1, None
+        if mask is None:
+            m = relax.const(np.zeros(1, bool), "bool")
+        else:
+            m = importer.env[mask]
+            kind = "bool" if str(m.ty.dtype) == "bool" else "float"
+            shape = [1] * (4 - len(m.ty.shape)) + list(m.ty.shape)
+            if isinstance(shape[1], tvm.tirx.IntImm) and int(shape[1]) == heads > 1:
+                mask_heads = heads
+            if kind == "float" and str(m.ty.dtype) != dtype:
+                m = bb.emit(relax.op.astype(m, dtype))
+            m = bb.emit(relax.op.broadcast_to(relax.op.reshape(m, shape), [batch, mask_heads, seq, length]))
+        scale = args.get("scale")
+        key = (f"sparsec_attention_{heads}_{kv_heads}_{dim}_{value_dim}_{dtype}_{kind}{mask_heads}"
+               f"_{'causal' if args.get('is_causal') else 'full'}_{scale}")
+        if key not in funcs:
+            funcs[key] = bb.add_func(attention_kernel(heads, kv_heads, dim, value_dim, dtype, scale=scale, mask=kind,
+                                                      mask_heads=mask_heads, causal=bool(args.get("is_causal"))),
+                                     key.replace(".", "p").replace("-", "m"))
+        return bb.emit(relax.call_tir(funcs[key], [q, k, v, m],
+                                      out_ty=relax.TensorType([batch, heads, seq, value_dim], dtype)))
+
     try:
         mod = from_exported_program(program, run_ep_decomposition=False, custom_convert_map={
             "linear.default": convert_linear, "addmm.default": convert_linear, "threshold.default": convert_threshold,
-            "threshold_prefill.default": convert_threshold_prefill, "slice.Tensor": convert_slice})
+            "threshold_prefill.default": convert_threshold_prefill, "slice.Tensor": convert_slice,
+            "cat.default": convert_cat, "scaled_dot_product_attention.default": convert_sdpa})
     except SparsecError:
         raise
     except Exception as exc:
         raise _unsupported(program, exc) from None
+    # memory is planned for the shapes of each call: with the export's upper bounds (batch 1024, a cached program's
+    # context) TVM would plan every buffer at its largest size, e.g. a [B, H, S, T] attention mask of terabytes
+    mod["main"] = mod["main"].without_attr("tir_var_upper_bound")
     return relax.transform.DeadCodeElimination()(mod)
 
 
