@@ -6,6 +6,11 @@
 - weights go to external data (``model.onnx.data`` beside the model) above 1 GB or when asked;
 - the file is written atomically (a temporary directory beside it, then a rename): a failed export leaves nothing;
 - ``metadata_props`` record the sparsec and torch versions, the canonical pipeline, the artifact fingerprint;
+- a cached program (:mod:`sparsec.kv_cache`) keeps its names: inputs ``input_ids``, ``logits_to_keep``,
+  ``past_keys_{i}``, ``past_values_{i}``, outputs ``logits``, ``present_keys_{i}``, ``present_values_{i}``, dims
+  ``batch``, ``seq``, ``kept``, ``past`` (``past`` may be 0: a prefill); ``metadata_props["sparsec.generation"]``
+  holds its generation facts (JSON: ``eos_token_id``, ``max_context`` in tokens), and the artifact's tokenizer is
+  copied to ``NAME.tokenizer/`` beside ``NAME.onnx`` (:func:`tokenizer_path`), in the same atomic write;
 - ``sparse_kernel`` (``auto`` / ``all`` / ``gather``) replaces thresholded linears by sparsec's ONNX Runtime custom
   op or a standard-op gather of the active weight rows, where measured faster (:mod:`.sparse`); the per-layer
   choices go to ``metadata_props``.
@@ -67,21 +72,26 @@ def _resolve(source: Any) -> tuple[Any, dict]:
     """(ExportedProgram, facts for metadata) from a TransformResult, an Artifact, an artifact path or a program."""
     import torch
 
-    from sparsec.artifact import Artifact, read_artifact
+    from sparsec.artifact import TOKENIZER_DIR, Artifact, read_artifact
 
     if isinstance(source, (str, os.PathLike)):
         source = read_artifact(str(source))
     if isinstance(source, Artifact):
         m = source.manifest
+        tokenizer = os.path.join(source.path, TOKENIZER_DIR)
         return source.program, {"pipeline": m.get("pipeline", ""), "fingerprint": m.get("fingerprint", ""),
-                                "source": str((m.get("source") or {}).get("model", "")), "artifact": source.path}
+                                "source": str((m.get("source") or {}).get("model", "")), "artifact": source.path,
+                                "generation": m.get("generation"),
+                                "tokenizer": tokenizer if os.path.isdir(tokenizer) else None}
     if isinstance(source, torch.export.ExportedProgram):
         return source, {}
     program = getattr(source, "program", None)
     if isinstance(program, torch.export.ExportedProgram):  # TransformResult
         pipeline = getattr(source, "pipeline", None)
+        origin = getattr(source, "source", None) or {}
         return program, {"pipeline": pipeline.canonical() if hasattr(pipeline, "canonical") else "",
-                         "source": str((getattr(source, "source", None) or {}).get("model", ""))}
+                         "source": str(origin.get("model", "")), "generation": getattr(source, "generation", None),
+                         "tokenizer": origin.get("tokenizer")}
     raise UsageError(f"cannot export a {type(source).__name__} to ONNX; give a TransformResult, an artifact"
                      " directory (or Artifact), or an ExportedProgram")
 
@@ -95,6 +105,29 @@ def check_output_file(path: str, force: bool) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise SparsecError(f"cannot write '{path}': '{parent}' is not a directory")
+
+
+def tokenizer_path(onnx_path: str) -> str:
+    """Where the tokenizer of a cached export lives: ``NAME.tokenizer/`` beside ``NAME.onnx``."""
+    return os.path.splitext(os.fspath(onnx_path))[0] + ".tokenizer"
+
+
+def cached_output_names(layers: int) -> list[str]:
+    """The outputs of a cached program with ``layers`` layers: logits, then every layer's keys, then values."""
+    return ["logits", *(f"present_{kind}_{i}" for kind in ("keys", "values") for i in range(layers))]
+
+
+def cached_dim_names(spec: list[dict]) -> dict[str, str]:
+    """Symbol -> ONNX dim name of a cached program's inputs: ``batch``, ``seq`` (tokens of the step), ``kept``
+    (positions whose logits are computed) and ``past`` (cache length; every layer's, one name)."""
+    where = {"input_ids": {0: "batch", 1: "seq"}, "logits_to_keep": {0: "kept"}}
+    names: dict[str, str] = {}
+    for s in spec:
+        wanted = where.get(s["name"], {0: "batch", 2: "past"} if s["name"].startswith("past_") else {})
+        for i, d in enumerate(s.get("shape", [])):
+            if isinstance(d, dict) and d.get("symbol") and i in wanted:
+                names.setdefault(d["symbol"], wanted[i])
+    return names
 
 
 def unsupported_ops(program, table: dict) -> list[tuple[str, str, str]]:
@@ -165,13 +198,6 @@ def _exporter_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}"
 
 
-def _friendly_dims(program) -> dict[str, str]:
-    from sparsec.artifact import input_spec
-    from sparsec.inputs import friendly_dim_names
-
-    return friendly_dim_names(input_spec(program))
-
-
 def _rename_dims(model, names: dict[str, str]) -> None:
     import onnx_ir as ir
 
@@ -229,10 +255,11 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
     import torch
 
     import sparsec
-    from sparsec.artifact import _TMP_MARK, cleanup_stale_temporaries
+    from sparsec.artifact import _TMP_MARK, cleanup_stale_temporaries, input_spec
     from sparsec.backends.onnxruntime.sparse import MODES
     from sparsec.backends.onnxruntime.translations import translation_table
-    from sparsec.inputs import output_names
+    from sparsec.inputs import friendly_dim_names, output_names
+    from sparsec.kv_cache import cache_layout
 
     if opset is not None and (not isinstance(opset, int) or isinstance(opset, bool) or opset < 7):
         raise UsageError(f"opset must be an integer >= 7 (ONNX opset version), not {opset!r}")
@@ -254,13 +281,18 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
     path = os.fspath(path)
     check_output_file(path, force)
     program, facts = _resolve(source)
+    spec = input_spec(program)
+    layout = cache_layout(spec)
+    tokenizer = facts.get("tokenizer") if layout is not None else None
+    if tokenizer and os.path.lexists(tokenizer_path(path)) and not force:
+        raise SparsecError(f"'{tokenizer_path(path)}' (the tokenizer written beside '{path}') already exists; pass"
+                           " --force to replace it, or choose another -o")
     table = translation_table()
     if verify and isinstance(inputs, (str, os.PathLike)):  # a bad inputs file fails before the (slow) export
-        from sparsec.artifact import input_spec
         from sparsec.inputs import check_inputs, load_inputs_file
 
         inputs = os.fspath(inputs)
-        check_inputs(load_inputs_file(inputs), input_spec(program), source=f"inputs file '{inputs}'",
+        check_inputs(load_inputs_file(inputs), spec, source=f"inputs file '{inputs}'",
                      what="the artifact")
     missing = unsupported_ops(program, table)
     if missing:
@@ -269,11 +301,12 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
 
     start = time.perf_counter()
     n_out = len(program.graph_signature.user_outputs)
+    names = cached_output_names(layout.layers) if layout else output_names(n_out)
     try:
         with _quiet():
             onnx_program = torch.onnx.export(program, (), None, dynamo=True, opset_version=opset,
                                              custom_translation_table=table or None, optimize=optimize,
-                                             output_names=output_names(n_out), verbose=False, report=False)
+                                             output_names=names, verbose=False, report=False)
     except Exception as exc:
         cause = _exporter_cause(exc)
         op = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>", str(exc))
@@ -288,12 +321,15 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
         raise SparsecError(f"ONNX export failed: {cause[:400]}{hint} (--debug shows the full trace)") from exc
 
     model = onnx_program.model
-    _rename_dims(model, _friendly_dims(program))
+    _rename_dims(model, cached_dim_names(spec) if layout else friendly_dim_names(spec))
     opset_used = int(model.opset_imports.get("", opset or 0))
     metadata = {"sparsec.version": sparsec.__version__, "sparsec.pipeline": facts.get("pipeline", ""),
                 "sparsec.fingerprint": facts.get("fingerprint", ""), "sparsec.source": facts.get("source", ""),
                 "torch.version": torch.__version__, "onnx.opset": str(opset_used),
                 "exporter": f"torch.onnx.export(dynamo=True) {torch.__version__}"}
+    if layout is not None:
+        metadata["sparsec.generation"] = json.dumps({"max_context": layout.max_context,
+                                                     **(facts.get("generation") or {})})
     sparse_info = None
     if sparse_kernel != "none":
         from sparsec.backends.onnxruntime.sparse import apply_sparse_kernels
@@ -319,6 +355,18 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
         if base not in written:
             raise SparsecError(f"ONNX export wrote no '{base}'")
         stale = path + ".data"
+        tok_dst = tokenizer_path(os.path.join(parent, base))
+        if tokenizer:
+            from sparsec.artifact import copy_tokenizer
+
+            tok_tmp = os.path.join(tmp, "tokenizer")
+            if copy_tokenizer(tokenizer, tok_tmp):
+                if os.path.lexists(tok_dst):  # --force: the old export's tokenizer goes with the temporary
+                    os.replace(tok_dst, os.path.join(tmp, "old-tokenizer"))
+                os.replace(tok_tmp, tok_dst)
+                files.append(tok_dst)
+        if force and tok_dst not in files and os.path.isdir(tok_dst):
+            shutil.rmtree(tok_dst)  # the old export's tokenizer; the new model has none
         for f in written:
             dst = os.path.join(parent, f)
             _fsync_file(os.path.join(tmp, f))
@@ -329,7 +377,7 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
     except BaseException:
         for f in files:  # a failure between renames: take back what was moved into place
             with contextlib.suppress(OSError):
-                os.remove(f)
+                shutil.rmtree(f) if os.path.isdir(f) else os.remove(f)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,9 +14,10 @@ DEFAULT_RTOL = DEFAULT_ATOL = 1e-4
 
 
 def onnx_session(model: str | bytes, *, threads: int | None = None, custom_ops: bool | None = None,
-                 external_data_dir: str | None = None):
+                 external_data_dir: str | None = None, inter_op: int | None = None):
     """An ONNX Runtime CPU session for the model file ``model`` (external data beside it is found by ORT), or for a
-    serialized model (bytes; its external data is looked up in ``external_data_dir``).
+    serialized model (bytes; its external data is looked up in ``external_data_dir``). ``threads`` / ``inter_op``:
+    ORT's intra-op / inter-op thread counts (None: ORT's default).
 
     ``custom_ops``: register sparsec's custom-op library (``ai.sparsec``, :mod:`.kernels`): True = always (built if
     needed), None = when it is already built, or when the model turns out to need it.
@@ -37,6 +38,8 @@ def onnx_session(model: str | bytes, *, threads: int | None = None, custom_ops: 
         opts.log_severity_level = 3  # errors only: warnings would break the one-line error contract
         if threads:
             opts.intra_op_num_threads = threads
+        if inter_op:
+            opts.inter_op_num_threads = inter_op
         if external_data_dir:
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                           external_data_dir)
@@ -52,7 +55,8 @@ def onnx_session(model: str | bytes, *, threads: int | None = None, custom_ops: 
         return session(library)
     except Exception as exc:
         if custom_ops is None and library is None and DOMAIN in str(exc):
-            return onnx_session(model, threads=threads, custom_ops=True, external_data_dir=external_data_dir)
+            return onnx_session(model, threads=threads, custom_ops=True, external_data_dir=external_data_dir,
+                                inter_op=inter_op)
         raise SparsecError(f"ONNX Runtime cannot load {label}: {first_line(exc)[:300]}") from None
 
 
@@ -194,7 +198,8 @@ def verify_onnx(onnx_path: str, program, inputs: Any = None, *, spec: list[dict]
     """Run the ONNX model in ONNX Runtime and the torch ``program`` (ExportedProgram) on the same inputs and compare.
 
     ``inputs``: None (the program's example inputs; with ``shorter``, also the same inputs cut to a shorter
-    sequence, so that the dynamic axes are exercised), a .npz / .safetensors path, or a dict of arrays; outputs at
+    sequence, so that the dynamic axes are exercised; for a cached program instead a one-token step after the example
+    cache and a prefill at cache length 0), a .npz / .safetensors path, or a dict of arrays; outputs at
     positions where an ``attention_mask`` input is 0 are not compared (see :func:`compare_outputs`). Inputs are
     checked against ``spec`` (default: the program's input spec). Returns ``{"ok", "max_abs", "max_rel", "runs":
     [...]}``; it does not raise when the outputs differ: check ``ok``.
@@ -209,13 +214,15 @@ def verify_onnx(onnx_path: str, program, inputs: Any = None, *, spec: list[dict]
     """
     from sparsec.artifact import input_spec
     from sparsec.backends.ties import threshold_nodes
+    from sparsec.kv_cache import cache_layout
 
     spec = spec if spec is not None else input_spec(program)
     if inputs is None:
         base = {k: _to_numpy(v) for k, v in example_inputs(program).items()}
         sets = [("example inputs", base)]
-        short = _shorter_variant(base, spec) if shorter else None
-        if short is not None:
+        if shorter and cache_layout(spec) is not None:
+            sets += _cached_variants(base)
+        elif shorter and (short := _shorter_variant(base, spec)) is not None:
             sets.append(short)
     elif isinstance(inputs, (str, os.PathLike)):
         sets = [(f"inputs file '{inputs}'", load_inputs_file(str(inputs)))]
@@ -242,6 +249,18 @@ def verify_onnx(onnx_path: str, program, inputs: Any = None, *, spec: list[dict]
         runs.append(cmp)
     return {"ok": all(r["ok"] for r in runs), "rtol": rtol, "atol": atol,
             "max_abs": max(r["max_abs"] for r in runs), "max_rel": max(r["max_rel"] for r in runs), "runs": runs}
+
+
+def _cached_variants(arrays: dict[str, np.ndarray]) -> list[tuple[str, dict]]:
+    """More inputs of a cached program (:mod:`sparsec.kv_cache`) from its example inputs: a one-token decode step
+    after the example cache, and a prefill of the example tokens (empty cache, the logits of every position)."""
+    ids = arrays["input_ids"]
+    past = {k: v for k, v in arrays.items() if k.startswith("past_")}
+    step = {"input_ids": np.ascontiguousarray(ids[:, -1:]), "logits_to_keep": np.zeros(1, np.int64), **past}
+    prefill = {"input_ids": ids, "logits_to_keep": np.arange(ids.shape[1], dtype=np.int64),
+               **{k: np.ascontiguousarray(v[:, :, :0]) for k, v in past.items()}}
+    return [(f"a one-token step after the example cache (past {next(iter(past.values())).shape[2]})", step),
+            (f"a prefill of the example's {ids.shape[1]} tokens (past 0)", prefill)]
 
 
 def _shorter_variant(arrays: dict[str, np.ndarray], spec: list[dict]):
