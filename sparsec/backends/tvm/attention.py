@@ -13,9 +13,29 @@ programs sparsec captures never mask a whole row: a token always attends to itse
 """
 from __future__ import annotations
 
+import json
 import math
 
-CHUNK = 64  # cache positions per online-softmax step
+ATTENTION_ATTR = "sparsec.attention"  # PrimFunc attribute: the attention_kernel options (JSON)
+CHUNK = 64  # cache positions per online-softmax step (a multiple of VL)
+VL = 16  # fp32 lanes of one AVX-512 vector
+
+
+def exp_nonpositive(x):
+    """``e ** x`` for fp32 ``x <= 0`` as TIR arithmetic that vectorises (LLVM's ``exp`` is a scalar libm call per
+    lane): Cody-Waite reduction ``x = n ln2 + r``, Cephes' degree-6 polynomial for ``e ** r`` and ``2 ** n`` built in
+    the exponent bits; within 2 ulp of ``expf`` for x >= -87, and 2 ** -126 * e ** (x + 87 ln 2 ...) clamps below."""
+    from tvm.script import tirx as T
+
+    f32 = "float32"
+    x = T.max(x, T.float32(-87.0))
+    n = T.floor(x * T.float32(1.44269504088896341) + T.float32(0.5))
+    r = x - n * T.float32(0.693359375) - n * T.float32(-2.12194440e-4)
+    p = T.float32(1.9875691500e-4)
+    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + T.float32(coef)
+    p = p * r * r + r + T.float32(1.0)
+    return p * T.reinterpret(f32, T.shift_left(T.cast(n, "int32") + 127, 23))
 
 
 def lanes(n: int, widest: int = 16) -> int:
@@ -28,7 +48,7 @@ def lanes(n: int, widest: int = 16) -> int:
 
 def attention_kernel(heads: int, kv_heads: int, dim: int, value_dim: int, dtype: str = "float32", *,
                      scale: float | None = None, mask: str | None = None, mask_heads: int = 1,
-                     causal: bool = False):
+                     causal: bool = False, capacity: bool = False):
     """A PrimFunc ``(q [B, H, S, D], k [B, Hk, T, D], v [B, Hk, T, Dv], mask, out [B, H, S, Dv])``, ``B, S, T``
     symbolic: ``out = softmax(scale * q @ k.T + mask) @ v`` per head, query head ``h`` reading KV head
     ``h // (H / Hk)``.
@@ -37,6 +57,10 @@ def attention_kernel(heads: int, kv_heads: int, dim: int, value_dim: int, dtype:
     ``'float'`` (added to the scores), shaped ``[B, mask_heads, S, T]`` (``mask_heads`` 1 or H). ``causal``:
     position ``j`` is masked for query ``i`` when ``j > i`` (torch's ``is_causal``). ``scale`` defaults to
     ``1 / sqrt(D)``. Storage dtype float32, float16 or bfloat16 (the mask of a float mask too); accumulation fp32.
+
+    ``capacity``: the signature of the in-place cache (:mod:`sparsec.backends.tvm.decode`), ``(q, k [B, Hk, C, D],
+    v [B, Hk, C, Dv], mask, t, out)``: the first ``t <= C`` cache positions are attended. The kernel's options are
+    kept in its ``sparsec.attention`` attribute (JSON), from which the decode function makes this variant.
     """
     from tvm.script import tirx as T
 
@@ -62,21 +86,14 @@ def attention_kernel(heads: int, kv_heads: int, dim: int, value_dim: int, dtype:
             return score + T.cast(mk[bi, hm, si, tj], f32)
         return score
 
-    def halves(vec, n):  # an n-lane vector summed pairwise down to 2 lanes (log2(n) - 1 shuffles)
+    def halves(vec, n, op=lambda a, b: a + b):  # an n-lane vector reduced pairwise to 2 lanes (log2(n) - 1 steps)
         while n > 2:
             n //= 2
-            vec = T.vectorlow(f"float32x{n}", vec) + T.vectorhigh(f"float32x{n}", vec)
+            vec = op(T.vectorlow(f"float32x{n}", vec), T.vectorhigh(f"float32x{n}", vec))
         return vec
 
-    @T.prim_func(private=True)
-    def f(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle, o_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        b, s, t = T.int64(), T.int64(), T.int64()
-        q = T.match_buffer(q_h, (b, heads, s, dim), dtype)
-        k = T.match_buffer(k_h, (b, kv_heads, t, dim), dtype)
-        v = T.match_buffer(v_h, (b, kv_heads, t, value_dim), dtype)
-        mk = T.match_buffer(m_h, mask_shape(b, s, t), mdtype)
-        out = T.match_buffer(o_h, (b, heads, s, value_dim), dtype)
+    @T.macro
+    def body(q, k, v, mk, out, b, s, t):
         for task in T.parallel(b * kv_heads * s):
             bi = task // (kv_heads * s)
             hk = task // s % kv_heads
@@ -86,7 +103,7 @@ def attention_kernel(heads: int, kv_heads: int, dim: int, value_dim: int, dtype:
             mx = T.decl_buffer((g_heads,), f32)  # running max
             den = T.decl_buffer((g_heads,), f32)  # running sum of exp
             acc = T.decl_buffer((g_heads * value_dim,), f32)
-            red = T.decl_buffer((lq,), f32)
+            red = T.decl_buffer((max(lq, VL),), f32)
             for g in range(g_heads):
                 mx[g] = T.min_value(f32)
                 den[g] = T.float32(0)
@@ -109,20 +126,34 @@ def attention_kernel(heads: int, kv_heads: int, dim: int, value_dim: int, dtype:
                             red[T.ramp(0, 1, 2)] = halves(red[T.ramp(0, 1, lq)], lq)
                             red[0] = red[0] + red[1]
                         sc[g * CHUNK + j] = masked(red[0], mk, bi, hk * g_heads + g, si, c * CHUNK + j)
-                for g in range(g_heads):
-                    top = T.decl_buffer((1,), f32)
-                    top[0] = mx[g]
-                    for j in range(n):
-                        top[0] = T.max(top[0], sc[g * CHUNK + j])
-                    alpha = T.exp(mx[g] - top[0])
-                    mx[g] = top[0]
-                    den[g] = den[g] * alpha
+                for j in range(n, CHUNK):
+                    for g in range(g_heads):
+                        sc[g * CHUNK + j] = neg_inf
+                for g in range(g_heads):  # the chunk's softmax, vectorised over its positions
+                    for vi in T.vectorized(VL):
+                        red[vi] = sc[g * CHUNK + vi]
+                    for j0 in range(1, CHUNK // VL):
+                        for vi in T.vectorized(VL):
+                            red[vi] = T.max(red[vi], sc[g * CHUNK + j0 * VL + vi])
+                    red[T.ramp(0, 1, 2)] = halves(red[T.ramp(0, 1, VL)], VL, T.max)
+                    top = T.max(mx[g], T.max(red[0], red[1]))
+                    alpha = exp_nonpositive(mx[g] - top)
+                    mx[g] = top
+                    for j0 in range(CHUNK // VL):
+                        for vi in T.vectorized(VL):
+                            sc[g * CHUNK + j0 * VL + vi] = T.if_then_else(
+                                sc[g * CHUNK + j0 * VL + vi] == neg_inf, T.float32(0),
+                                exp_nonpositive(sc[g * CHUNK + j0 * VL + vi] - top))
+                    for vi in T.vectorized(VL):
+                        red[vi] = sc[g * CHUNK + vi]
+                    for j0 in range(1, CHUNK // VL):
+                        for vi in T.vectorized(VL):
+                            red[vi] = red[vi] + sc[g * CHUNK + j0 * VL + vi]
+                    red[T.ramp(0, 1, 2)] = halves(red[T.ramp(0, 1, VL)], VL)
+                    den[g] = den[g] * alpha + (red[0] + red[1])
                     for d0 in range(value_dim // lv):
                         for vi in T.vectorized(lv):
                             acc[g * value_dim + d0 * lv + vi] = acc[g * value_dim + d0 * lv + vi] * alpha
-                    for j in range(n):
-                        sc[g * CHUNK + j] = T.exp(sc[g * CHUNK + j] - top[0])
-                        den[g] = den[g] + sc[g * CHUNK + j]
                     for j in range(n):
                         for d0 in range(value_dim // lv):
                             for vi in T.vectorized(lv):
@@ -132,5 +163,83 @@ def attention_kernel(heads: int, kv_heads: int, dim: int, value_dim: int, dtype:
                 for d in range(value_dim):
                     out[bi, hk * g_heads + g, si, d] = T.cast(T.if_then_else(
                         den[g] > T.float32(0), acc[g * value_dim + d] / den[g], T.float32(0)), dtype)
+
+    @T.prim_func(private=True)
+    def f(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        b, s, t = T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (b, heads, s, dim), dtype)
+        k = T.match_buffer(k_h, (b, kv_heads, t, dim), dtype)
+        v = T.match_buffer(v_h, (b, kv_heads, t, value_dim), dtype)
+        mk = T.match_buffer(m_h, mask_shape(b, s, t), mdtype)
+        out = T.match_buffer(o_h, (b, heads, s, value_dim), dtype)
+        body(q, k, v, mk, out, b, s, t)
+
+    @T.prim_func(private=True)
+    def f_capacity(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle, t: T.int64, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        b, s, cap = T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (b, heads, s, dim), dtype)
+        k = T.match_buffer(k_h, (b, kv_heads, cap, dim), dtype)
+        v = T.match_buffer(v_h, (b, kv_heads, cap, value_dim), dtype)
+        mk = T.match_buffer(m_h, mask_shape(b, s, t), mdtype)
+        out = T.match_buffer(o_h, (b, heads, s, value_dim), dtype)
+        assert t <= cap, "sparsec attention: the cache holds fewer positions than asked for"
+        body(q, k, v, mk, out, b, s, t)
+
+    options = dict(heads=heads, kv_heads=kv_heads, dim=dim, value_dim=value_dim, dtype=dtype, scale=scale,
+                   mask=mask, mask_heads=mask_heads, causal=causal)
+    return (f_capacity if capacity else f).with_attr(ATTENTION_ATTR, json.dumps(options))
+
+
+def cache_append_kernel(heads: int, dim: int, dtype: str = "float32"):
+    """A PrimFunc ``(past [B, H, P, D], new [B, H, S, D], out [B, H, P + S, D])``, ``B, P, S`` symbolic: the KV
+    cache append ``cat(past, new, dim=2)``. Each (batch, head) row of ``out`` is two contiguous copies, rows in
+    parallel, copies vectorised; TVM's unscheduled concat is a single-threaded loop with a select per element, and
+    flattening to 2-D for a generic kernel makes TVM copy the cache again (a reshape of a symbolic shape)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True)
+    def f(a_h: T.handle, b_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        batch, p, s = T.int64(), T.int64(), T.int64()
+        a4 = T.match_buffer(a_h, (batch, heads, p, dim), dtype)
+        b4 = T.match_buffer(b_h, (batch, heads, s, dim), dtype)
+        o4 = T.match_buffer(o_h, (batch, heads, p + s, dim), dtype)
+        a = T.decl_buffer((batch * heads * p * dim,), dtype, data=a4.data)
+        b = T.decl_buffer((batch * heads * s * dim,), dtype, data=b4.data)
+        out = T.decl_buffer((batch * heads * (p + s) * dim,), dtype, data=o4.data)
+        na, nb = p * dim, s * dim
+        for r in T.parallel(batch * heads):
+            for i0 in range(na // VL):
+                for vi in T.vectorized(VL):
+                    out[r * (na + nb) + i0 * VL + vi] = a[r * na + i0 * VL + vi]
+            for i in range(na // VL * VL, na):
+                out[r * (na + nb) + i] = a[r * na + i]
+            for i0 in range(nb // VL):
+                for vi in T.vectorized(VL):
+                    out[r * (na + nb) + na + i0 * VL + vi] = b[r * nb + i0 * VL + vi]
+            for i in range(nb // VL * VL, nb):
+                out[r * (na + nb) + na + i] = b[r * nb + i]
+
+    return f
+
+
+def cache_write_kernel(heads: int, dim: int, dtype: str = "float32"):
+    """A PrimFunc ``(cache [B, H, C, D], new [B, H, S, D], p)`` for ``call_tir_inplace``: positions ``p .. p+S-1``
+    of ``cache`` become ``new`` (the in-place KV cache append: nothing else of the cache is read or written)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True)
+    def f(c_h: T.handle, n_h: T.handle, p: T.int64):
+        T.func_attr({"tirx.noalias": True})
+        batch, cap, s = T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(c_h, (batch, heads, cap, dim), dtype)
+        new = T.match_buffer(n_h, (batch, heads, s, dim), dtype)
+        assert p + s <= cap, "sparsec KV cache: the cache is full (more positions than its capacity)"
+        for r in range(batch * heads):  # serial: a decode step writes one row per head, less than a thread wake-up
+            for i in range(s):
+                for d in range(dim):
+                    cache[r // heads, r % heads, p + i, d] = new[r // heads, r % heads, i, d]
 
     return f

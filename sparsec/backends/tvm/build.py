@@ -7,7 +7,9 @@ the number of outputs, each parameter's dtype, shape and offset, and the sha256 
 it: a build from another sparsec or TVM version, or for another CPU, is refused with a message saying how to rebuild.
 A cached decoder program (:mod:`sparsec.kv_cache`) also records ``generation`` (``eos_token_id``, ``max_context`` in
 tokens) and keeps the artifact's tokenizer files in ``tokenizer/``: :class:`sparsec.backends.tvm.generate.TvmStepper`
-generates from the build directory alone.
+generates from the build directory alone. Its library also holds the ``decode`` function (the KV cache updated in
+place, :mod:`sparsec.backends.tvm.decode`) when it could be made: the manifest's ``decode`` says how many values its
+``past_length`` takes (null: no decode function, the stepper runs ``main``).
 Keeping the weights out of the library keeps compiling a large model affordable: the weights are never embedded in
 generated code, and each is written to ``params.bin`` one at a time.
 """
@@ -69,6 +71,11 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     from tvm.relax.transform import FoldConstant
 
     mod, weights = _lift_weights(FoldConstant()(to_relax(program, sparse=sparse, target=target)))
+    decode = None
+    if target == "llvm" and generation is not None:
+        from sparsec.backends.tvm.decode import add_decode
+
+        mod, decode = add_decode(mod)
     kernels = sorted(str(gv.name_hint) for gv in mod.functions if str(gv.name_hint).startswith("sparsec_linear_"))
     lowered = time.perf_counter()
     executable = tvm.compile(mod, target=cuda_target(CUDA_ARCH) if target == "cuda" else cpu_target())
@@ -86,6 +93,7 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
         names = [LIB_FILE, PARAMS_FILE]
         if generation is not None:
             manifest["generation"] = generation
+            manifest["decode"] = None if decode is None else {"lengths": decode}
             names += [f"{TOKENIZER_DIR}/{f}" for f in copy_tokenizer(tokenizer, os.path.join(tmp, TOKENIZER_DIR))]
         manifest["files"] = {name: sha256_file(os.path.join(tmp, name)) for name in names}
         with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8") as f:
@@ -234,8 +242,12 @@ class CompiledModel:
         return dict(zip(output_names(len(outs)), (o.numpy() for o in outs)))
 
 
-def load_compiled(path: str, *, threads: int | None = None) -> CompiledModel:
-    """Load build directory ``path`` (checked by :func:`read_build_manifest`); ``threads`` overrides the build's."""
+def load_compiled(path: str, *, threads: int | None = None, memory: str = "pooled") -> CompiledModel:
+    """Load build directory ``path`` (checked by :func:`read_build_manifest`); ``threads`` overrides the build's.
+
+    ``memory``: the VM's allocator. 'pooled' (TVM's default) keeps every freed buffer for reuse by a request of the
+    same size: right for fixed shapes, but calls whose shapes keep changing (a KV cache growing by a token a step)
+    never reuse them, and memory grows without bound; 'naive' frees each buffer (the C allocator reuses it)."""
     manifest = read_build_manifest(path)
     from sparsec.backends.tvm.env import import_tvm
 
@@ -252,4 +264,4 @@ def load_compiled(path: str, *, threads: int | None = None) -> CompiledModel:
         device = tvm.cuda(0)
     lib = tvm.runtime.load_module(os.path.join(path, LIB_FILE))
     params = _read_params(os.path.join(path, PARAMS_FILE), manifest["params"], device)
-    return CompiledModel(path, manifest, relax.VirtualMachine(lib, device), params, device)
+    return CompiledModel(path, manifest, relax.VirtualMachine(lib, device, memory_cfg=memory), params, device)

@@ -1,16 +1,22 @@
 """Text generation with a TVM build: the stepper of a compiled cached program (see :mod:`sparsec.generation`).
 
-The KV cache never leaves TVM: each step passes the previous step's present keys and values (TVM tensors returned
-by the VM) back as the past inputs, the token ids go in and the logits come out as zero-copy DLPack views of torch
-tensors, so no step copies the cache (the program's own concat of past and new keys is the only copy). A one-token
-step runs sparsec's sparse GEMV behind every TEAL threshold and the scheduled attention kernel over the cache
-(:mod:`sparsec.backends.tvm.attention`); a prompt of several tokens runs the batched (dense-cost) kernel path.
+The KV cache never leaves TVM. A build with a ``decode`` function (:mod:`sparsec.backends.tvm.decode`, every build
+of a cached program whose attention sparsec lowered) keeps it in buffers of a fixed capacity, written in place: a
+step appends its keys and values and attends over the first ``P + S`` positions; nothing is copied or allocated
+per step but the logits, and a full buffer is reallocated at twice the capacity (capped at the maximum context).
+Otherwise each step runs ``main`` and passes its present tensors (TVM tensors) back as the next past. Token ids go
+in and logits come out as zero-copy DLPack views. A one-token step runs sparsec's sparse GEMV behind every TEAL
+threshold and the scheduled attention kernel (:mod:`sparsec.backends.tvm.attention`); a prompt of several tokens
+runs the batched (dense-cost) kernel path.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+
+#: first capacity of the in-place cache (tokens), doubled whenever a step needs more
+START_CAPACITY = 256
 
 
 class TvmStepper:
@@ -21,6 +27,7 @@ class TvmStepper:
 
     def __init__(self, path: str, *, threads: int | None = None):
         from sparsec.backends.tvm.build import TOKENIZER_DIR, load_compiled, read_build_manifest
+        from sparsec.backends.tvm.env import import_tvm
         from sparsec.generation import uncached_error
         from sparsec.kv_cache import cache_layout
 
@@ -29,38 +36,74 @@ class TvmStepper:
         if layout is None:
             raise uncached_error(f"'{self.path}'")
         self.layout = layout
-        self.model = load_compiled(self.path, threads=threads)
-        from sparsec.backends.tvm.env import import_tvm
-
+        self.model = load_compiled(self.path, threads=threads, memory="naive")  # pooled: grows with the cache
         self._tvm = import_tvm()
-        self._main = self.model.vm["main"]
+        decode = self.model.manifest.get("decode")
+        self._lengths = decode["lengths"] if decode else 0  # values of decode's past_length (0: run main)
+        self._fn = self.model.vm["decode" if decode else "main"]
         self._params = list(self.model.params)
         self._keep_torch = torch.zeros(1, dtype=torch.long)  # logits_to_keep: the last position, S - 1
         self._keep = self._tvm.runtime.from_dlpack(self._keep_torch)
         tok = os.path.join(self.path, TOKENIZER_DIR)
         self._tokenizer = tok if os.path.isdir(tok) else None
+        self._cache, self._length = [], 0
         self.reset()
 
-    def reset(self) -> None:
-        """Empty the cache: zero-length past tensors ``[1, H, 0, D]``."""
+    def _empty(self, tokens: int) -> list:
+        """Uninitialised ``[1, H, tokens, D]`` tensors: every layer's keys, then every layer's values."""
         dtype = str(self.layout.dtype).removeprefix("torch.")
-        dev = self.model.device
-        self._past = [self._tvm.runtime.empty((1, h, 0, d), dtype, dev)
-                      for shapes in (self.layout.key_shapes, self.layout.value_shapes) for h, d in shapes]
+        return [self._tvm.runtime.empty((1, h, tokens, d), dtype, self.model.device)
+                for shapes in (self.layout.key_shapes, self.layout.value_shapes) for h, d in shapes]
+
+    def reset(self) -> None:
+        """Empty the cache (an in-place cache keeps its buffers for the next generation)."""
+        self._length = 0
+        if not self._lengths:
+            self._cache = self._empty(0)
 
     @property
     def cache_length(self) -> int:
         """Tokens in the cache."""
-        return int(self._past[0].shape[2])
+        return self._length if self._lengths else int(self._cache[0].shape[2])
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the in-place cache holds before it is reallocated (the cache length when ``main`` runs)."""
+        return int(self._cache[0].shape[2]) if self._cache else 0
+
+    def _reserve(self, tokens: int) -> None:
+        """Make the in-place cache hold ``tokens`` positions, keeping the cached ones (one copy per doubling)."""
+        if tokens <= self.capacity:
+            return
+        size = max(tokens, START_CAPACITY, 2 * self.capacity)
+        if self.layout.max_context is not None:
+            size = max(tokens, min(size, self.layout.max_context))
+        new = self._empty(size)
+        for old, buf in zip(self._cache, new):
+            torch.from_dlpack(buf)[:, :, :self._length].copy_(torch.from_dlpack(old)[:, :, :self._length])
+        self._cache = new
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Run ``ids`` (int64 ``[1, S]``) after the cache and append their keys and values; the logits of the last
         position (float32 ``[V]``, a view of TVM's output)."""
         ids = ids if ids.is_contiguous() else ids.contiguous()
-        self._keep_torch[0] = ids.shape[1] - 1
-        out = self._main(self._tvm.runtime.from_dlpack(ids), self._keep, *self._past, *self._params)
-        self._past = list(out[1:])
+        tokens = ids.shape[1]
+        self._keep_torch[0] = tokens - 1
+        if self._lengths:
+            self._reserve(self._length + tokens)
+        out = self._fn(*self._args(self._tvm.runtime.from_dlpack(ids)))
+        if self._lengths:
+            self._length += tokens
+        else:
+            self._cache = list(out[1:])
         return torch.from_dlpack(out[0])[0, -1]
+
+    def _args(self, ids) -> list:
+        """The VM function's arguments for the token ids ``ids`` (a TVM tensor) after the cache as it is now."""
+        if self._lengths:
+            past = self._tvm.runtime.ShapeTuple([self._length] * self._lengths)
+            return [ids, self._keep, *self._cache, past, *self._params]
+        return [ids, self._keep, *self._cache, *self._params]
 
     def generation_info(self) -> dict:
         """``{"eos_token_id", "max_context" (tokens), "tokenizer" (the build's ``tokenizer/`` folder, or None)}``."""

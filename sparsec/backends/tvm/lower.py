@@ -221,14 +221,30 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
         return importer.block_builder.emit(relax.op.strided_slice(
             importer.env[node.args[0]], [dim], [start], [importer.env[end]], [step], assume_inbound=True))
 
-    def convert_cat(node, importer):  # torch skips legacy empty 1-D inputs (a fresh DynamicCache's), TVM rejects them
+    def convert_cat(node, importer):
+        # torch skips legacy empty 1-D inputs (a fresh DynamicCache's), TVM rejects them
         tensors = [t for t in node.args[0] if not (t.meta["val"].dim() == 1 and t.meta["val"].shape[0] == 0)]
-        if len(tensors) == len(node.args[0]):
-            return importer._cat(node)
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         if len(tensors) == 1:
             return importer.env[tensors[0]]
-        return importer.block_builder.emit(relax.op.concat([importer.env[t] for t in tensors], axis=dim))
+        xs, bb = [importer.env[t] for t in tensors], importer.block_builder
+        rank = len(xs[0].ty.shape)
+        dim = dim % rank if rank else dim
+        if (target == "llvm" and len(xs) == 2 and rank == 4 and dim == 2 and str(xs[0].ty.dtype) == str(xs[1].ty.dtype)
+                and all(isinstance(x.ty.shape[d], tvm.tirx.IntImm) for x in xs for d in (1, 3))
+                and any(not isinstance(x.ty.shape[2], tvm.tirx.IntImm) for x in xs)):
+            return cache_append(bb, xs)  # the KV cache's cat(past, new, dim=2) [B, H, T, D]: a scheduled copy
+        return bb.emit(relax.op.concat(xs, axis=dim))
+
+    def cache_append(bb, xs):
+        from sparsec.backends.tvm.attention import cache_append_kernel
+
+        dtype = str(xs[0].ty.dtype)
+        (batch, heads, past, dim), new = xs[0].ty.shape, xs[1].ty.shape[2]
+        key = f"sparsec_cache_append_{int(heads)}_{int(dim)}_{dtype}"
+        if key not in funcs:
+            funcs[key] = bb.add_func(cache_append_kernel(int(heads), int(dim), dtype), key)
+        return bb.emit(relax.call_tir(funcs[key], xs, out_ty=relax.TensorType([batch, heads, past + new, dim], dtype)))
 
     def convert_sdpa(node, importer):  # sparsec's scheduled attention kernel (sparsec.backends.tvm.attention)
         from sparsec.backends.tvm.attention import attention_kernel

@@ -70,3 +70,49 @@ def test_fully_masked_row_gives_zeros():
 
 def test_lanes():
     assert [lanes(n) for n in (64, 80, 24, 12, 7)] == [16, 16, 8, 4, 1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cache_append(dtype):
+    """cat(past, new, dim=2): lengths with and without a vector tail, an empty past."""
+    from sparsec.backends.tvm.attention import cache_append_kernel
+
+    td = getattr(torch, dtype)
+    for heads, dim, batch, past, new in [(3, 7, 2, 5, 1), (4, 16, 1, 64, 3), (2, 16, 2, 0, 3), (1, 8, 1, 1, 1)]:
+        kernel = tvm.compile(cache_append_kernel(heads, dim, dtype).with_attr("global_symbol", "main"),
+                             cpu_target())["main"]
+        a, b = torch.randn(batch, heads, past, dim).to(td), torch.randn(batch, heads, new, dim).to(td)
+        out = tvm.runtime.empty((batch, heads, past + new, dim), dtype)
+        kernel(*(tvm.runtime.tensor(x.numpy()) for x in (a, b)), out)  # tvm tensors: torch's empty ones have odd strides
+        assert torch.equal(torch.from_numpy(out.numpy()), torch.cat([a, b], 2))
+
+
+def test_capacity_variant_reads_only_the_first_positions():
+    """The in-place cache's kernel: K/V buffers of capacity 80 (NaN past position t) attend over t positions."""
+    f = attention_kernel(4, 2, 16, 16, mask="bool", capacity=True).with_attr("global_symbol", "main")
+    kernel = tvm.compile(f, cpu_target())["main"]
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 2, 16, generator=g)
+    k, v = (torch.full((1, 2, 80, 16), float("nan")) for _ in range(2))
+    for t in (1, 70):
+        k[:, :, :t], v[:, :, :t] = torch.randn(1, 2, t, 16, generator=g), torch.randn(1, 2, t, 16, generator=g)
+        m = torch.rand(1, 1, 2, t, generator=g) > 0.3
+        m[..., :1] = True
+        out = torch.empty(1, 4, 2, 16)
+        kernel(q, k, v, m, t, out)
+        want = F.scaled_dot_product_attention(q, k[:, :, :t].repeat_interleave(2, 1), v[:, :, :t].repeat_interleave(2, 1),
+                                              attn_mask=m)
+        torch.testing.assert_close(out, want, **TOL["float32"])
+
+
+def test_cache_write_in_place():
+    from sparsec.backends.tvm.attention import cache_write_kernel
+
+    kernel = tvm.compile(cache_write_kernel(2, 16).with_attr("global_symbol", "main"), cpu_target())["main"]
+    cache, new = torch.zeros(1, 2, 10, 16), torch.randn(1, 2, 3, 16)
+    kernel(cache, new, 4)
+    want = torch.zeros(1, 2, 10, 16)
+    want[:, :, 4:7] = new
+    assert torch.equal(cache, want)
+    with pytest.raises(Exception, match="cache is full"):
+        kernel(cache, new, 8)

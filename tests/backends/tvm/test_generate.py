@@ -1,8 +1,9 @@
 """Generation from TVM builds of cached programs (sparsec.backends.tvm.generate.TvmStepper).
 
 Real TVM builds of zoo models: greedy tokens from the build equal the torch artifact's token for token (no threshold
-tie arose on these prompts: plain equality, no tie rule needed), the build's logits match the program's at a
-prefill (P = 0) and at one-token steps, and the build keeps the artifact's generation facts and tokenizer files.
+tie arose on these prompts: plain equality, no tie rule needed), through the in-place cache (``decode``, also while
+it grows) and through ``main``; the build's logits match the program's at a prefill (P = 0) and at one-token steps,
+and the build keeps the artifact's generation facts and tokenizer files.
 """
 import json
 import os
@@ -42,12 +43,21 @@ def llama_teal(tmp_path_factory):
     return str(art), str(out)
 
 
-def test_teal_llama_greedy_tokens_equal_the_artifact(llama_teal):
+def test_teal_llama_greedy_tokens_equal_the_artifact(llama_teal, monkeypatch):
+    """The in-place cache (starting at 8 positions: it is reallocated 3 times) and main's present tensors."""
+    import sparsec.backends.tvm.generate as tvm_generate
+    from sparsec.generation import run_generation
+
     art, out = llama_teal
     want = generate(art, PROMPT, max_new_tokens=NEW, ignore_eos=True)
-    got = generate(out, PROMPT, max_new_tokens=NEW, ignore_eos=True)
-    assert torch.equal(got, want)
-    assert len(set(got[0, PROMPT.shape[1]:].tolist())) > 4  # not one token repeated
+    assert len(set(want[0, PROMPT.shape[1]:].tolist())) > 4  # not one token repeated
+    monkeypatch.setattr(tvm_generate, "START_CAPACITY", 8)
+    stepper, _ = open_stepper(out, threads=2)
+    assert stepper._lengths == 2  # decode: a past_length per symbol of the export (layer 1's keys have their own)
+    assert torch.equal(run_generation(stepper, PROMPT, max_new_tokens=NEW, ignore_eos=True).tokens, want)
+    assert stepper.capacity == 64 and stepper.cache_length == PROMPT.shape[1] + NEW - 1
+    stepper._lengths, stepper._fn = 0, stepper.model.vm["main"]  # as a build without decode runs
+    assert torch.equal(run_generation(stepper, PROMPT, max_new_tokens=NEW, ignore_eos=True).tokens, want)
 
 
 def test_build_keeps_generation_facts_and_tokenizer(llama_teal):
@@ -55,6 +65,7 @@ def test_build_keeps_generation_facts_and_tokenizer(llama_teal):
     with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
         manifest = json.load(f)
     assert manifest["generation"] == {"eos_token_id": 2, "max_context": 2048}
+    assert manifest["decode"] == {"lengths": 2}
     assert "tokenizer/tokenizer.json" in manifest["files"]
     stepper, info = open_stepper(out, threads=2)
     assert stepper.backend == "tvm" and stepper.layout.layers == 2 and stepper.layout.max_context == 2048
