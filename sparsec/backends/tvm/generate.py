@@ -86,7 +86,8 @@ class TvmStepper:
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Run ``ids`` (int64 ``[1, S]``) after the cache and append their keys and values; the logits of the last
         position (float32 ``[V]``, a view of TVM's output)."""
-        ids = ids if ids.is_contiguous() else ids.contiguous()
+        if not ids.is_contiguous() or ids.data_ptr() % 64:  # TVM takes 64-byte aligned DLPack tensors only
+            ids = ids.clone(memory_format=torch.contiguous_format)
         tokens = ids.shape[1]
         self._keep_torch[0] = tokens - 1
         if self._lengths:

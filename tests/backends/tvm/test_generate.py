@@ -82,7 +82,8 @@ def test_stepper_logits_match_the_program(llama_teal):
     ref = TorchStepper(sparsec.load_artifact(art).program)
     for s in (stepper, ref):
         s.reset()
-    ids = PROMPT[:, :5]
+    ids = torch.cat([torch.zeros(1, 3, dtype=torch.long), PROMPT[:, :5]], 1)[:, 3:]  # not 64-byte aligned
+    assert ids.data_ptr() % 64
     for _ in range(4):
         got, want = stepper.step(ids), ref.step(ids)
         assert got.dtype == torch.float32 and got.shape == (256,)
