@@ -136,29 +136,30 @@ def attention_kernel(heads: int, kv_heads: int, dim: int, value_dim: int, dtype:
                         for vi in T.vectorized(VL):
                             red[vi] = T.max(red[vi], sc[g * CHUNK + j0 * VL + vi])
                     red[T.ramp(0, 1, 2)] = halves(red[T.ramp(0, 1, VL)], VL, T.max)
-                    top = T.max(mx[g], T.max(red[0], red[1]))
-                    alpha = exp_nonpositive(mx[g] - top)
-                    mx[g] = top
-                    for j0 in range(CHUNK // VL):
+                    if T.max(red[0], red[1]) > neg_inf:  # a chunk masked whole (causal prefill) adds nothing
+                        top = T.max(mx[g], T.max(red[0], red[1]))
+                        alpha = exp_nonpositive(mx[g] - top)
+                        mx[g] = top
+                        for j0 in range(CHUNK // VL):
+                            for vi in T.vectorized(VL):
+                                sc[g * CHUNK + j0 * VL + vi] = T.if_then_else(
+                                    sc[g * CHUNK + j0 * VL + vi] == neg_inf, T.float32(0),
+                                    exp_nonpositive(sc[g * CHUNK + j0 * VL + vi] - top))
                         for vi in T.vectorized(VL):
-                            sc[g * CHUNK + j0 * VL + vi] = T.if_then_else(
-                                sc[g * CHUNK + j0 * VL + vi] == neg_inf, T.float32(0),
-                                exp_nonpositive(sc[g * CHUNK + j0 * VL + vi] - top))
-                    for vi in T.vectorized(VL):
-                        red[vi] = sc[g * CHUNK + vi]
-                    for j0 in range(1, CHUNK // VL):
-                        for vi in T.vectorized(VL):
-                            red[vi] = red[vi] + sc[g * CHUNK + j0 * VL + vi]
-                    red[T.ramp(0, 1, 2)] = halves(red[T.ramp(0, 1, VL)], VL)
-                    den[g] = den[g] * alpha + (red[0] + red[1])
-                    for d0 in range(value_dim // lv):
-                        for vi in T.vectorized(lv):
-                            acc[g * value_dim + d0 * lv + vi] = acc[g * value_dim + d0 * lv + vi] * alpha
-                    for j in range(n):
+                            red[vi] = sc[g * CHUNK + vi]
+                        for j0 in range(1, CHUNK // VL):
+                            for vi in T.vectorized(VL):
+                                red[vi] = red[vi] + sc[g * CHUNK + j0 * VL + vi]
+                        red[T.ramp(0, 1, 2)] = halves(red[T.ramp(0, 1, VL)], VL)
+                        den[g] = den[g] * alpha + (red[0] + red[1])
                         for d0 in range(value_dim // lv):
                             for vi in T.vectorized(lv):
-                                acc[g * value_dim + d0 * lv + vi] = acc[g * value_dim + d0 * lv + vi] + sc[
-                                    g * CHUNK + j] * T.cast(v[bi, hk, c * CHUNK + j, d0 * lv + vi], f32)
+                                acc[g * value_dim + d0 * lv + vi] = acc[g * value_dim + d0 * lv + vi] * alpha
+                        for j in range(n):
+                            for d0 in range(value_dim // lv):
+                                for vi in T.vectorized(lv):
+                                    acc[g * value_dim + d0 * lv + vi] = acc[g * value_dim + d0 * lv + vi] + sc[
+                                        g * CHUNK + j] * T.cast(v[bi, hk, c * CHUNK + j, d0 * lv + vi], f32)
             for g in range(g_heads):
                 for d in range(value_dim):
                     out[bi, hk * g_heads + g, si, d] = T.cast(T.if_then_else(

@@ -14,11 +14,16 @@ see benchmarks/results/kernels.md).
   ``R`` with index 0 and value 0; then every tile accumulates ``R`` surviving rows per pass over its accumulators.
   Zero inputs cost nothing but the compaction test: their weight segments are never read.
 * **dense** (``sparse=False``): the same loop nest over every row (with the threshold applied, when fused).
-* **batch > 1** (prefill, several tokens): rows ``MB`` at a time with the *union* of their active inputs; every row
+* **1 < batch < GEMM_ROWS** (a few tokens): rows ``MB`` at a time with the *union* of their active inputs; every row
   of the block accumulates over that union (a row's inactive inputs contribute exact zeros), ``R`` union rows per
   pass over the ``MB`` rows' accumulators (each weight vector loaded once for ``MB * R`` FMAs). With independent masks
   the union fills quickly (at 50 % sparsity, 4 rows touch 94 % of the weights), so for ``M > 1`` this is the dense
   kernel's cost at worst, never more.
+* **batch >= GEMM_ROWS** (a prefill): dense, as TEAL prefills: ``x'`` (thresholded, fp32, rows padded to ``MR``) is
+  made once, then each task copies one ``NR``-column panel of its tile contiguous (the packed layout strides 4 KiB
+  and more between rows, which thrashes cache sets) and runs an ``MR x NR`` register-blocked micro-kernel over all
+  rows. On a 2 GHz Zen 1 (AVX2, 2 x 128-bit FMA): 30.7 GFLOP/s per core for 512 x 2048 @ 2048 x 2048, 96 % of its
+  peak, against 20.4 for the union path.
 
 Storage dtype: float32, float16 or bfloat16 (x, W, y all the same); accumulation is always float32.
 """
@@ -31,8 +36,21 @@ import numpy as np
 DTYPES = ("float32", "float16", "bfloat16")
 VL = 16  # fp32 lanes per vector (AVX-512)
 MAX_TILE = 8192  # output columns per tile at most: 32 KiB of fp32 accumulators
-MB = 4  # rows of x per block when M > 1
+MB = 4  # rows of x per block when 1 < M < GEMM_ROWS
 R = 4  # surviving input rows per accumulator pass
+GEMM_ROWS = 16  # from this many rows of x on, the blocked GEMM (prefill)
+MR = 6  # rows of x per GEMM micro-kernel (MR x NR fp32 accumulators)
+
+
+def gemm_columns(ct: int) -> int:
+    """NR, the output columns of the GEMM micro-kernel: two vectors of the host CPU (32 with AVX-512, 16 with AVX2:
+    6 x 2 accumulators fill 12 of AVX2's 16 registers), a divisor of the tile width ``ct``."""
+    from tvm.target.codegen import target_has_features
+
+    from sparsec.backends.tvm.env import cpu_target
+
+    nr = 32 if target_has_features("avx512f", cpu_target()) else 16
+    return nr if ct % nr == 0 else VL
 
 
 def num_tiles(n: int, threads: int | None = None) -> int:
@@ -81,6 +99,7 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
     nt = tiles or num_tiles(n)
     ct = tile_width(n, nt)
     nv = ct // VL
+    nr = gemm_columns(ct)
     f32 = "float32"
     zero = T.cast(0, dtype)
 
@@ -91,6 +110,9 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
         return keep(v, t) if sparse else T.bool(True)
 
     hit0 = 0 if sparse else 1
+
+    def padded(m):  # rows of x' in the GEMM: M rounded up to a multiple of MR
+        return (m + MR - 1) // MR * MR
 
     @T.prim_func(private=True)
     def f(x_h: T.handle, wp: T.Buffer((nt, k, ct), dtype), thr: T.Buffer((1,), dtype), b: T.Buffer((n,), dtype),
@@ -126,45 +148,74 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
                     if j * ct + c < n:
                         y[0, j * ct + c] = T.cast(acc[c] + T.cast(b[j * ct + c], f32), dtype)
         else:
-            for mb in range((m + MB - 1) // MB):
-                cnt[0] = 0
-                for i in range(k):
-                    hit = T.decl_buffer((1,), "int32")
-                    hit[0] = hit0
-                    for r in range(MB):
-                        if mb * MB + r < m:
-                            if take(x[mb * MB + r, i], thr[0]):
-                                hit[0] = 1
-                    if hit[0] == 1:
-                        idx[cnt[0]] = i
+            if m < GEMM_ROWS:
+                for mb in range((m + MB - 1) // MB):
+                    cnt[0] = 0
+                    for i in range(k):
+                        hit = T.decl_buffer((1,), "int32")
+                        hit[0] = hit0
                         for r in range(MB):
-                            xv[r * (k + R) + cnt[0]] = T.if_then_else(
-                                mb * MB + r < m and keep(x[T.min(mb * MB + r, m - 1), i], thr[0]),
-                                T.cast(x[T.min(mb * MB + r, m - 1), i], f32), T.float32(0))
-                        cnt[0] = cnt[0] + 1
-                for q in range(R):  # pad to a multiple of R
-                    idx[cnt[0] + q] = 0
-                    for r in range(MB):
-                        xv[r * (k + R) + cnt[0] + q] = T.float32(0)
-                for j in T.parallel(nt):
-                    acc = T.decl_buffer((MB * ct,), f32)
-                    for r in range(MB):
-                        for vo in range(nv):
-                            for vi in T.vectorized(VL):
-                                acc[r * ct + vo * VL + vi] = T.float32(0)
-                    for qb in range((cnt[0] + R - 1) // R):
-                        for vo in range(nv):
-                            for r in T.unroll(MB):
-                                for q in T.unroll(R):
-                                    for vi in T.vectorized(VL):
-                                        acc[r * ct + vo * VL + vi] = acc[r * ct + vo * VL + vi] + T.cast(
-                                            wp[j, idx[qb * R + q], vo * VL + vi], f32) * xv[r * (k + R) + qb * R + q]
-                    for r in range(MB):
-                        if mb * MB + r < m:
-                            for c in range(ct):
-                                if j * ct + c < n:
-                                    y[mb * MB + r, j * ct + c] = T.cast(
-                                        acc[r * ct + c] + T.cast(b[j * ct + c], f32), dtype)
+                            if mb * MB + r < m:
+                                if take(x[mb * MB + r, i], thr[0]):
+                                    hit[0] = 1
+                        if hit[0] == 1:
+                            idx[cnt[0]] = i
+                            for r in range(MB):
+                                xv[r * (k + R) + cnt[0]] = T.if_then_else(
+                                    mb * MB + r < m and keep(x[T.min(mb * MB + r, m - 1), i], thr[0]),
+                                    T.cast(x[T.min(mb * MB + r, m - 1), i], f32), T.float32(0))
+                            cnt[0] = cnt[0] + 1
+                    for q in range(R):  # pad to a multiple of R
+                        idx[cnt[0] + q] = 0
+                        for r in range(MB):
+                            xv[r * (k + R) + cnt[0] + q] = T.float32(0)
+                    for j in T.parallel(nt):
+                        acc = T.decl_buffer((MB * ct,), f32)
+                        for r in range(MB):
+                            for vo in range(nv):
+                                for vi in T.vectorized(VL):
+                                    acc[r * ct + vo * VL + vi] = T.float32(0)
+                        for qb in range((cnt[0] + R - 1) // R):
+                            for vo in range(nv):
+                                for r in T.unroll(MB):
+                                    for q in T.unroll(R):
+                                        for vi in T.vectorized(VL):
+                                            acc[r * ct + vo * VL + vi] = acc[r * ct + vo * VL + vi] + T.cast(
+                                                wp[j, idx[qb * R + q], vo * VL + vi], f32) * xv[r * (k + R) + qb * R + q]
+                        for r in range(MB):
+                            if mb * MB + r < m:
+                                for c in range(ct):
+                                    if j * ct + c < n:
+                                        y[mb * MB + r, j * ct + c] = T.cast(
+                                            acc[r * ct + c] + T.cast(b[j * ct + c], f32), dtype)
+            else:  # M >= GEMM_ROWS: a blocked GEMM on x' (dense: at these sizes the union of active inputs is all)
+                xs = T.decl_buffer((padded(m) * k,), f32)  # x' in fp32, rows padded to a multiple of MR with zeros
+                for r in T.parallel(padded(m)):
+                    for i in range(k):
+                        xs[r * k + i] = T.if_then_else(r < m and keep(x[T.min(r, m - 1), i], thr[0]),
+                                                       T.cast(x[T.min(r, m - 1), i], f32), T.float32(0))
+                for task in T.parallel(nt * (ct // nr)):  # one NR-column panel of one tile per task
+                    j = task // (ct // nr)
+                    c0 = task % (ct // nr) * nr
+                    panel = T.decl_buffer((k * nr,), f32)  # W[j, :, c0:c0+NR] contiguous (no 4 KiB strides)
+                    for i in range(k):
+                        for vi in T.vectorized(nr):
+                            panel[i * nr + vi] = T.cast(wp[j, i, c0 + vi], f32)
+                    for rb in range(padded(m) // MR):
+                        acc = T.decl_buffer((MR * nr,), f32)  # MR x NR accumulators: registers
+                        for r in T.unroll(MR):
+                            for vi in T.vectorized(nr):
+                                acc[r * nr + vi] = T.float32(0)
+                        for i in range(k):
+                            for r in T.unroll(MR):
+                                for vi in T.vectorized(nr):
+                                    acc[r * nr + vi] = acc[r * nr + vi] + xs[(rb * MR + r) * k + i] * panel[i * nr + vi]
+                        for r in range(MR):
+                            if rb * MR + r < m:
+                                for c in range(nr):
+                                    if j * ct + c0 + c < n:
+                                        y[rb * MR + r, j * ct + c0 + c] = T.cast(
+                                            acc[r * nr + c] + T.cast(b[j * ct + c0 + c], f32), dtype)
 
     return f
 

@@ -1,8 +1,9 @@
 """sparsec's TIR linear kernels, built with the real TVM for this CPU, against a numpy fp32 reference.
 
 Shapes are not multiples of the column tile; inputs cover sparsity 0 / 0.5 / 0.9, all-zero and batch > 1 (the union
-path). That the sparse kernel really skips weight rows is checked with NaN in the rows of zero inputs: skipped rows
-never reach the output, so it stays finite, while the dense kernel of the same family turns NaN.
+path, and the blocked GEMM from GEMM_ROWS rows on, rows not a multiple of its micro-kernel's). That the sparse kernel
+really skips weight rows is checked with NaN in the rows of zero inputs: skipped rows never reach the output, so it
+stays finite, while the dense kernel of the same family turns NaN.
 """
 import numpy as np
 import pytest
@@ -11,8 +12,8 @@ import torch
 tvm = pytest.importorskip("tvm")
 
 from sparsec.backends.tvm.env import cpu_target  # noqa: E402
-from sparsec.backends.tvm.kernels import (MAX_TILE, VL, linear_kernel, num_tiles, pack_weight,  # noqa: E402
-                                          reference, tile_width)
+from sparsec.backends.tvm.kernels import (GEMM_ROWS, MAX_TILE, VL, linear_kernel, num_tiles,  # noqa: E402
+                                          pack_weight, reference, tile_width)
 
 TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "float16": dict(rtol=2e-3, atol=2e-3),
        "bfloat16": dict(rtol=1.6e-2, atol=1.6e-2)}
@@ -56,7 +57,7 @@ def test_sparse_and_dense_match_reference(dtype, k, n, tiles):
     td = getattr(torch, dtype)
     w, b = torch.randn(n, k, generator=g).to(td), torch.randn(n, generator=g).to(td)
     for sparse in (True, False):
-        for m, s in [(1, 0.0), (1, 0.5), (1, 0.9), (3, 0.5), (5, 0.9)]:
+        for m, s in [(1, 0.0), (1, 0.5), (1, 0.9), (3, 0.5), (5, 0.9), (GEMM_ROWS, 0.5), (GEMM_ROWS + 21, 0.0)]:
             x = _input(m, k, s, dtype, g)
             _check(_run(k, n, dtype, sparse, x, w, b, tiles=tiles), x, w, b, dtype)
 
@@ -67,7 +68,7 @@ def test_fused_threshold_matches_reference(dtype):
     g = torch.Generator().manual_seed(1)
     td = getattr(torch, dtype)
     w, b = torch.randn(n, k, generator=g).to(td), torch.zeros(n, dtype=td)
-    for m in (1, 4, 6):
+    for m in (1, 4, 6, GEMM_ROWS + 1):
         x = _input(m, k, 0.0, dtype, g)
         for thr in (0.0, 0.67, 10.0):  # nothing dropped (no exact zeros) / about half / everything
             y = _run(k, n, dtype, True, x, w, b, thr)
@@ -79,7 +80,7 @@ def test_fused_threshold_matches_reference(dtype):
 def test_all_zero_input_gives_the_bias_exactly():
     k, n = 100, 300
     w, b = torch.randn(n, k), torch.randn(n)
-    for m in (1, 5):
+    for m in (1, 5, GEMM_ROWS):
         for sparse in (True, False):
             assert torch.equal(_run(k, n, "float32", sparse, torch.zeros(m, k), w, b), b.expand(m, n))
 
