@@ -191,3 +191,14 @@ def test_cli_generate_errors(cached_artifact, tmp_path, capsys):
     code, stdout, stderr = run_cli(capsys, *["generate", out, "--input-ids", str(ids_file), "--max-new-tokens", "3",
                                     "--ignore-eos"])
     assert code == 0 and stdout.strip(), stderr
+
+
+def test_cli_generate_prompt_without_a_tokenizer_names_input_ids(tmp_path, capsys):
+    model, example = zoo.build("llama")
+    out = str(tmp_path / "art")
+    sparsec.save(sparsec.transform(model, "teal{sparsity=0.5}", example_inputs=example, forward_loop=_calibration(),
+                                   kv_cache=True, measure=False), out)
+    code, _, stderr = run_cli(capsys, "generate", out, "--prompt", "hello")
+    assert code == 2
+    assert one_error_line(stderr) == (f"error: '{out}' keeps no tokenizer, so --prompt cannot be tokenised: pass the"
+                                      " prompt as token ids with --input-ids FILE, or give --tokenizer DIR")
