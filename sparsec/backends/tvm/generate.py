@@ -43,10 +43,12 @@ class TvmStepper:
         self._fn = self.model.vm["decode" if decode else "main"]
         self._params = list(self.model.params)
         self._keep_torch = torch.zeros(1, dtype=torch.long)  # logits_to_keep: the last position, S - 1
+        self._keep_np = self._keep_torch.numpy()  # the same memory: numpy's item assignment is 20x torch's
         self._keep = self._tvm.runtime.from_dlpack(self._keep_torch)
+        self._shape = self._tvm.runtime.ShapeTuple
         tok = os.path.join(self.path, TOKENIZER_DIR)
         self._tokenizer = tok if os.path.isdir(tok) else None
-        self._cache, self._length = [], 0
+        self._cache, self._length, self._capacity = [], 0, 0
         self.reset()
 
     def _empty(self, tokens: int) -> list:
@@ -69,19 +71,19 @@ class TvmStepper:
     @property
     def capacity(self) -> int:
         """Tokens the in-place cache holds before it is reallocated (the cache length when ``main`` runs)."""
-        return int(self._cache[0].shape[2]) if self._cache else 0
+        return self._capacity if self._lengths else self.cache_length
 
     def _reserve(self, tokens: int) -> None:
         """Make the in-place cache hold ``tokens`` positions, keeping the cached ones (one copy per doubling)."""
-        if tokens <= self.capacity:
+        if tokens <= self._capacity:
             return
-        size = max(tokens, START_CAPACITY, 2 * self.capacity)
+        size = max(tokens, START_CAPACITY, 2 * self._capacity)
         if self.layout.max_context is not None:
             size = max(tokens, min(size, self.layout.max_context))
         new = self._empty(size)
         for old, buf in zip(self._cache, new):
             torch.from_dlpack(buf)[:, :, :self._length].copy_(torch.from_dlpack(old)[:, :, :self._length])
-        self._cache = new
+        self._cache, self._capacity = new, size
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Run ``ids`` (int64 ``[1, S]``) after the cache and append their keys and values; the logits of the last
@@ -89,21 +91,23 @@ class TvmStepper:
         if not ids.is_contiguous() or ids.data_ptr() % 64:  # TVM takes 64-byte aligned DLPack tensors only
             ids = ids.clone(memory_format=torch.contiguous_format)
         tokens = ids.shape[1]
-        self._keep_torch[0] = tokens - 1
+        self._keep_np[0] = tokens - 1
         if self._lengths:
-            self._reserve(self._length + tokens)
-        out = self._fn(*self._args(self._tvm.runtime.from_dlpack(ids)))
-        if self._lengths:
+            if self._length + tokens > self._capacity:
+                self._reserve(self._length + tokens)
+            # torch ids in, torch logits out: TVM's FFI converts both through DLPack without a copy
+            out = self._fn(ids, self._keep_torch, *self._cache, self._shape([self._length] * self._lengths),
+                           *self._params)
             self._length += tokens
-        else:
-            self._cache = list(out[1:])
+            return out[0].view(-1)  # [1, 1, V]: one kept position
+        out = self._fn(self._tvm.runtime.from_dlpack(ids), self._keep, *self._cache, *self._params)
+        self._cache = list(out[1:])  # TVM tensors, passed back as they are
         return torch.from_dlpack(out[0])[0, -1]
 
     def _args(self, ids) -> list:
         """The VM function's arguments for the token ids ``ids`` (a TVM tensor) after the cache as it is now."""
         if self._lengths:
-            past = self._tvm.runtime.ShapeTuple([self._length] * self._lengths)
-            return [ids, self._keep, *self._cache, past, *self._params]
+            return [ids, self._keep, *self._cache, self._shape([self._length] * self._lengths), *self._params]
         return [ids, self._keep, *self._cache, *self._params]
 
     def generation_info(self) -> dict:

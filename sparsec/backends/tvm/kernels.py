@@ -181,7 +181,8 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
                                     for q in T.unroll(R):
                                         for vi in T.vectorized(VL):
                                             acc[r * ct + vo * VL + vi] = acc[r * ct + vo * VL + vi] + T.cast(
-                                                wp[j, idx[qb * R + q], vo * VL + vi], f32) * xv[r * (k + R) + qb * R + q]
+                                                wp[j, idx[qb * R + q], vo * VL + vi], f32) * xv[
+                                                    r * (k + R) + qb * R + q]
                         for r in range(MB):
                             if mb * MB + r < m:
                                 for c in range(ct):

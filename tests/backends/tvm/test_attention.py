@@ -83,7 +83,7 @@ def test_cache_append(dtype):
                              cpu_target())["main"]
         a, b = torch.randn(batch, heads, past, dim).to(td), torch.randn(batch, heads, new, dim).to(td)
         out = tvm.runtime.empty((batch, heads, past + new, dim), dtype)
-        kernel(*(tvm.runtime.tensor(x.numpy()) for x in (a, b)), out)  # tvm tensors: torch's empty ones have odd strides
+        kernel(*(tvm.runtime.tensor(x.numpy()) for x in (a, b)), out)  # torch's empty tensors have odd strides
         assert torch.equal(torch.from_numpy(out.numpy()), torch.cat([a, b], 2))
 
 
@@ -100,8 +100,8 @@ def test_capacity_variant_reads_only_the_first_positions():
         m[..., :1] = True
         out = torch.empty(1, 4, 2, 16)
         kernel(q, k, v, m, t, out)
-        want = F.scaled_dot_product_attention(q, k[:, :, :t].repeat_interleave(2, 1), v[:, :, :t].repeat_interleave(2, 1),
-                                              attn_mask=m)
+        want = F.scaled_dot_product_attention(q, k[:, :, :t].repeat_interleave(2, 1),
+                                              v[:, :, :t].repeat_interleave(2, 1), attn_mask=m)
         torch.testing.assert_close(out, want, **TOL["float32"])
 
 
