@@ -75,6 +75,13 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
                            " the command line, or forward_loop=fn in Python")
     loaded = frontend.load_model(model, example_inputs, weights=weights, unsafe_pickle=unsafe_pickle,
                                  trust_remote_code=trust_remote_code)
+    if kv_cache and max_context is not None:  # calibration and held-out windows run through the cached program
+        from sparsec.errors import UsageError
+
+        if seq_len is not None and seq_len > max_context:
+            raise UsageError(f"--seq-len {seq_len} is longer than --max-context {max_context} (calibration runs through"
+                             " the cached program): lower --seq-len or raise --max-context")
+        seq_len = seq_len or min(_calib_seq_len(loaded, None), max_context)
     calibrate = bool(need) and forward_loop is None
     if calibrate:
         forward_loop = _calibration_loop(need[0], loaded, calib_data, calib_samples, seq_len, batch_size)

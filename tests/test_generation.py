@@ -126,6 +126,9 @@ def test_generation_errors():
         sparsec.generate(result, PROMPT, max_new_tokens=0)
     with pytest.raises(UsageError, match="--temperature must be >= 0"):
         sparsec.generate(result, PROMPT, do_sample=True, temperature=-1)
+    with pytest.raises(UsageError, match="--seq-len 32 is longer than --max-context 16"):
+        sparsec.transform(model, "teal", example_inputs=example, kv_cache=True, max_context=16, seq_len=32,
+                          calib_data="unused.pt")
     uncached = frontend.capture(frontend.load_model(model, example)).program
     with pytest.raises(UsageError, match=r"takes no KV cache, so it cannot generate.*--kv-cache"):
         sparsec.generate(uncached, PROMPT)

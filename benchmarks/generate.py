@@ -1,0 +1,224 @@
+"""Text generation, batch 1, 2 threads, fp32, greedy: sparsec's builds beside the dense peers, in one run.
+
+    .venv/bin/python benchmarks/generate.py --models tinyllama,gemma --sparsities 0.5,0.4 --contexts 128,1024 \\
+        --peers sparsec-tvm,sparsec-ort,sparsec-accelerate,sparsec-tvm-dense,ort-dense,hf,llamacpp-f32,\\
+llamacpp-q8_0,llamacpp-q4_k_m --markdown benchmarks/results/generate.md
+
+Rows (each in its own process, one at a time; protocol, models, prompts and timing as in ``benchmarks/peers.py``):
+- ``sparsec-tvm``: ``sparsec compile`` of the teal artifact (``transform --kv-cache``): sparse kernels behind the
+  thresholds, :class:`sparsec.backends.tvm.generate.TvmStepper`;
+- ``sparsec-ort``: ``sparsec export --sparse-kernel auto`` of the same artifact, ONNX Runtime with the cache bound
+  as OrtValues (:class:`sparsec.backends.onnxruntime.generate.OrtStepper`);
+- ``sparsec-accelerate``: the artifact's program in torch with its linears on sparsec's TVM kernels
+  (``sparsec.accelerate``), stepped by :class:`sparsec.generation.TorchStepper`;
+- ``sparsec-tvm-dense`` / ``ort-dense``: the dense model (``transform --pass strip --kv-cache``) compiled with TVM /
+  exported to ONNX (standard ops): sparsec's own dense builds;
+- ``hf`` and ``llamacpp-*``: the dense peers of ``benchmarks/peers.py`` (HF ``generate``; llama.cpp on GGUFs written
+  from the same weights).
+sparsec rows time :func:`sparsec.generation.run_generation` (``ignore_eos``): prefill = the prompt's step (its first
+token's logits), decode ms/token = the median step of a run, median of ``--reps`` runs after a warm-up run.
+Artifacts, exports and builds are made once (in their own processes, before the timed one) and cached under
+``$SPARSEC_CACHE/bench-generate``. Teal is calibrated on 8 windows of 256 tokens: Gemma on the built-in Wikipedia
+text, the random-weight Llama on seeded random ids. Goals (issue 17) are printed per model, context and sparsity:
+sparsec-tvm decode tokens/s over the fastest dense fp32 peer (hf, ort-dense, llamacpp-f32), prefill over that
+peer's, peak RSS over sparsec-tvm-dense's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import peers  # noqa: E402
+
+HERE = pathlib.Path(__file__).resolve()
+SPARSE_ROWS = ("sparsec-tvm", "sparsec-ort", "sparsec-accelerate")
+DENSE_ROWS = ("sparsec-tvm-dense", "ort-dense")
+DENSE_FP32_PEERS = ("hf", "ort-dense", "llamacpp-f32")
+CALIB = dict(samples=8, seq_len=256)
+
+
+def _pipeline(peer: str) -> str:
+    """'strip' (the dense capture) or the teal spec a sparsec row name carries (``sparsec-tvm@0.5``)."""
+    if "@" not in peer:
+        return "strip"
+    return f"teal{{sparsity={float(peer.split('@')[1])}}}"
+
+
+def _store(path: pathlib.Path, pipeline: str, max_context: int) -> pathlib.Path:
+    tag = pipeline.replace("{", "-").replace("}", "").replace("=", "").replace(" ", "")
+    return peers.CACHE / "bench-generate" / f"{path.name}-{tag}-ctx{max_context}"
+
+
+def _transform(path: str, pipeline: str, max_context: int, out: str) -> dict:
+    import torch
+
+    import sparsec
+
+    calib = None
+    if pipeline != "strip" and not (pathlib.Path(path) / "tokenizer.json").exists():
+        vocab = json.loads((pathlib.Path(path) / "config.json").read_text())["vocab_size"]
+        calib = out + ".calib.pt"
+        pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torch.randint(3, vocab, (CALIB["samples"], CALIB["seq_len"]),
+                                 generator=torch.Generator().manual_seed(0)), calib)
+    result = sparsec.transform(path, pipeline, kv_cache=True, max_context=max_context, calib_data=calib,
+                               calib_samples=CALIB["samples"], seq_len=CALIB["seq_len"], measure=False)
+    sparsec.save(result, out, force=True)
+    return {}
+
+
+def _export(artifact: str, out: str, sparse_kernel: str) -> dict:
+    import sparsec
+
+    sparsec.export_onnx(artifact, out, sparse_kernel=sparse_kernel, force=True)
+    return {}
+
+
+def _compile(artifact: str, out: str) -> dict:
+    import sparsec
+
+    sparsec.compile(artifact, out, threads=peers.THREADS, force=True)
+    return {}
+
+
+def prepared(peer: str, path: pathlib.Path, max_context: int) -> str:
+    """The artifact / .onnx / build a sparsec row runs, made (each in its own process) if not cached."""
+    pipeline = _pipeline(peer)
+    art = _store(path, pipeline, max_context)
+    if not (art / "manifest.json").exists():
+        peers._child(sys.executable, "_transform", False, script=HERE, path=str(path), pipeline=pipeline,
+                     max_context=max_context, out=str(art))
+    kind = peer.split("@")[0]
+    if kind in ("sparsec-ort", "ort-dense"):
+        onnx = art.with_name(art.name + f"-{kind}.onnx")
+        if not onnx.exists():
+            peers._child(sys.executable, "_export", False, script=HERE, artifact=str(art), out=str(onnx),
+                         sparse_kernel="auto" if kind == "sparsec-ort" else "none")
+        return str(onnx)
+    if kind in ("sparsec-tvm", "sparsec-tvm-dense"):
+        build = art.with_name(art.name + ".tvm")
+        if not (build / "manifest.json").exists():
+            peers._child(sys.executable, "_compile", False, script=HERE, artifact=str(art), out=str(build))
+        return str(build)
+    return str(art)
+
+
+def _sparsec(peer: str, model: str, prompt: list[int], new_tokens: int, reps: int) -> dict:
+    import torch
+
+    import sparsec
+    from sparsec.generation import TorchStepper, open_stepper, run_generation
+
+    torch.set_num_threads(peers.THREADS)
+    if peer.startswith("sparsec-accelerate"):
+        art = sparsec.load_artifact(model)
+        stepper = TorchStepper(sparsec.accelerate(art, threads=peers.THREADS), TorchStepper(art.program).layout)
+        del art
+    else:
+        stepper, _ = open_stepper(model, threads=peers.THREADS)
+    ids = torch.tensor([prompt])
+
+    def run(n: int):
+        g = run_generation(stepper, ids, max_new_tokens=n, ignore_eos=True)
+        return g.prefill_ms, g.decode_ms, g.new_tokens.tolist()
+
+    run(4)  # warm-up
+    return dict(peers._summary([run(new_tokens) for _ in range(reps)]), weights="fp32",
+                runtime=f"sparsec {sparsec.__version__} ({stepper.backend})")
+
+
+def _sparsec_peer(peer: str, path: pathlib.Path, prompt, new_tokens: int, reps: int) -> dict:
+    model = prepared(peer, path, max_context=max(len(prompt) + new_tokens + 8, CALIB["seq_len"]))
+    return peers._child(sys.executable, "_sparsec", False, script=HERE, peer=peer, model=model, prompt=list(prompt),
+                        new_tokens=new_tokens, reps=reps)
+
+
+def register(sparsities: list[float]) -> list[str]:
+    """Add the sparsec rows to ``peers.PEERS`` (sparse rows once per sparsity, as ``NAME@S``); their names."""
+    names = [f"{row}@{s}" for s in sparsities for row in SPARSE_ROWS] + list(DENSE_ROWS)
+    for name in names:
+        peers.PEERS[name] = lambda path, prompt, n, reps, name=name: _sparsec_peer(name, path, prompt, n, reps)
+    return names
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """Issue 17's goal lines: sparsec-tvm vs the fastest dense fp32 peer of the same model and context."""
+    lines = []
+    for r in rows:
+        if not r["peer"].startswith("sparsec-tvm@"):
+            continue
+        same = [d for d in rows if (d["model"], d["context"]) == (r["model"], r["context"])]
+        dense = [d for d in same if d["peer"] in DENSE_FP32_PEERS]
+        tvm_dense = next((d for d in same if d["peer"] == "sparsec-tvm-dense"), None)
+        if not dense:
+            continue
+        fastest = max(dense, key=lambda d: d["tokens_per_s"])
+        quickest = min(dense, key=lambda d: d["prefill_ms"])
+        text = (f"- {r['model']}, context {r['context']}, {r['peer']}: decode {r['tokens_per_s'] / fastest['tokens_per_s']:.2f}x"
+                f" the fastest dense fp32 peer ({fastest['peer']}, {fastest['tokens_per_s']:.1f} tokens/s; goal >= 1.7x);"
+                f" prefill {r['prefill_ms'] / quickest['prefill_ms']:.2f}x {quickest['peer']}'s (goal <= 1.05x)")
+        if tvm_dense is not None:
+            text += f"; peak RSS {r['peak_rss_mib'] / tvm_dense['peak_rss_mib']:.2f}x sparsec-tvm-dense's (goal <= 1.10x)"
+        lines.append(text)
+    return lines
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="tinyllama,gemma")
+    p.add_argument("--sparsities", default="0.5,0.4")
+    p.add_argument("--peers", default="sparsec-tvm,sparsec-ort,sparsec-accelerate,sparsec-tvm-dense,ort-dense,hf,"
+                                      "llamacpp-f32,llamacpp-q8_0,llamacpp-q4_k_m",
+                   help="rows; the sparse sparsec rows run once per --sparsities value")
+    p.add_argument("--contexts", default="128,1024", help="prompt lengths, tokens")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--long-new-tokens", type=int, default=32, help="new tokens for contexts >= 512")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--llama-layers", type=int, default=22)
+    p.add_argument("--wait-quiet", type=float, default=120)
+    p.add_argument("--max-load", type=float, default=0.25)
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    args = p.parse_args(argv)
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    register(sparsities)
+    wanted = [f"{name}@{s}" if name in SPARSE_ROWS else name for name in args.peers.split(",")
+              for s in (sparsities if name in SPARSE_ROWS else [None])]
+    cpu = peers.cpu_description(args.wait_quiet)
+    print(cpu["summary"], flush=True)
+    rows = []
+    for model in args.models.split(","):
+        for context in map(int, args.contexts.split(",")):
+            new_tokens = args.new_tokens if context < 512 else args.long_new_tokens
+            for peer in wanted:
+                start = time.perf_counter()
+                rows.append(peers.run_peer(peer, model, context, new_tokens, args.reps, llama_layers=args.llama_layers,
+                                           wait_quiet_s=args.wait_quiet, max_load=args.max_load))
+                r = rows[-1]
+                print(f"{r['model']} {peer} context {context}: prefill {r['prefill_ms']:.0f} ms, decode"
+                      f" {r['decode_ms']:.2f} ms/token ({r['tokens_per_s']:.1f} tokens/s), peak RSS"
+                      f" {r['peak_rss_mib']:.0f} MiB, other load {r['other_load']:.2f}"
+                      f" ({time.perf_counter() - start:.0f} s)", flush=True)
+    command = "python benchmarks/generate.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = peers.markdown(cpu, rows, command).replace(
+        "# Dense CPU peers: text generation", "# Text generation: sparsec beside the dense CPU peers", 1)
+    report += "\n## Goals (issue 17)\n\n" + "\n".join(goals(rows) or ["- (no sparsec-tvm row with a dense peer)"])
+    report += (f"\n\nsparsec rows: teal calibrated on {CALIB['samples']} x {CALIB['seq_len']} tokens; timing as for"
+               " the peers (median decode step of a run, median of the runs).\n")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=1))
+    if args.markdown:
+        pathlib.Path(args.markdown).write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        print(peers._MARK + json.dumps(globals()[sys.argv[2]](**json.loads(sys.argv[3]))), flush=True)
+    else:
+        main()
