@@ -29,6 +29,8 @@ Runtime). ``cpu_description()`` and ``run_peer()`` are the API for scripts that 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -341,6 +343,15 @@ def _with_load(fn, *args) -> dict:
     return dict(result, other_load=max(0.0, busy) / (time.perf_counter() - start))
 
 
+@contextlib.contextmanager
+def machine_lock():
+    """Held while a row runs: one benchmark row at a time on this machine, across processes (flock)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "bench.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def model_name(model: str | os.PathLike, llama_layers: int = 22) -> str:
     """The row label: 'tinyllama' (with '-L<n>' for fewer layers), 'gemma', or the directory's name."""
     if str(model) == "tinyllama":
@@ -355,15 +366,16 @@ def run_peer(peer: str, model: str | os.PathLike, context: int, new_tokens: int,
     Keys: peer, model, context, new_tokens, reps, prefill_ms, decode_ms (ms/token), tokens_per_s, peak_rss_mib,
     weights, runtime, tokens (the greedy ids of the first timed run), the per-run medians, and other_load (cores
     used by other processes on average while the peer ran; the machine has ``os.cpu_count()``). Before the peer
-    starts (GGUFs and prompts are made first), waits up to ``wait_quiet_s`` s for other processes to use less than
-    ``max_load`` cores.
+    starts (GGUFs and prompts are made first), takes ``machine_lock()`` and waits up to ``wait_quiet_s`` s for other
+    processes to use less than ``max_load`` cores.
     """
     path = model_dir(str(model), llama_layers)
     prompt = prompt_ids(path, context)
     if peer.startswith("llamacpp-"):
         gguf_file(path, peer.split("-", 1)[1].upper())
-    wait_quiet(wait_quiet_s, max_load)
-    row = _with_load(PEERS[peer], path, prompt, new_tokens, reps)
+    with machine_lock():
+        wait_quiet(wait_quiet_s, max_load)
+        row = _with_load(PEERS[peer], path, prompt, new_tokens, reps)
     return dict(peer=peer, model=model_name(model, llama_layers), context=context, new_tokens=new_tokens, reps=reps,
                 tokens_per_s=1000 / row["decode_ms"], **row)
 
@@ -396,9 +408,10 @@ def cpu_description(wait_quiet_s: float = 0) -> dict:
     cache = {k: next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith(f"{k} cache:")), "?")
              for k in ("L2", "L3")}
     bw = None
-    for attempt in range(5):  # short: keep the least disturbed of up to 5 tries
-        wait_quiet(wait_quiet_s if attempt == 0 else min(wait_quiet_s, 60))
-        attempt = _with_load(_child, sys.executable, "_bandwidth")
+    for i in range(5):  # short: keep the least disturbed of up to 5 tries
+        with machine_lock():
+            wait_quiet(wait_quiet_s if i == 0 else min(wait_quiet_s, 60))
+            attempt = _with_load(_child, sys.executable, "_bandwidth")
         bw = attempt if bw is None or attempt["other_load"] < bw["other_load"] else bw
         if bw["other_load"] < 0.25:
             break
