@@ -355,14 +355,17 @@ def compile(artifact_or_result: Any, out_dir: str, *, target: str = "llvm", thre
     """
     from sparsec.backends.tvm.build import compile_program
 
-    if isinstance(artifact_or_result, TransformResult):
+    facts = {}
+    if isinstance(artifact_or_result, TransformResult):  # an artifact directory carries these itself
         program, source = artifact_or_result.program, None
+        facts = {"generation": artifact_or_result.generation,
+                 "tokenizer": artifact_or_result.source.get("tokenizer")}
     else:
         art = load_artifact(os.fspath(artifact_or_result)) if isinstance(artifact_or_result, (str, os.PathLike)) \
             else artifact_or_result
         program, source = art.program, art.path
     return compile_program(program, out_dir, target=target, threads=threads, sparse=sparse, source=source,
-                           force=force)
+                           force=force, **facts)
 
 
 def load_compiled(path: str, *, threads: int | None = None):

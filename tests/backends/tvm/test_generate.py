@@ -114,3 +114,15 @@ def test_uncached_build_cannot_generate(tmp_path):
     compile_program(program, str(tmp_path / "b"), threads=2)
     with pytest.raises(UsageError, match="takes no KV cache, so it cannot generate"):
         TvmStepper(str(tmp_path / "b"))
+
+
+def test_compile_of_a_transform_result_keeps_its_generation_facts(tmp_path):
+    from sparsec.calibration import token_forward_loop
+    from tests import zoo
+
+    model, example = zoo.build("llama")
+    result = sparsec.transform(model, "teal{sparsity=0.5}", example_inputs=example, kv_cache=True, measure=False,
+                               forward_loop=token_forward_loop(torch.randint(0, 256, (4, 16))))
+    sparsec.compile(result, str(tmp_path / "b"), threads=1)
+    assert json.load(open(tmp_path / "b" / "manifest.json"))["generation"] == result.generation == {
+        "eos_token_id": model.generation_config.eos_token_id, "max_context": 2048}
