@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import peers  # noqa: E402
@@ -40,6 +38,7 @@ SPARSE_ROWS = ("sparsec-tvm", "sparsec-ort", "sparsec-accelerate")
 DENSE_ROWS = ("sparsec-tvm-dense", "ort-dense")
 DENSE_FP32_PEERS = ("hf", "ort-dense", "llamacpp-f32")
 CALIB = dict(samples=8, seq_len=256)
+MAX_CONTEXT = 2048
 
 
 def _pipeline(peer: str) -> str:
@@ -108,6 +107,11 @@ def prepared(peer: str, path: pathlib.Path, max_context: int) -> str:
     return str(art)
 
 
+def _max_context(context: int, new_tokens: int) -> int:
+    """The maximum context the row's artifact is captured for: 2048 (one artifact serves every row up to it)."""
+    return max(context + new_tokens + 8, MAX_CONTEXT)
+
+
 def _sparsec(peer: str, model: str, prompt: list[int], new_tokens: int, reps: int) -> dict:
     import torch
 
@@ -133,7 +137,7 @@ def _sparsec(peer: str, model: str, prompt: list[int], new_tokens: int, reps: in
 
 
 def _sparsec_peer(peer: str, path: pathlib.Path, prompt, new_tokens: int, reps: int) -> dict:
-    model = prepared(peer, path, max_context=max(len(prompt) + new_tokens + 8, CALIB["seq_len"]))
+    model = prepared(peer, path, _max_context(len(prompt), new_tokens))
     return peers._child(sys.executable, "_sparsec", False, script=HERE, peer=peer, model=model, prompt=list(prompt),
                         new_tokens=new_tokens, reps=reps)
 
@@ -170,48 +174,35 @@ def goals(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="tinyllama,gemma")
-    p.add_argument("--sparsities", default="0.5,0.4")
-    p.add_argument("--peers", default="sparsec-tvm,sparsec-ort,sparsec-accelerate,sparsec-tvm-dense,ort-dense,hf,"
-                                      "llamacpp-f32,llamacpp-q8_0,llamacpp-q4_k_m",
-                   help="rows; the sparse sparsec rows run once per --sparsities value")
-    p.add_argument("--contexts", default="128,1024", help="prompt lengths, tokens")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--long-new-tokens", type=int, default=32, help="new tokens for contexts >= 512")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--llama-layers", type=int, default=22)
-    p.add_argument("--wait-quiet", type=float, default=120)
-    p.add_argument("--max-load", type=float, default=0.25)
-    p.add_argument("--json")
-    p.add_argument("--markdown")
+    peers.add_run_arguments(p, "sparsec-tvm,sparsec-ort,sparsec-accelerate,sparsec-tvm-dense,ort-dense,hf,"
+                               "llamacpp-f32,llamacpp-q8_0,llamacpp-q4_k_m")
+    p.add_argument("--sparsities", default="0.5,0.4", help="teal sparsity of the sparse sparsec rows, each a row")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="make the artifacts, exports, builds and GGUFs the rows need, then stop (nothing is timed)")
     args = p.parse_args(argv)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     register(sparsities)
     wanted = [f"{name}@{s}" if name in SPARSE_ROWS else name for name in args.peers.split(",")
               for s in (sparsities if name in SPARSE_ROWS else [None])]
-    cpu = peers.cpu_description(args.wait_quiet)
-    print(cpu["summary"], flush=True)
-    rows = []
-    for model in args.models.split(","):
+    for model in args.models.split(","):  # artifacts, exports and builds first: the timed rows then run back to back
+        path = peers.model_dir(model, args.llama_layers)
         for context in map(int, args.contexts.split(",")):
             new_tokens = args.new_tokens if context < 512 else args.long_new_tokens
+            peers.prompt_ids(path, context)
             for peer in wanted:
-                start = time.perf_counter()
-                rows.append(peers.run_peer(peer, model, context, new_tokens, args.reps, llama_layers=args.llama_layers,
-                                           wait_quiet_s=args.wait_quiet, max_load=args.max_load))
-                r = rows[-1]
-                print(f"{r['model']} {peer} context {context}: prefill {r['prefill_ms']:.0f} ms, decode"
-                      f" {r['decode_ms']:.2f} ms/token ({r['tokens_per_s']:.1f} tokens/s), peak RSS"
-                      f" {r['peak_rss_mib']:.0f} MiB, other load {r['other_load']:.2f}"
-                      f" ({time.perf_counter() - start:.0f} s)", flush=True)
+                if peer.startswith("sparsec") or peer in DENSE_ROWS:
+                    prepared(peer, path, _max_context(context, new_tokens))
+                elif peer.startswith("llamacpp-"):
+                    peers.gguf_file(path, peer.split("-", 1)[1].upper())
+    if args.prepare_only:
+        return
+    cpu, rows = peers.run_rows(args, wanted)
     command = "python benchmarks/generate.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = peers.markdown(cpu, rows, command).replace(
         "# Dense CPU peers: text generation", "# Text generation: sparsec beside the dense CPU peers", 1)
     report += "\n## Goals (issue 17)\n\n" + "\n".join(goals(rows) or ["- (no sparsec-tvm row with a dense peer)"])
     report += (f"\n\nsparsec rows: teal calibrated on {CALIB['samples']} x {CALIB['seq_len']} tokens; timing as for"
                " the peers (median decode step of a run, median of the runs).\n")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=1))
     if args.markdown:
         pathlib.Path(args.markdown).write_text(report)
     print(report)

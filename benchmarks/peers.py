@@ -452,10 +452,10 @@ def markdown(cpu: dict, rows: list[dict], command: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_run_arguments(p: argparse.ArgumentParser, peers: str) -> None:
+    """The options shared by ``peers.py`` and ``generate.py``."""
     p.add_argument("--models", default="tinyllama,gemma")
-    p.add_argument("--peers", default=",".join(PEERS))
+    p.add_argument("--peers", default=peers)
     p.add_argument("--contexts", default="128,1024", help="prompt lengths, tokens")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--long-new-tokens", type=int, default=32, help="new tokens for contexts >= 512")
@@ -470,7 +470,11 @@ def main(argv=None) -> None:
     p.add_argument("--resume", action="store_true",
                    help="keep the undisturbed rows (and CPU measurement) of --json; measure the rest")
     p.add_argument("--markdown")
-    args = p.parse_args(argv)
+
+
+def run_rows(args: argparse.Namespace, peer_names: list[str]) -> tuple[dict, list[dict]]:
+    """Measure the CPU, then every (model, context, peer) row of ``args``: (cpu, rows in plan order). With --json the
+    results are rewritten after every row; --resume keeps its undisturbed rows; disturbed rows are rerun at the end."""
     resume = args.resume and args.json and os.path.exists(args.json)
     old = json.loads(pathlib.Path(args.json).read_text()) if resume else {"cpu": None, "rows": []}
     cpu = old["cpu"]
@@ -479,7 +483,7 @@ def main(argv=None) -> None:
     print(cpu["summary"], flush=True)
     plan = [(model, context, args.new_tokens if context < 512 else args.long_new_tokens, peer)
             for model in args.models.split(",") for context in map(int, args.contexts.split(","))
-            for peer in args.peers.split(",")]
+            for peer in peer_names]
 
     def key(model, context, new_tokens, peer):
         return model_name(model, args.llama_layers), peer, context, new_tokens
@@ -489,19 +493,27 @@ def main(argv=None) -> None:
         for spec in plan:
             if (prev := done.get(key(*spec))) is not None and prev["other_load"] < args.max_load:
                 continue
+            start = time.perf_counter()
             r = run_peer(spec[3], spec[0], spec[1], spec[2], args.reps, args.llama_layers, args.wait_quiet,
                          args.max_load)
             print(f"{r['model']} {r['peer']} ({r['weights']}) context {r['context']}: prefill {r['prefill_ms']:.0f} ms,"
                   f" decode {r['decode_ms']:.2f} ms/token ({r['tokens_per_s']:.1f} tokens/s), peak RSS"
-                  f" {r['peak_rss_mib']:.0f} MiB, other load {r['other_load']:.2f} cores", flush=True)
+                  f" {r['peak_rss_mib']:.0f} MiB, other load {r['other_load']:.2f} cores"
+                  f" ({time.perf_counter() - start:.0f} s)", flush=True)
             if prev is None or r["other_load"] < prev["other_load"]:
                 done[key(*spec)] = r
-            rows = [done[key(*s)] for s in plan if key(*s) in done]
             if args.json:
+                rows = [done[key(*s)] for s in plan if key(*s) in done]
                 pathlib.Path(args.json).write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=1))
-    command = "python benchmarks/peers.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    rows = [done[key(*s)] for s in plan]
-    report = markdown(cpu, rows, command)
+    return cpu, [done[key(*s)] for s in plan]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_run_arguments(p, ",".join(PEERS))
+    args = p.parse_args(argv)
+    cpu, rows = run_rows(args, args.peers.split(","))
+    report = markdown(cpu, rows, "python benchmarks/peers.py " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.markdown:
         pathlib.Path(args.markdown).write_text(report)
     print(report)
