@@ -3,11 +3,11 @@
 The library registers domain :data:`DOMAIN` with one op, ``SparseLinear(X, t, Wt[, B])`` =
 ``(X * (|X| > t)) @ Wt + B`` (float32; ``Wt`` is the weight pre-transposed to ``[K, N]``), which reads only the
 weight rows of active inputs. It is compiled on first use with the host's C++ compiler (``$CXX``, else ``g++``,
-``-O3 -march=native``: AVX2 / AVX-512 where the CPU has them) against the ONNX Runtime C API header shipped beside
-the source (``onnxruntime_c_api.h`` of ORT 1.21, MIT licence, from Debian's ``libonnxruntime-dev``; the C API is
-backward compatible, so any ORT >= 1.21 loads the library). The result is cached under
-``$SPARSEC_CACHE/ort-kernels/`` keyed by the source, the flags and the compiler; without a compiler
-:func:`library_path` returns None and exports keep the standard-op formulation.
+``-O3 -march=native``: AVX2 / AVX-512 where the CPU has them) against ``csrc/ort_api_subset.h``, this project's
+declaration of the few ONNX Runtime C API entries the op calls (at their positions in ORT's function table as of
+ORT_API_VERSION 21; the C API only appends, so any ORT >= 1.21 loads the library; no ONNX Runtime header needed).
+The result is cached under ``$SPARSEC_CACHE/ort-kernels/`` keyed by the source files, the flags and the compiler;
+without a compiler :func:`library_path` returns None and exports keep the standard-op formulation.
 """
 from __future__ import annotations
 

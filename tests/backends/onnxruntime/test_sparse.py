@@ -242,6 +242,24 @@ def _sparse_model_file(tmp_path):
     return str(path), str(tmp_path / "in.npz")
 
 
+def test_fresh_build_from_this_repository_alone(tmp_path, monkeypatch):
+    """The library builds from the sources in csrc/ alone (no ONNX Runtime header: ort_api_subset.h declares the
+    entries used), into an empty cache, and the freshly built op matches torch."""
+    assert sorted(p.name for p in kernels.SOURCE.parent.iterdir()) == ["ort_api_subset.h", "sparse_linear.cc"]
+    monkeypatch.setenv("SPARSEC_CACHE", str(tmp_path / "cache"))  # no previously built library can answer
+    kernels.library_path.cache_clear()
+    try:
+        assert kernels.cached_library() is None
+        built = kernels.library_path()
+        assert built.startswith(str(tmp_path / "cache" / "ort-kernels")) and os.path.isfile(built)
+        session, wt, b = _sparse_linear_session(64, 40, bias=True)
+        x = np.random.default_rng(1).standard_normal((3, 64), dtype=np.float32)
+        (y,) = session.run(None, {"x": x})
+        torch.testing.assert_close(torch.from_numpy(y), _reference(x, 0.5, wt, b), **TOL)
+    finally:
+        kernels.library_path.cache_clear()
+
+
 def test_failed_build_is_one_clear_error(tmp_path, monkeypatch, capsys):
     """Running a model that needs the kernels builds them; a compiler that fails gives one line, exit 1."""
     model, inputs = _sparse_model_file(tmp_path)

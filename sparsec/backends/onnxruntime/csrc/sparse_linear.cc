@@ -6,13 +6,13 @@
 // skips one contiguous row of Wt. Per block of up to 4 rows of X the active indices are compacted once (their union
 // over the block), then each output tile is accumulated from 4 weight rows per pass. Tiles of the output columns
 // are shared out over ONNX Runtime's intra-op thread pool (KernelContext_ParallelFor).
-// Built by sparsec.backends.onnxruntime.kernels with g++ -O3 -march=native against the ORT C API header beside it.
+// Built by sparsec.backends.onnxruntime.kernels with g++ -O3 -march=native; no ONNX Runtime header is needed.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#include "onnxruntime_c_api.h"
+#include "ort_api_subset.h"  // the part of the ONNX Runtime C API used here, declared in this repository
 
 namespace {
 
