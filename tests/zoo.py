@@ -5,8 +5,9 @@ SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, interme
 
 
 def build(arch: str, **overrides):
-    """(model, example kwargs) for arch in llama, mistral, qwen2, gemma3, gpt2, bert; overrides go into the config.
-    gemma3 alternates sliding-window (window 8) and full attention layers."""
+    """(model, example kwargs) for arch in llama, mistral, qwen2, gemma3, phi3, gpt_neox, gpt2, bert; overrides go
+    into the config. gemma3 alternates sliding-window (window 8) and full attention layers; phi3 has fused
+    gate_up_proj (chunked) and qkv_proj (sliced), gpt_neox a fused query_key_value."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -25,6 +26,13 @@ def build(arch: str, **overrides):
                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                                   **overrides)
         model = tf.Gemma3ForCausalLM(cfg)
+    elif arch == "phi3":
+        cfg = tf.Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                            max_position_embeddings=64, **overrides)
+        model = tf.Phi3ForCausalLM(cfg)
+    elif arch == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(**SMALL, max_position_embeddings=64, **overrides)
+        model = tf.GPTNeoXForCausalLM(cfg)
     elif arch == "gpt2":
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=256, n_positions=64,
                             bos_token_id=0, eos_token_id=0, **overrides)
@@ -39,5 +47,6 @@ def build(arch: str, **overrides):
     return model.eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-RELU_OVERRIDE = {"llama": {"hidden_act": "relu"}, "mistral": {"hidden_act": "relu"}, "qwen2": {"hidden_act": "relu"},
+RELU_OVERRIDE = {"llama": {"hidden_act": "relu"}, "phi3": {"hidden_act": "relu"}, "gpt_neox": {"hidden_act": "relu"},
+                 "mistral": {"hidden_act": "relu"}, "qwen2": {"hidden_act": "relu"},
                  "gpt2": {"activation_function": "relu"}, "bert": {"hidden_act": "relu"}}

@@ -62,3 +62,22 @@ def test_fatrelu_on_an_existing_relu():
     gpt2, gpt2_inputs = build("gpt2")  # GELU, not gated
     with pytest.raises(UsageError, match=r"cats: no gated MLP .* matched the targets; use cats\{fatrelu=true\}"):
         sparsec.transform(gpt2, "cats", example_inputs=gpt2_inputs, forward_loop=print)
+
+
+def test_cats_on_a_fused_gate_up_projection_matches_a_hand_thresholded_model():
+    """Phi-3: gate_up_proj's output is chunked into gate and up; CATS thresholds act(gate), as a hook would."""
+    model, inputs = build("phi3")
+    result = sparsec.transform(model, "cats{sparsity=0.5}", example_inputs=inputs, measure=False,
+                               forward_loop=token_forward_loop(_ids(1), batch_size=16))
+    layers = result.report["layers"]
+    assert [e["module"] for e in layers] == ["model.layers.0.mlp.activation_fn", "model.layers.1.mlp.activation_fn"]
+    assert all(e["threshold"] > 0 and abs(e["measured_sparsity"] - 0.5) <= 0.02 for e in layers), layers
+    hooks = [layer.mlp.activation_fn.register_forward_hook(lambda m, a, out, t=e["threshold"]: out * (out.abs() > t))
+             for layer, e in zip(model.model.layers, layers)]
+    try:
+        with torch.no_grad():
+            want = model(**inputs).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(result.module()(**inputs)[0], want)

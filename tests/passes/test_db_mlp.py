@@ -109,3 +109,13 @@ def test_no_norm_before_the_mlp(capsys):
         main(["pipeline", "show", "db-mlp{c=0}"])
     err = capsys.readouterr().err.strip().splitlines()[0]
     assert exc.value.code == 2 and err.endswith("bad value 0.0 for option 'c' of pass 'db-mlp': expected 0.0 < c")
+
+
+def test_phi3_fused_gate_up_mlp_gets_zeroth_biases():
+    model, inputs = build("phi3")
+    result = sparsec.transform(model, "db-mlp", example_inputs=inputs, measure=False)
+    assert [(e["module"], e["norm"]) for e in result.report["layers"]] == [
+        ("model.layers.0.mlp", "model.layers.0.post_attention_layernorm"),
+        ("model.layers.1.mlp", "model.layers.1.post_attention_layernorm")]
+    with torch.no_grad():
+        assert torch.equal(result.module()(**inputs)[0], model(**inputs).logits)

@@ -25,8 +25,9 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out.to_tuple()[0]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gpt2", "bert"])
 def test_relufy_equals_hand_swapped_relu(arch):
+    """phi3: a fused gate_up_proj whose output is chunked into gate and up."""
     model, inputs = build(arch)
     result = sparsec.transform(model, "relufy", example_inputs=inputs)
     n_layers = 2
@@ -187,3 +188,37 @@ def test_relufy_real_gemma3_270m_equals_hand_swap():
     with torch.no_grad():
         want = ref(**kw, use_cache=False).logits
     assert torch.equal(result.module()(**kw)[0], want)
+
+
+_RELU_FACTORY = """
+import torch
+
+
+def factory():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    return net.eval(), (torch.randn(2, 8),)
+"""
+
+
+def test_a_pass_that_changes_nothing_warns_and_strict_fails(tmp_path, capsys):
+    from tests.cli_helpers import one_error_line, run_cli
+
+    (tmp_path / "relunet.py").write_text(_RELU_FACTORY)
+    model = f"{tmp_path / 'relunet.py'}:factory"
+    code, out, err = run_cli(capsys, "transform", model, "--pass", "relufy", "-o", tmp_path / "a")
+    assert code == 0 and "relufy: replaced=0" in out
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: relufy: no MLP activation to replace (looked for GELU, SiLU, ... between two linear"
+                        " layers; the ReLUs are left as they are with to=relu); model unchanged"], err
+    code, _, err = run_cli(capsys, "transform", model, "--pass", "relufy", "--strict", "-o", tmp_path / "b")
+    assert code == 1 and not (tmp_path / "b").exists()
+    assert one_error_line(err) == ("error: pass 'relufy' (1st of 1) failed: relufy: no MLP activation to replace"
+                                   " (looked for GELU, SiLU, ... between two linear layers; the ReLUs are left as"
+                                   " they are with to=relu); model unchanged (--strict)")
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    x = (torch.randn(2, 8),)
+    sparsec.transform(net, "relufy{to=fatrelu}", example_inputs=x, strict=True)  # changes the model: no error
+    assert capsys.readouterr().err == ""
+    with pytest.raises(sparsec.SparsecError, match=r"relufy: no MLP activation to replace .*; model unchanged"):
+        sparsec.transform(net, "relufy", example_inputs=x, strict=True)

@@ -546,3 +546,29 @@ def test_prefill_errors(tmp_path, capsys):
                            "teal{scope=all prefill=half}", "--calib-data", tmp_path / "x.pt", "-o", tmp_path / "out")
     assert (code, one_error_line(err)) == (2, f"error: pass 'teal' (1st of 1) failed: {message}")
     assert not (tmp_path / "out").exists()
+
+
+FUSED = {"phi3": {"self_attn.qkv_proj": ["q", "k", "v"], "mlp.gate_up_proj": ["gate", "up"]},
+         "gpt_neox": {"attention.query_key_value": ["q", "k", "v"]}, "gpt2": {"attn.c_attn": ["q", "k", "v"]}}
+
+
+@pytest.mark.parametrize("arch", list(FUSED))
+def test_fused_projections_are_named_and_thresholded_like_hooks(arch):
+    """One threshold per fused layer, on its input; ``fused`` names the projections it computes, in output order."""
+    model, inputs = build(arch)
+    result = sparsec.transform(model, "teal{sparsity=0.5}", example_inputs=inputs, measure=False,
+                               forward_loop=token_forward_loop(_ids(1), batch_size=16))
+    layers = result.report["layers"]
+    fused = {e["module"].split(".", 3 if arch != "gpt2" else 2)[-1]: e["fused"] for e in layers if "fused" in e}
+    assert fused == FUSED[arch], layers
+    assert len(layers) == _count(result.program) == {"phi3": 8, "gpt_neox": 8, "gpt2": 8}[arch]
+    modules = dict(model.named_modules())
+    hooks = [modules[e["module"]].register_forward_pre_hook(
+        lambda m, a, t=e["threshold"]: (a[0] * (a[0].abs() > t), *a[1:])) for e in layers]
+    try:
+        with torch.no_grad():
+            want = model(**inputs)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(result.module()(**inputs)[0], want, rtol=0, atol=0)
