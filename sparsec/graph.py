@@ -57,10 +57,54 @@ def _through_transparent_up(node: fx.Node) -> fx.Node:
     return node
 
 
+#: Ops that split a tensor into pieces (``operator.getitem`` picks one) and ops that take one piece: how a fused
+#: projection's output (Phi-3's gate_up_proj / qkv_proj, GPT-2's c_attn, GPT-NeoX's query_key_value) is taken apart.
+SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
+             aten.unsafe_split.Tensor, aten.unsafe_split_with_sizes.default, aten.unsafe_chunk.default,
+             aten.tensor_split.sections, aten.tensor_split.indices}
+PIECE_OPS = {operator.getitem, aten.slice.Tensor, aten.narrow.default, aten.select.int}
+
+
+def linear_source(node) -> tuple[fx.Node, fx.Node | None] | None:
+    """(the linear-like op whose output ``node`` is, the piece of that output it is) through layout ops and
+    split / chunk / slice / getitem; the piece is the getitem or slice nearest the linear, None for the whole
+    output. None when ``node`` is not a linear's output."""
+    piece = None
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target in LINEAR_OPS:
+            return node, piece
+        if node.target in PIECE_OPS:
+            piece = node
+        elif node.target not in TRANSPARENT_OPS and node.target not in SPLIT_OPS:
+            return None
+        node = node.args[0]
+    return None
+
+
 def produced_by_linear(node: fx.Node) -> bool:
-    """True when ``node``'s value is produced by a linear-like op (possibly through layout ops)."""
-    src = _through_transparent_up(node)
-    return isinstance(src, fx.Node) and src.op == "call_function" and src.target in LINEAR_OPS
+    """True when ``node``'s value is a linear-like op's output or a piece of it (see :func:`linear_source`)."""
+    return linear_source(node) is not None
+
+
+def output_pieces(linear: fx.Node) -> list[fx.Node]:
+    """The pieces a fused projection's output is taken apart into, in output order (the getitem or slice nodes
+    :func:`linear_source` names); [] unless every use of the output, through layout ops, is one of two or more."""
+    pieces, frontier = [], [linear]
+    while frontier:
+        for user in frontier.pop().users:
+            if user.op != "call_function":
+                return []
+            if user.target in TRANSPARENT_OPS:
+                frontier.append(user)
+            elif user.target in SPLIT_OPS and all(u.target is operator.getitem for u in user.users):
+                pieces.extend(user.users)
+            elif user.target in PIECE_OPS and user.target is not operator.getitem:
+                pieces.append(user)
+            else:
+                return []
+    start = {aten.slice.Tensor: 2, aten.narrow.default: 2, aten.select.int: 2, operator.getitem: 1}
+    return sorted(pieces, key=lambda p: p.args[start[p.target]] if len(p.args) > start[p.target]
+                  and isinstance(p.args[start[p.target]], int) else 0) if len(pieces) > 1 else []
 
 
 def feeds_linear(node: fx.Node, max_depth: int = 6) -> bool:
@@ -206,7 +250,8 @@ def _from_weight_layer(node: fx.Node, max_nodes: int = 64) -> bool:
         seen.add(n)
         if n.target in LINEAR_OPS and not _is_rotation_node(n):
             return True
-        if n.target in _MLP_ELEMENTWISE or getattr(n.target, "namespace", None) == "sparsec" \
+        if n.target in _MLP_ELEMENTWISE or n.target in SPLIT_OPS or n.target in PIECE_OPS \
+                or getattr(n.target, "namespace", None) == "sparsec" \
                 or _is_rotation_node(n):  # sparsec::threshold; a rotation of the same tensor
             frontier.extend(a for a in n.all_input_nodes)
     return False

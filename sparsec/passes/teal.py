@@ -9,10 +9,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from sparsec.calibration import ThresholdSites, all_reduce_sum, progress
+from sparsec import progress
+from sparsec.calibration import ThresholdSites, all_reduce_sum
 from sparsec.config import PassConfig, option
 from sparsec.errors import UsageError
-from sparsec.graph import TargetMatcher, WeightLayer, is_rotation, module_stack, weight_layers, weight_numel
+from sparsec.graph import (TargetMatcher, WeightLayer, is_rotation, linear_source, module_stack, output_pieces,
+                           weight_layers, weight_numel)
 from sparsec.passes.base import PassContext, PassResult
 from sparsec.registry import register_pass
 
@@ -42,7 +44,10 @@ class TealConfig(PassConfig):
     sparsities per block; the lookup table is stored in the report, stats.greedy_table), scoring a step by the block
     output error (greedy_error). Default targets: the linears inside numbered blocks (Llama/Mistral/Qwen2/Gemma
     q,k,v,o,gate,up,down; GPT-2 c_attn, attn c_proj, c_fc, mlp c_proj; BERT query/key/value, attention output,
-    intermediate, output), not the LM head or pooler.
+    intermediate, output), not the LM head or pooler. A fused projection (Phi-3 qkv_proj / gate_up_proj, GPT-2 c_attn,
+    GPT-NeoX query_key_value) is one layer with one threshold on its input; its report entry keeps the module path and
+    adds ``fused``, the projections it computes in output order: q,k,v for three pieces; gate,up for two, the gate
+    being the piece an activation reads; piece0,piece1,... otherwise.
     sparsity=0 sets every threshold to 0, which reproduces the model bit for bit (every prefill mode).
     prefill (METHODS.md §2) says which tokens of an input with S tokens (its second-to-last axis, [batch, S, hidden])
     are thresholded: all (every token); half (positions >= S // 2, TEAL's quality path; a one-token decode step is
@@ -134,7 +139,8 @@ def teal(gm: fx.GraphModule, cfg: TealConfig, ctx: PassContext) -> PassResult:
                     target[next(la.node for la in layers if la.module == module)] = p
         targets = [[target[la.node] for la in g] for g in groups.values()]
         if cfg.sparsity > 0:
-            sites.calibrate(ctx.forward_loop, targets, cfg.calib_rounds)
+            with progress.task("teal: calibrate"):
+                sites.calibrate(ctx.forward_loop, targets, cfg.calib_rounds)
         else:
             for site in sites.sites:
                 for t in site.thresholds:
@@ -144,6 +150,9 @@ def teal(gm: fx.GraphModule, cfg: TealConfig, ctx: PassContext) -> PassResult:
     if cfg.prefill != "all":
         _apply_prefill(gm, [r for _, r in reader.values()], cfg.prefill)
 
+    from sparsec.passes.relufy import find_activations
+
+    gates = {linear_source(a.input)[1] for a in find_activations(gm) if linear_source(a.input)}
     entries, zeros, total, wsum, wzero = [], 0, 0, 0.0, 0.0
     for la in layers:  # graph order
         site, j = site_of[la.node]
@@ -151,6 +160,8 @@ def teal(gm: fx.GraphModule, cfg: TealConfig, ctx: PassContext) -> PassResult:
         entry = {"module": la.module, "op": "teal", "threshold": float(site.thresholds[j]),
                  "target_sparsity": round(target[la.node], 6), "measured_sparsity": None if measured is None
                  else round(measured, 6), "weight_numel": numel[la.node]}
+        if fused_names(la.node, gates):
+            entry["fused"] = fused_names(la.node, gates)
         if measured is not None:
             zeros, total = zeros + site.zeros[j], total + site.numel
             wsum, wzero = wsum + numel[la.node], wzero + numel[la.node] * measured
@@ -164,6 +175,17 @@ def teal(gm: fx.GraphModule, cfg: TealConfig, ctx: PassContext) -> PassResult:
     if tables:
         stats["greedy_table"] = tables
     return PassResult(gm, stats, entries)
+
+
+def fused_names(linear: fx.Node, gates: set) -> list[str]:
+    """The projections a fused linear computes, in output order (see TealConfig); [] for an unfused one. ``gates``:
+    the pieces activations read."""
+    pieces = output_pieces(linear)
+    if len(pieces) == 3:
+        return ["q", "k", "v"]
+    if len(pieces) == 2 and sum(p in gates for p in pieces) == 1:
+        return ["gate" if p in gates else "up" for p in pieces]
+    return [f"piece{i}" for i in range(len(pieces))]
 
 
 def _token_site(layer: WeightLayer, prefill: str) -> tuple[fx.Node, fx.Node]:
@@ -461,10 +483,11 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
     gm.recompile()
     sites.set_mode("collect")  # dense histograms of every thresholded input, over the search samples
     try:
-        with torch.no_grad():
-            ctx.forward_loop(gm)
-    except _Enough:
-        pass
+        with torch.no_grad(), progress.task("teal: greedy search inputs"):
+            try:
+                ctx.forward_loop(gm)
+            except _Enough:
+                pass
     finally:
         sites.set_mode("off")
         for tap in taps:
@@ -477,7 +500,7 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
     normalized = cfg.greedy_error == "normalized"
     batches = recorder.batches
     tables = []
-    for b, members in progress(blocks.items(), desc="teal greedy search", total=len(blocks)):
+    for b, members in progress.iterate(blocks.items(), "teal: greedy search", len(blocks)):
         sub, outside = subs[b]
         inputs = [[batch[key[n]] for n in outside] for batch in batches]
         bufs = [site_of[la.node][0].thresholds[site_of[la.node][1]] for la in members]

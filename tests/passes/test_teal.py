@@ -559,7 +559,7 @@ def test_fused_projections_are_named_and_thresholded_like_hooks(arch):
     result = sparsec.transform(model, "teal{sparsity=0.5}", example_inputs=inputs, measure=False,
                                forward_loop=token_forward_loop(_ids(1), batch_size=16))
     layers = result.report["layers"]
-    fused = {e["module"].split(".", 3 if arch != "gpt2" else 2)[-1]: e["fused"] for e in layers if "fused" in e}
+    fused = {e["module"].split(".", 3)[-1]: e["fused"] for e in layers if "fused" in e}
     assert fused == FUSED[arch], layers
     assert len(layers) == _count(result.program) == {"phi3": 8, "gpt_neox": 8, "gpt2": 8}[arch]
     modules = dict(model.named_modules())
