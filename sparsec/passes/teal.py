@@ -9,8 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from sparsec import progress
-from sparsec.calibration import ThresholdSites, all_reduce_sum
+from sparsec.calibration import ThresholdSites, all_reduce_sum, progress
 from sparsec.config import PassConfig, option
 from sparsec.errors import UsageError
 from sparsec.graph import (TargetMatcher, WeightLayer, is_rotation, linear_source, module_stack, output_pieces,
@@ -139,8 +138,7 @@ def teal(gm: fx.GraphModule, cfg: TealConfig, ctx: PassContext) -> PassResult:
                     target[next(la.node for la in layers if la.module == module)] = p
         targets = [[target[la.node] for la in g] for g in groups.values()]
         if cfg.sparsity > 0:
-            with progress.task("teal: calibrate"):
-                sites.calibrate(ctx.forward_loop, targets, cfg.calib_rounds)
+            sites.calibrate(ctx.forward_loop, targets, cfg.calib_rounds)
         else:
             for site in sites.sites:
                 for t in site.thresholds:
