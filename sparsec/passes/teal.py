@@ -481,11 +481,10 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
     gm.recompile()
     sites.set_mode("collect")  # dense histograms of every thresholded input, over the search samples
     try:
-        with torch.no_grad(), progress.task("teal: greedy search inputs"):
-            try:
-                ctx.forward_loop(gm)
-            except _Enough:
-                pass
+        with torch.no_grad():
+            ctx.forward_loop(gm)
+    except _Enough:
+        pass
     finally:
         sites.set_mode("off")
         for tap in taps:
@@ -498,7 +497,7 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
     normalized = cfg.greedy_error == "normalized"
     batches = recorder.batches
     tables = []
-    for b, members in progress.iterate(blocks.items(), "teal: greedy search", len(blocks)):
+    for b, members in progress(blocks.items(), desc="teal greedy search", total=len(blocks)):
         sub, outside = subs[b]
         inputs = [[batch[key[n]] for n in outside] for batch in batches]
         bufs = [site_of[la.node][0].thresholds[site_of[la.node][1]] for la in members]
