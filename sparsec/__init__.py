@@ -9,7 +9,7 @@ from sparsec.errors import SparsecError
 __version__ = "0.1.0"
 
 _API = {"transform", "save", "load", "load_artifact", "list_passes", "trace", "TransformResult", "export_onnx", "run",
-        "compile", "load_compiled", "accelerate", "generate"}
+        "compile", "load_compiled", "load_onnx", "accelerate", "generate"}
 _CONFIGS = {"RelufyConfig": "sparsec.passes.relufy", "TealConfig": "sparsec.passes.teal",
             "CatsConfig": "sparsec.passes.cats", "RotateConfig": "sparsec.passes.rotate",
             "RegularizeConfig": "sparsec.passes.regularize", "JSReLUConfig": "sparsec.passes.jsrelu",

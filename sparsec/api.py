@@ -25,10 +25,14 @@ class TransformResult:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     generation: dict | None = None  # a cached program's {"eos_token_id", "max_context"} (sparsec.generation)
+    output_names: list[str] | None = None  # as the model named its outputs (None: it named none)
 
     def module(self):
-        """A runnable ``nn.Module`` (an fx.GraphModule); trainable like any module."""
-        return self.program.module()
+        """A runnable, trainable ``nn.Module`` (an fx.GraphModule) called as :mod:`sparsec.calling` describes:
+        ``module(input_ids=ids)`` or ``module({"input_ids": ids})`` gives the outputs by name."""
+        from sparsec.calling import calling_module
+
+        return calling_module(self.program, self.output_names)
 
 
 def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop: Callable | None = None,
@@ -122,7 +126,8 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     generation = None
     if layout is not None:
         generation = {"eos_token_id": _eos_token_id(loaded.module), "max_context": layout.max_context}
-    return TransformResult(program, pipeline, report, source, captured.args, captured.kwargs, generation)
+    return TransformResult(program, pipeline, report, source, captured.args, captured.kwargs, generation,
+                           frontend.output_names(captured))
 
 
 def _eos_token_id(module) -> int | list[int] | None:
@@ -230,9 +235,11 @@ def _describe_inputs(args: tuple, kwargs: dict) -> dict:
 def save(result: TransformResult, out_dir: str, *, force: bool = False) -> str:
     """Write the artifact directory (model.pt2, recipe.yaml, manifest.json, report.json) atomically."""
     from sparsec.artifact import input_spec, tool_versions, write_artifact
+    from sparsec.calling import program_output_names
 
     manifest = {"versions": tool_versions(), "pipeline": result.pipeline.canonical(), "source": result.source,
-                "inputs": input_spec(result.program)}
+                "inputs": input_spec(result.program),
+                "output_names": program_output_names(result.program, result.output_names)}
     if result.generation is not None:
         manifest["generation"] = result.generation
     return write_artifact(out_dir, result.program, result.pipeline.to_yaml(), manifest, result.report, force=force,
@@ -240,7 +247,8 @@ def save(result: TransformResult, out_dir: str, *, force: bool = False) -> str:
 
 
 def load(path: str):
-    """Load an artifact directory as a runnable module (checksums and format version are verified)."""
+    """Load an artifact directory as a runnable, trainable module (checksums and format version are verified),
+    called as :mod:`sparsec.calling` describes: ``module(input_ids=ids)["logits"]``."""
     return load_artifact(path).module()
 
 
@@ -305,9 +313,11 @@ def export_onnx(artifact_or_result: Any, path: str, opset: int | None = None, ve
 
 def run(model: str, inputs: Any = None) -> dict:
     """Run a ``.onnx`` file (ONNX Runtime) or an artifact directory (torch) on ``inputs`` (a .npz / .safetensors
-    path or a dict name -> array; for an artifact, default: its example inputs), checked against the model's inputs.
+    path or a dict name -> array; for an artifact, default: its example inputs), checked against the model's inputs
+    (a missing ``attention_mask`` is ones, as :mod:`sparsec.calling` describes).
 
-    Returns ``{"backend": "onnxruntime" | "torch", "outputs": {name: numpy array}}``.
+    Returns ``{"backend": "onnxruntime" | "torch" | "tvm", "outputs": {name: numpy array}}``, outputs named as the
+    model names them.
     """
     model = os.fspath(model)
     if not os.path.isdir(model):
@@ -321,7 +331,8 @@ def run(model: str, inputs: Any = None) -> dict:
 
     if is_build_dir(model):
         return _run_build(model, inputs)
-    from sparsec.inputs import check_inputs, example_inputs, load_inputs_file, output_names, run_program
+    from sparsec.calling import complete_inputs, program_output_names
+    from sparsec.inputs import example_inputs, load_inputs_file, run_program
 
     art = load_artifact(model)
     if inputs is None:
@@ -330,9 +341,11 @@ def run(model: str, inputs: Any = None) -> dict:
         source, arrays = f"inputs file '{inputs}'", load_inputs_file(os.fspath(inputs))
     else:
         source, arrays = "inputs", dict(inputs)
-    check_inputs(arrays, art.manifest.get("inputs", []), source=source, what=f"artifact '{model}'")
+    arrays = complete_inputs(arrays, art.manifest.get("inputs", []), source=source, what=f"artifact '{model}'",
+                             hint="")
     outs = run_program(art.program, arrays)
-    return {"backend": "torch", "outputs": {n: o.detach().numpy() for n, o in zip(output_names(len(outs)), outs)}}
+    names = program_output_names(art.program, art.manifest.get("output_names"))
+    return {"backend": "torch", "outputs": {n: o.detach().numpy() for n, o in zip(names, outs)}}
 
 
 def _run_build(path: str, inputs: Any) -> dict:
@@ -343,7 +356,7 @@ def _run_build(path: str, inputs: Any) -> dict:
         raise UsageError(f"running the TVM build '{path}' needs inputs: --inputs FILE (.npz or .safetensors, one"
                          " array per model input)")
     arrays = load_inputs_file(os.fspath(inputs)) if isinstance(inputs, (str, os.PathLike)) else dict(inputs)
-    return {"backend": "tvm", "outputs": load_compiled(path)(arrays)}
+    return {"backend": "tvm", "outputs": load_compiled(path).run(arrays)}
 
 
 def compile(artifact_or_result: Any, out_dir: str, *, target: str = "llvm", threads: int | None = None,
@@ -359,23 +372,35 @@ def compile(artifact_or_result: Any, out_dir: str, *, target: str = "llvm", thre
     if isinstance(artifact_or_result, TransformResult):  # an artifact directory carries these itself
         program, source = artifact_or_result.program, None
         facts = {"generation": artifact_or_result.generation,
-                 "tokenizer": artifact_or_result.source.get("tokenizer")}
+                 "tokenizer": artifact_or_result.source.get("tokenizer"),
+                 "output_names": artifact_or_result.output_names}
     else:
         art = load_artifact(os.fspath(artifact_or_result)) if isinstance(artifact_or_result, (str, os.PathLike)) \
             else artifact_or_result
         program, source = art.program, art.path
+        facts = {"output_names": art.manifest.get("output_names")}
     return compile_program(program, out_dir, target=target, threads=threads, sparse=sparse, source=source,
                            force=force, **facts)
 
 
 def load_compiled(path: str, *, threads: int | None = None):
-    """Load a TVM build directory written by :func:`compile`; call the result with ``{input name: array}``.
+    """Load a TVM build directory written by :func:`compile`; call it as :mod:`sparsec.calling` describes:
+    ``compiled(input_ids=ids)`` or ``compiled({"input_ids": ids})`` gives the outputs by name.
 
     Needs no torch model: the weights are in the build. See :class:`sparsec.backends.tvm.build.CompiledModel`.
     """
     from sparsec.backends.tvm.build import load_compiled as _load
 
     return _load(path, threads=threads)
+
+
+def load_onnx(path: str, *, threads: int | None = None):
+    """Load a ``.onnx`` file into ONNX Runtime; call it as :mod:`sparsec.calling` describes:
+    ``model(input_ids=ids)`` or ``model({"input_ids": ids})`` gives the outputs by name.
+    See :class:`sparsec.backends.onnxruntime.runtime.OnnxModel`."""
+    from sparsec.backends.onnxruntime.runtime import OnnxModel
+
+    return OnnxModel(os.fspath(path), threads=threads)
 
 
 def accelerate(model: Any, *, threads: int | None = None, sparse: bool = True):

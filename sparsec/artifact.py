@@ -230,7 +230,10 @@ class Artifact:
     program: Any = None
 
     def module(self):
-        return self.program.module()
+        """The program as a runnable, trainable module (see :func:`sparsec.calling.calling_module`)."""
+        from sparsec.calling import calling_module
+
+        return calling_module(self.program, self.manifest.get("output_names"))
 
 
 class _OneOf:
@@ -248,7 +251,7 @@ _DIM = _OneOf(int, {"symbol": _OneOf(str, None), "min": _OneOf(int, None), "max"
 MANIFEST_SCHEMA = {
     "pipeline": str, "fingerprint": str, "versions?": dict, "source?": {"model?": str, "kind?": str},
     "inputs?": [_OneOf({"name": str, "dtype": str, "shape": [_DIM]}, {"name": str, "value": str})],
-    "files": {MODEL_FILE: str, RECIPE_FILE: str, REPORT_FILE: str},
+    "output_names?": [str], "files": {MODEL_FILE: str, RECIPE_FILE: str, REPORT_FILE: str},
     "generation?": {"eos_token_id": _OneOf(int, [int], None), "max_context": _OneOf(int, None)},
 }
 _STATS = {"mlp_intermediate_sparsity": _NUMBER, "linear_input_sparsity": _NUMBER, "mlp_layers": int,

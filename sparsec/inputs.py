@@ -94,14 +94,15 @@ def describe_spec(spec: list[dict]) -> str:
     return ", ".join(f"{s['name']}: {s['dtype']}[{_dims(s, names)}]" for s in tensor_specs(spec))
 
 
-def check_inputs(arrays: dict[str, Any], spec: list[dict], *, source: str, what: str = "the model") -> None:
+def check_inputs(arrays: dict[str, Any], spec: list[dict], *, source: str, what: str = "the model",
+                 hint: str = "") -> None:
     """Raise a one-line SparsecError when ``arrays`` do not fit ``spec``: names, dtypes, ranks, fixed dims,
-    dims that share a symbol, and a symbol's upper bound."""
+    dims that share a symbol, and a symbol's upper bound; ``hint`` ends the message about a missing input."""
     specs = tensor_specs(spec)
     takes = f"{what} takes {describe_spec(spec)}"
     for s in specs:
         if s["name"] not in arrays:
-            raise SparsecError(f"{source} has no input '{s['name']}'; {takes}")
+            raise SparsecError(f"{source} has no input '{s['name']}'; {takes}{hint}")
     names = {s["name"] for s in specs}
     for k in arrays:
         if k not in names:
@@ -215,6 +216,3 @@ def run_program(program, named: dict[str, Any], module=None) -> list:
     return [o for o in pytree.tree_leaves(out)]
 
 
-def output_names(n: int) -> list[str]:
-    """The names sparsec gives a program's outputs (the same in ONNX and torch runs)."""
-    return [f"output_{i}" for i in range(n)]

@@ -81,6 +81,11 @@ def cache_layout(spec: list[dict]) -> CacheLayout | None:
                        tuple(shapes[("values", i)] for i in range(layers)), dtype, max_context)
 
 
+def cached_output_names(layers: int) -> list[str]:
+    """The outputs of a cached program with ``layers`` layers: logits, then every layer's keys, then values."""
+    return ["logits", *(f"present_{kind}_{i}" for kind in ("keys", "values") for i in range(layers))]
+
+
 def program_layout(program) -> CacheLayout | None:
     """:func:`cache_layout` of an ExportedProgram."""
     from sparsec.artifact import input_spec

@@ -81,7 +81,7 @@ def _resolve(source: Any) -> tuple[Any, dict]:
         tokenizer = os.path.join(source.path, TOKENIZER_DIR)
         return source.program, {"pipeline": m.get("pipeline", ""), "fingerprint": m.get("fingerprint", ""),
                                 "source": str((m.get("source") or {}).get("model", "")), "artifact": source.path,
-                                "generation": m.get("generation"),
+                                "generation": m.get("generation"), "output_names": m.get("output_names"),
                                 "tokenizer": tokenizer if os.path.isdir(tokenizer) else None}
     if isinstance(source, torch.export.ExportedProgram):
         return source, {}
@@ -91,6 +91,7 @@ def _resolve(source: Any) -> tuple[Any, dict]:
         origin = getattr(source, "source", None) or {}
         return program, {"pipeline": pipeline.canonical() if hasattr(pipeline, "canonical") else "",
                          "source": str(origin.get("model", "")), "generation": getattr(source, "generation", None),
+                         "output_names": getattr(source, "output_names", None),
                          "tokenizer": origin.get("tokenizer")}
     raise UsageError(f"cannot export a {type(source).__name__} to ONNX; give a TransformResult, an artifact"
                      " directory (or Artifact), or an ExportedProgram")
@@ -110,11 +111,6 @@ def check_output_file(path: str, force: bool) -> None:
 def tokenizer_path(onnx_path: str) -> str:
     """Where the tokenizer of a cached export lives: ``NAME.tokenizer/`` beside ``NAME.onnx``."""
     return os.path.splitext(os.fspath(onnx_path))[0] + ".tokenizer"
-
-
-def cached_output_names(layers: int) -> list[str]:
-    """The outputs of a cached program with ``layers`` layers: logits, then every layer's keys, then values."""
-    return ["logits", *(f"present_{kind}_{i}" for kind in ("keys", "values") for i in range(layers))]
 
 
 def cached_dim_names(spec: list[dict]) -> dict[str, str]:
@@ -258,7 +254,8 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
     from sparsec.artifact import _TMP_MARK, cleanup_stale_temporaries, input_spec
     from sparsec.backends.onnxruntime.sparse import MODES
     from sparsec.backends.onnxruntime.translations import translation_table
-    from sparsec.inputs import friendly_dim_names, output_names
+    from sparsec.calling import program_output_names
+    from sparsec.inputs import friendly_dim_names
     from sparsec.kv_cache import cache_layout
 
     if opset is not None and (not isinstance(opset, int) or isinstance(opset, bool) or opset < 7):
@@ -300,8 +297,7 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
     from sparsec.graph import module_path
 
     start = time.perf_counter()
-    n_out = len(program.graph_signature.user_outputs)
-    names = cached_output_names(layout.layers) if layout else output_names(n_out)
+    names = program_output_names(program, facts.get("output_names"))
     try:
         with _quiet():
             onnx_program = torch.onnx.export(program, (), None, dynamo=True, opset_version=opset,

@@ -33,12 +33,12 @@ class OrtStepper:
     backend = "onnxruntime"
 
     def __init__(self, path: str, *, threads: int | None = None, sparse_kernel: str = "auto"):
-        from sparsec.backends.onnxruntime.export import cached_output_names, tokenizer_path
+        from sparsec.backends.onnxruntime.export import tokenizer_path
         from sparsec.backends.onnxruntime.runtime import onnx_session
         from sparsec.backends.onnxruntime.sparse import MODES
         from sparsec.generation import uncached_error
         from sparsec.inputs import onnx_input_spec
-        from sparsec.kv_cache import cache_layout
+        from sparsec.kv_cache import cache_layout, cached_output_names
 
         if sparse_kernel not in MODES:
             raise UsageError(f"sparse kernel '{sparse_kernel}' is not one of {', '.join(MODES)}")

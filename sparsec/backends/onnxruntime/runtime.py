@@ -70,21 +70,50 @@ def _to_numpy(v) -> np.ndarray:
     return np.asarray(v)
 
 
-def run_onnx(model: Any, inputs: Any, *, source: str | None = None) -> dict[str, np.ndarray]:
+def run_onnx(model: Any, inputs: Any, *, source: str | None = None, hint: str = "") -> dict[str, np.ndarray]:
     """Run the ONNX model (a path or an ``InferenceSession``) on ``inputs`` (a .npz / .safetensors path or a dict of
-    arrays); inputs are checked against the model's inputs first. Returns ``{output name: array}``."""
+    arrays); inputs are checked against the model's inputs first (a missing ``attention_mask`` is ones; ``hint``
+    ends the error about a missing input). Returns ``{output name: array}``."""
+    from sparsec.calling import complete_inputs
+
     session = onnx_session(model) if isinstance(model, (str, os.PathLike)) else model
     if isinstance(inputs, (str, os.PathLike)):
         source, arrays = source or f"inputs file '{inputs}'", load_inputs_file(str(inputs))
     else:
         source, arrays = source or "inputs", {k: _to_numpy(v) for k, v in inputs.items()}
-    check_inputs(arrays, onnx_input_spec(session), source=source, what="the ONNX model")
+    arrays = complete_inputs(arrays, onnx_input_spec(session), source=source, what="the ONNX model", hint=hint)
     names = [o.name for o in session.get_outputs()]
     try:
         outs = session.run(names, {k: np.ascontiguousarray(arrays[k]) for k in arrays})
     except Exception as exc:
         raise SparsecError(f"ONNX Runtime failed to run the model on {source}: {first_line(exc)[:300]}") from None
     return dict(zip(names, outs))
+
+
+class OnnxModel:
+    """An ONNX model in an ONNX Runtime session, called as :mod:`sparsec.calling` describes: ``model(input_ids=ids)``
+    or ``model({"input_ids": ids})`` (numpy arrays or torch tensors) gives :class:`~sparsec.calling.Outputs`, named
+    as the exported model names them."""
+
+    def __init__(self, path: str, *, threads: int | None = None):
+        self.path = path
+        self.session = onnx_session(path, threads=threads)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, inputs: dict | None = None, /, **named):
+        """The outputs by name for inputs given by keyword or in one dict; numpy for numpy inputs, else torch."""
+        from sparsec.calling import HOW_TO_PASS, gave_numpy, named_inputs, outputs
+
+        named = named_inputs(() if inputs is None else (inputs,), named)
+        got = run_onnx(self.session, named, source="the call", hint=HOW_TO_PASS)
+        return outputs(got.values(), list(got), numpy=gave_numpy(named))
 
 
 def compare_outputs(got: list, want: list, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,

@@ -46,14 +46,17 @@ def is_build_dir(path: str) -> bool:
 
 def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int | None = None, sparse: bool = True,
                     inputs: list | None = None, source: str | None = None, force: bool = False,
-                    generation: dict | None = None, tokenizer: str | None = None) -> dict:
+                    generation: dict | None = None, tokenizer: str | None = None,
+                    output_names: list[str] | None = None) -> dict:
     """Lower ``program`` (an ExportedProgram) with sparsec's kernels, compile it for ``target`` and write the build
     directory ``out_dir`` atomically. Returns the manifest.
 
     A cached program's ``generation`` facts (``eos_token_id``, ``max_context``) and the tokenizer files of the folder
-    ``tokenizer`` go into the build; both default to those of the artifact directory ``source``."""
+    ``tokenizer`` go into the build; both default to those of the artifact directory ``source``. ``output_names``:
+    as the model named its outputs (:func:`sparsec.calling.program_output_names`)."""
     import sparsec
     from sparsec.artifact import atomic_directory, check_output_dir, copy_tokenizer, input_spec, sha256_file
+    from sparsec.calling import program_output_names
     from sparsec.backends.tvm.cuda import cuda_sources, cuda_target, nvcc_compile, require_nvcc
     from sparsec.backends.tvm.env import cpu_target, host_cpu, import_tvm
     from sparsec.backends.tvm.lower import to_relax
@@ -68,6 +71,7 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     threads = threads or os.cpu_count() or 1
     tvm = import_tvm(threads)
     start = time.perf_counter()
+    step = progress.start("compile: lower")
     from tvm.relax.transform import FoldConstant
 
     mod, weights = _lift_weights(FoldConstant()(to_relax(program, sparse=sparse, target=target)))
@@ -78,14 +82,18 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
         mod, decode = add_decode(mod)
     kernels = sorted(str(gv.name_hint) for gv in mod.functions if str(gv.name_hint).startswith("sparsec_linear_"))
     lowered = time.perf_counter()
+    step.finish()
+    step = progress.start("compile: build")
     executable = tvm.compile(mod, target=cuda_target(CUDA_ARCH) if target == "cuda" else cpu_target())
     for code in cuda_sources(executable):  # the GPU compiles it on first load: check it compiles now
         nvcc_compile(code, CUDA_ARCH)
+    step.finish()
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "sparsec": sparsec.__version__,
                 "tvm": tvm.__version__, "target": target, "cpu": host_cpu(), "threads": threads,
                 "arch": CUDA_ARCH if target == "cuda" else None,
                 "sparse": sparse, "kernels": kernels, "inputs": inputs,
-                "outputs": len(program.graph_signature.user_outputs), "source": source,
+                "outputs": len(program.graph_signature.user_outputs),
+                "output_names": program_output_names(program, output_names), "source": source,
                 "seconds": {"lower": round(lowered - start, 2), "compile": round(time.perf_counter() - lowered, 2)}}
     with atomic_directory(out_dir) as tmp:
         executable.export_library(os.path.join(tmp, LIB_FILE))
@@ -213,7 +221,8 @@ def read_build_manifest(path: str) -> dict:
 
 @dataclass
 class CompiledModel:
-    """A loaded TVM build: call it with inputs by name (numpy arrays or torch tensors); returns numpy outputs."""
+    """A loaded TVM build, called as :mod:`sparsec.calling` describes: ``compiled(input_ids=ids)`` or
+    ``compiled({"input_ids": ids})`` (numpy arrays or torch tensors) gives :class:`~sparsec.calling.Outputs`."""
 
     path: str
     manifest: dict
@@ -226,20 +235,36 @@ class CompiledModel:
 
     device: Any = None
 
-    def __call__(self, inputs: dict) -> dict:
-        """``{output_i: numpy array}`` for ``inputs`` (``{name: array}``), checked against the build's input spec."""
+    @property
+    def output_names(self) -> list[str]:
+        from sparsec.calling import positional_names
+
+        return self.manifest.get("output_names") or positional_names(self.manifest["outputs"])
+
+    def __call__(self, inputs: dict | None = None, /, **named):
+        """The outputs by name for inputs given by keyword or in one dict; numpy for numpy inputs, else torch."""
+        from sparsec.calling import HOW_TO_PASS, gave_numpy, named_inputs, outputs
+
+        named = named_inputs(() if inputs is None else (inputs,), named)
+        got = self.run(named, source="the call", hint=HOW_TO_PASS)
+        return outputs(got.values(), list(got), numpy=gave_numpy(named))
+
+    def run(self, inputs: dict, *, source: str = "inputs", hint: str = "") -> dict:
+        """``{output name: numpy array}`` for ``inputs`` (``{name: array}``; a missing ``attention_mask`` is ones),
+        checked against the build's input spec; ``source`` and ``hint`` word the error about a missing input."""
         import numpy as np
 
         from sparsec.backends.tvm.env import import_tvm
-        from sparsec.inputs import check_inputs, output_names
+        from sparsec.calling import as_numpy, complete_inputs
 
         tvm = import_tvm()
-        arrays = {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in inputs.items()}
-        check_inputs(arrays, self.manifest["inputs"], source="inputs", what=f"build '{self.path}'")
+        arrays = {k: as_numpy(v) for k, v in inputs.items()}
+        arrays = complete_inputs(arrays, self.manifest["inputs"], source=source, what=f"build '{self.path}'",
+                                 hint=hint)
         out = self.vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(arrays[n]), device=self.device)
                                 for n in self.input_names], *self.params)
         outs = list(out) if not hasattr(out, "numpy") else [out]
-        return dict(zip(output_names(len(outs)), (o.numpy() for o in outs)))
+        return dict(zip(self.output_names, (o.numpy() for o in outs)))
 
 
 def load_compiled(path: str, *, threads: int | None = None, memory: str = "pooled") -> CompiledModel:

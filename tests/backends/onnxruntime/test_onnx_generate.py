@@ -72,7 +72,7 @@ def llama(tmp_path_factory):
 def _replay_up_to_ties(onnx_path, program, tokens: torch.Tensor, prompt: int) -> int:
     """Replay ORT's greedy ``tokens`` step by step (see the module docstring); returns how many generated tokens
     must equal torch's: all, or those before the first step where a decision differs from torch's (a tie)."""
-    from sparsec.backends.onnxruntime.export import cached_output_names
+    from sparsec.kv_cache import cached_output_names
     from sparsec.backends.onnxruntime.runtime import decision_session
     from sparsec.kv_cache import program_layout
 
