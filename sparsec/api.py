@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -41,7 +42,7 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
               measure: bool = True, calib_data: str | None = None, calib_samples: int = 16,
               seq_len: int | None = None, batch_size: int = 4, max_memory: int | str | None = None,
               heldout_loop: Callable | None = None, heldout_samples: int = 4, kv_cache: bool = False,
-              max_context: int | None = None) -> TransformResult:
+              max_context: int | None = None, strict: bool = False) -> TransformResult:
     """Capture ``model`` with torch.export and run the pipeline ``spec`` on it.
 
     ``model``: an ``nn.Module`` (with ``example_inputs``), an ``ExportedProgram``, or a path / spec string as on the
@@ -61,6 +62,8 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     ``kv_cache``: capture a causal LM as a cached program for generation (:mod:`sparsec.kv_cache`), contexts up to
     ``max_context`` tokens; calibration and held-out loops then see it as an uncached model
     (:class:`sparsec.kv_cache.FullSequence`).
+    A pass that changes nothing in the model prints a warning line naming what it looked for on stderr; ``strict``
+    makes that an error (SparsecError).
     """
     from sparsec import frontend
     from sparsec.instruments import default_instruments
@@ -106,7 +109,7 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
 
         dense_out, dense_stats = run_and_count_zeros(gm, captured.args, captured.kwargs)
     gm = run_pipeline(gm, pipeline, captured.args, captured.kwargs, forward_loop,
-                      [*default_instruments(), *instruments], report)
+                      [*default_instruments(), *instruments], report, strict)
     if measure:
         from sparsec.measure import compare_outputs
 
@@ -195,8 +198,10 @@ def _check_memory(program, budget: int | None, calib: tuple[int, int, int] | Non
                  what=f"a calibration batch of {batch} x {seq} tokens")
 
 
-def run_pipeline(gm, pipeline, args: tuple, kwargs: dict, forward_loop, instruments, report: dict):
-    """Run each pass in order under the instruments; fills ``report['passes']`` and ``report['layers']``."""
+def run_pipeline(gm, pipeline, args: tuple, kwargs: dict, forward_loop, instruments, report: dict,
+                 strict: bool = False):
+    """Run each pass in order under the instruments; fills ``report['passes']`` and ``report['layers']``. A pass that
+    leaves the graph and the state unchanged gets a warning line on stderr (``strict``: a SparsecError)."""
     from sparsec.passes.base import PassContext, PassResult
     from sparsec.registry import get_pass
 
@@ -208,6 +213,7 @@ def run_pipeline(gm, pipeline, args: tuple, kwargs: dict, forward_loop, instrume
         ctx = PassContext(args, kwargs, forward_loop, i, names[:i])
         for inst in instruments:
             inst.before_pass(info.name, i, gm)
+        before = _fingerprint(gm)
         try:
             result = info.fn(gm, cfg, ctx)
         except SparsecError as exc:
@@ -217,12 +223,22 @@ def run_pipeline(gm, pipeline, args: tuple, kwargs: dict, forward_loop, instrume
         if not isinstance(result, PassResult):
             raise SparsecError(f"{where}: it returned {type(result).__name__}, not a PassResult")
         gm = result.gm
+        if _fingerprint(gm) == before:
+            message = f"{info.name}: {result.unchanged or 'nothing to change'}; model unchanged"
+            if strict:
+                raise SparsecError(f"{where}: {message} (strict)")
+            print(f"warning: {message}", file=sys.stderr)
         record = {"name": info.name, "index": i, "options": cfg.options(), "stats": result.stats}
         for inst in instruments:
             inst.after_pass(info.name, i, gm, record)
         report["passes"].append(record)
         report["layers"].extend({"pass": info.name, **layer} for layer in result.layers)
     return gm
+
+
+def _fingerprint(gm) -> tuple:
+    """The graph's code and the names of its modules and state: what a pass that changes the model changes."""
+    return gm.code, tuple(n for n, _ in gm.named_modules()), tuple(gm.state_dict())
 
 
 def _describe_inputs(args: tuple, kwargs: dict) -> dict:

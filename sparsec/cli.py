@@ -107,9 +107,12 @@ def cli(ctx, debug):
               " steps) so that the artifact, its ONNX export and its TVM build can 'sparsec generate'")
 @click.option("--max-context", type=int, default=None, metavar="N", help="with --kv-cache: the longest context"
               " (prompt + generated tokens) [default: the model's maximum positions, at most 4096]")
+@click.option("--strict", is_flag=True, help="fail (exit 1) when a pass changes nothing in the model [default: a"
+              " warning line on stderr]")
 @_model_options
 def transform(model, spec, recipe, sets, out, force, dump_ir, as_json, weights, unsafe_pickle, trust_remote_code,
-              static, plugins, calib_data, calib_samples, seq_len, batch_size, max_memory, kv_cache, max_context):
+              static, plugins, calib_data, calib_samples, seq_len, batch_size, max_memory, kv_cache, max_context,
+              strict):
     """Rewrite MODEL with a pipeline of passes and write the artifact directory OUT."""
     from sparsec.resources import parse_memory
 
@@ -128,7 +131,7 @@ def transform(model, spec, recipe, sets, out, force, dump_ir, as_json, weights, 
                            trust_remote_code=trust_remote_code, dynamic=not static,
                            instruments=[DumpIR(dump_ir)] if dump_ir else [], calib_data=calib_data,
                            calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size,
-                           max_memory=budget, kv_cache=kv_cache, max_context=max_context)
+                           max_memory=budget, kv_cache=kv_cache, max_context=max_context, strict=strict)
     api.save(result, out, force=force)
     summary = {"artifact": out, "pipeline": result.pipeline.canonical(),
                "passes": [{"name": p["name"], "stats": p["stats"], "seconds": p.get("seconds")}

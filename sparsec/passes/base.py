@@ -23,8 +23,13 @@ class PassContext:
 
 @dataclass
 class PassResult:
-    """The rewritten graph, summary statistics, and per-layer entries ``{module, op, ...}`` for the report."""
+    """The rewritten graph, summary statistics, and per-layer entries ``{module, op, ...}`` for the report.
+
+    ``unchanged``: what the pass looked for and did not find, for the warning when it changes nothing in the model
+    ("no MLP activation to replace (looked for ...)").
+    """
 
     gm: fx.GraphModule
     stats: dict = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)
+    unchanged: str = ""

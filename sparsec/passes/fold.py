@@ -46,4 +46,4 @@ def fold_masks(gm: fx.GraphModule) -> list[dict]:
 def fold(gm: fx.GraphModule, cfg: FoldConfig, ctx: PassContext) -> PassResult:
     folded = fold_masks(gm)
     entries = [{"module": f["parameter"].rpartition(".")[0], "op": "fold", **f} for f in folded]
-    return PassResult(gm, {"masks_folded": len(folded)}, entries)
+    return PassResult(gm, {"masks_folded": len(folded)}, entries, "no mask to fold (looked for prune's masks)")

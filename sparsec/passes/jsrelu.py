@@ -113,4 +113,5 @@ def jsrelu(gm: fx.GraphModule, cfg: JSReLUConfig, ctx: PassContext) -> PassResul
                        "op": "jsrelu", "from": act.kind, "mixing_steps": cfg.mixing_steps})
     gm.graph.lint()
     gm.recompile()
-    return PassResult(gm, {"replaced": len(layers), "mixing_steps": cfg.mixing_steps}, layers)
+    return PassResult(gm, {"replaced": len(layers), "mixing_steps": cfg.mixing_steps}, layers,
+                      "no activation to replace (looked for activations between two linear layers)")

@@ -141,5 +141,13 @@ def relufy(gm: fx.GraphModule, cfg: RelufyConfig, ctx: PassContext) -> PassResul
     matcher.check_all_used()
     gm.graph.lint()
     gm.recompile()
-    return PassResult(gm, {"replaced": len(layers), "skipped_outside_mlp": skipped_scope}, layers)
+    looked = "GELU, SiLU, Mish, ..."
+    if cfg.scope == "mlp":
+        looked += " between two linear layers, fused gate/up projections included"
+    if cfg.to == "relu":
+        looked += "; not ReLU, with to=relu"
+    if skipped_scope:
+        looked += f"; {skipped_scope} outside the MLP scope (scope=all takes them)"
+    return PassResult(gm, {"replaced": len(layers), "skipped_outside_mlp": skipped_scope}, layers,
+                      f"no activation to replace (looked for {looked})")
 

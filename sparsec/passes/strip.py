@@ -45,4 +45,5 @@ def strip(gm: fx.GraphModule, cfg: StripConfig, ctx: PassContext) -> PassResult:
     gm.graph.lint()
     gm.recompile()
     layers = [{"module": name, "op": "strip"} for name in stripped]
-    return PassResult(gm, {"taps_removed": len(taps), "holders_stripped": len(stripped)}, layers)
+    return PassResult(gm, {"taps_removed": len(taps), "holders_stripped": len(stripped)}, layers,
+                      "nothing to strip (looked for regularize taps and training holders: prune, jsrelu, db-mlp)")
