@@ -65,7 +65,7 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     A pass that changes nothing in the model prints a warning line naming what it looked for on stderr; ``strict``
     makes that an error (SparsecError).
     """
-    from sparsec import frontend
+    from sparsec import frontend, progress
     from sparsec.instruments import default_instruments
     from sparsec.kv_cache import full_sequence_loop, program_layout
     from sparsec.pipeline import as_pipeline
@@ -80,8 +80,9 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     if need and forward_loop is None and calib_data is None and not isinstance(model, (str, os.PathLike)):
         raise SparsecError(f"pass '{need[0]}' needs calibration data and none was given: pass --calib-data FILE on"
                            " the command line, or forward_loop=fn in Python")
-    loaded = frontend.load_model(model, example_inputs, weights=weights, unsafe_pickle=unsafe_pickle,
-                                 trust_remote_code=trust_remote_code)
+    with progress.task("load"):
+        loaded = frontend.load_model(model, example_inputs, weights=weights, unsafe_pickle=unsafe_pickle,
+                                     trust_remote_code=trust_remote_code)
     if kv_cache and max_context is not None:  # calibration and held-out windows run through the cached program
         from sparsec.errors import UsageError
 
@@ -91,11 +92,23 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
         seq_len = seq_len or min(_calib_seq_len(loaded, None), max_context)
     calibrate = bool(need) and forward_loop is None
     if calibrate:
-        forward_loop = _calibration_loop(need[0], loaded, calib_data, calib_samples, seq_len, batch_size)
+        with progress.task("calibration data"):
+            forward_loop = _calibration_loop(need[0], loaded, calib_data, calib_samples, seq_len, batch_size)
     heldout_source = "heldout_loop"
     if need and heldout_loop is None and loaded.tokenizer_dir and heldout_samples > 0:
         heldout_loop, heldout_source = _heldout_loop(loaded, seq_len, heldout_samples, batch_size)
-    captured = frontend.capture(loaded, dynamic=dynamic, kv_cache=kv_cache, max_context=max_context)
+    with progress.task("capture"):
+        captured = frontend.capture(loaded, dynamic=dynamic, kv_cache=kv_cache, max_context=max_context)
+    own_loops = calibrate or heldout_source != "heldout_loop"
+    if captured.batch is not None and batch_size > captured.batch and own_loops:
+        progress.note(f"the captured program takes batch {captured.batch} only (the model fails on its example"
+                      f" repeated to batch 2): calibrating in batches of {captured.batch} (--batch-size"
+                      f" {captured.batch})")
+        batch_size = captured.batch
+        if calibrate:
+            forward_loop = _calibration_loop(need[0], loaded, calib_data, calib_samples, seq_len, batch_size)
+        if heldout_source != "heldout_loop":
+            heldout_loop, heldout_source = _heldout_loop(loaded, seq_len, heldout_samples, batch_size)
     layout = program_layout(captured.program)
     if layout is not None:
         forward_loop, heldout_loop = (full_sequence_loop(f, layout) for f in (forward_loop, heldout_loop))
@@ -121,8 +134,10 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     if need and heldout_loop is not None:
         from sparsec.report import add_heldout
 
-        add_heldout(report, gm, heldout_loop, heldout_source)
-    program = frontend.reexport(gm, captured)
+        with progress.task("held-out"):
+            add_heldout(report, gm, heldout_loop, heldout_source)
+    with progress.task("export"):
+        program = frontend.reexport(gm, captured)
     source = {"model": loaded.source, "kind": loaded.kind}
     if loaded.tokenizer_dir:
         source["tokenizer"] = loaded.tokenizer_dir
@@ -258,8 +273,11 @@ def save(result: TransformResult, out_dir: str, *, force: bool = False) -> str:
                 "output_names": program_output_names(result.program, result.output_names)}
     if result.generation is not None:
         manifest["generation"] = result.generation
-    return write_artifact(out_dir, result.program, result.pipeline.to_yaml(), manifest, result.report, force=force,
-                          tokenizer_dir=result.source.get("tokenizer"))
+    from sparsec import progress
+
+    with progress.task("save"):
+        return write_artifact(out_dir, result.program, result.pipeline.to_yaml(), manifest, result.report,
+                              force=force, tokenizer_dir=result.source.get("tokenizer"))
 
 
 def load(path: str):
@@ -322,9 +340,11 @@ def export_onnx(artifact_or_result: Any, path: str, opset: int | None = None, ve
     ``rtol``, ``atol``, ``optimize``, ``sparse_kernel`` (none / auto / all). See
     :func:`sparsec.backends.onnxruntime.export_onnx`.
     """
+    from sparsec import progress
     from sparsec.backends.onnxruntime import export_onnx as _export
 
-    return _export(artifact_or_result, path, opset=opset, verify=verify, inputs=inputs, **options)
+    with progress.task("export onnx"):
+        return _export(artifact_or_result, path, opset=opset, verify=verify, inputs=inputs, **options)
 
 
 def run(model: str, inputs: Any = None) -> dict:

@@ -57,6 +57,7 @@ class Captured:
     args: tuple
     kwargs: dict
     loaded: LoadedModel
+    batch: int | None = None  # the only batch the program takes, when its batch could not stay dynamic
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -465,14 +466,63 @@ def capture(loaded: LoadedModel, *, dynamic: bool = True, kv_cache: bool = False
             max_context: int | None = None) -> Captured:
     """``torch.export`` (non-strict) the loaded module with dynamic batch/sequence dims where the model allows.
 
+    torch.export specialises a dim whose example size is 1, so an example of batch (or sequence) 1 is captured with
+    a copy repeated to size 2 there (the copy becomes the captured example inputs); a model that does not run so is
+    captured as it is, and ``Captured.batch`` is then 1, the only batch the program takes.
     ``kv_cache``: capture a Hugging Face causal LM as a cached program (:mod:`sparsec.kv_cache`) accepting contexts
     up to ``max_context`` tokens (default: the model's maximum positions, at most 4096)."""
     if loaded.program is not None:
         return Captured(loaded.program, loaded.args, loaded.kwargs, loaded)
-    module = loaded.module
     if kv_cache:
         return _capture_cached(loaded, max_context)
-    dyn = _dynamic_shapes(module, loaded.args, loaded.kwargs, _default_dims) if dynamic else None
+    wide = _widened(loaded.args, loaded.kwargs) if dynamic else None
+    if wide is not None:
+        try:
+            return Captured(_export(loaded.module, *wide, dynamic), *wide, loaded)
+        except Exception:
+            pass  # the model needs the example's size-1 dims as they are: capture it as given
+    import logging
+
+    export_log = logging.getLogger("torch._export.non_strict_utils")  # warns of the specialisation the caller notes
+    level = export_log.level
+    if wide is not None:
+        export_log.setLevel(logging.ERROR)
+    try:
+        program = _export(loaded.module, loaded.args, loaded.kwargs, dynamic)
+    except _ExportFailed as exc:
+        raise SparsecError(_capture_failure_message(loaded, exc.cause, exc.module, dynamic)) from exc.cause
+    finally:
+        export_log.setLevel(level)
+    batch = 1 if wide is not None and any(isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 1
+                                          for x in [*loaded.args, *loaded.kwargs.values()]) else None
+    return Captured(program, loaded.args, loaded.kwargs, loaded, batch)
+
+
+def _widened(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The example inputs with each dynamic dim (:func:`_default_dims`) of size 1 of a tensor of rank 2 or more
+    repeated to size 2, or None when there is none."""
+    def widen(x):
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            return x
+        for d in _default_dims("", x) or {}:
+            if x.shape[d] == 1:
+                x = torch.cat([x, x], dim=d)
+        return x
+
+    new_args, new_kwargs = tuple(widen(a) for a in args), {k: widen(v) for k, v in kwargs.items()}
+    changed = any(a is not b for a, b in zip([*args, *kwargs.values()], [*new_args, *new_kwargs.values()]))
+    return (new_args, new_kwargs) if changed else None
+
+
+class _ExportFailed(Exception):
+    def __init__(self, cause: Exception, module: str | None):
+        super().__init__(str(cause))
+        self.cause, self.module = cause, module
+
+
+def _export(module: nn.Module, args: tuple, kwargs: dict, dynamic: bool):
+    """torch.export with tuple outputs and the KV cache off; a failure names the module that was running."""
+    dyn = _dynamic_shapes(module, args, kwargs, _default_dims) if dynamic else None
     cache_cfg = getattr(module, "config", None)
     saved_cache = getattr(cache_cfg, "use_cache", None)
     if saved_cache:
@@ -480,16 +530,14 @@ def capture(loaded: LoadedModel, *, dynamic: bool = True, kv_cache: bool = False
     tracker = _ModuleTracker(module)
     out_hook = module.register_forward_hook(_tuple_outputs_hook, with_kwargs=True)
     try:
-        program = torch.export.export(module, loaded.args, loaded.kwargs, dynamic_shapes=dyn, strict=False)
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as exc:
-        failed = tracker.stack[-1] if tracker.stack else None
-        raise SparsecError(_capture_failure_message(loaded, exc, failed, dynamic)) from exc
+        raise _ExportFailed(exc, tracker.stack[-1] if tracker.stack else None) from exc
     finally:
         out_hook.remove()
         tracker.remove()
         if saved_cache:
             cache_cfg.use_cache = saved_cache
-    return Captured(program, loaded.args, loaded.kwargs, loaded)
 
 
 def _capture_failure_message(loaded: LoadedModel, exc: Exception, failed: str | None, dynamic: bool) -> str:
