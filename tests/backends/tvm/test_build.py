@@ -5,6 +5,7 @@ of several shapes, including one token (the batch-1 GEMV path of the kernels) an
 """
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -15,6 +16,7 @@ import sparsec
 from sparsec.calibration import token_forward_loop
 from sparsec.errors import SparsecError, UsageError
 from sparsec.inputs import run_program
+from tests.calling_models import opt
 from tests.zoo import RELU_OVERRIDE, build
 from tests.cli_helpers import one_error_line, run_cli
 
@@ -44,9 +46,9 @@ def _matches_torch(build_dir, program):
     for feed in _feeds():
         got = compiled(feed)
         want = run_program(program, feed)
-        assert list(got) == [f"output_{i}" for i in range(len(want))]
+        assert len(got) == len(want)
         for g, w in zip(got.values(), want):
-            torch.testing.assert_close(torch.from_numpy(g), w, **TOL)
+            torch.testing.assert_close(g, w, **TOL)  # torch inputs, torch outputs
     return compiled
 
 
@@ -85,15 +87,44 @@ def test_cli_run_build(llama_teal, tmp_path, capsys):
     code, stdout, err = run_cli(capsys, "run", out, "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o.npz", "--json")
     assert code == 0, err
     info = json.loads(stdout)
-    assert info["backend"] == "tvm" and info["outputs"] == [{"name": "output_0", "dtype": "float32",
+    assert info["backend"] == "tvm" and info["outputs"] == [{"name": "logits", "dtype": "float32",
                                                              "shape": [2, 12, 256]}]
-    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "o.npz")["output_0"]),
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "o.npz")["logits"]),
                                run_program(program, feed)[0], **TOL)
     code, _, err = run_cli(capsys, "run", out)
     assert code == 2 and "running the TVM build" in one_error_line(err) and "needs inputs: --inputs FILE" in err
-    np.savez(tmp_path / "bad.npz", input_ids=feed["input_ids"].numpy())
+    np.savez(tmp_path / "bad.npz", attention_mask=feed["attention_mask"].numpy())
     code, _, err = run_cli(capsys, "run", out, "--inputs", tmp_path / "bad.npz")
-    assert code == 1 and "has no input 'attention_mask'" in one_error_line(err)
+    assert code == 1 and "has no input 'input_ids'" in one_error_line(err)
+
+
+def test_build_takes_the_calling_convention(tmp_path, capsys):
+    """On a model no other test compiles (OPT): keyword or dict inputs, torch or numpy, a defaulted attention_mask,
+    outputs named as the model names them; `sparsec run` the same."""
+    model, ids = opt()
+    result = sparsec.transform(model, "relufy", example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                               measure=False)
+    sparsec.compile(result, str(tmp_path / "b"), threads=2)
+    compiled = sparsec.load_compiled(str(tmp_path / "b"))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    got = compiled(input_ids=ids)
+    assert compiled.manifest["output_names"] == ["logits"] and list(got) == ["logits"]
+    torch.testing.assert_close(got["logits"], want, **TOL)
+    from_numpy = compiled({"input_ids": ids.numpy()})["logits"]
+    assert isinstance(from_numpy, np.ndarray)
+    np.testing.assert_array_equal(from_numpy, got[0].numpy())
+    with pytest.raises(SparsecError) as e:
+        compiled(attention_mask=torch.ones_like(ids))
+    assert re.fullmatch(rf"the call has no input 'input_ids'; build '{re.escape(str(tmp_path / 'b'))}' takes"
+                        r" input_ids: int64\[\w+, \w+\], attention_mask: int64\[\w+, \w+\] \(pass each by keyword,"
+                        r" or all in one dict\)", str(e.value))
+    np.savez(tmp_path / "in.npz", input_ids=ids.numpy())
+    code, stdout, err = run_cli(capsys, "run", tmp_path / "b", "--inputs", tmp_path / "in.npz", "-o",
+                                tmp_path / "o.npz", "--json")
+    assert code == 0, err
+    assert [o["name"] for o in json.loads(stdout)["outputs"]] == ["logits"]
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "o.npz")["logits"]), want, **TOL)
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -37,7 +37,7 @@ def test_fused_threshold_drops_exact_ties(rows, tmp_path):
                                   dynamic_shapes={"x": {0: torch.export.Dim("batch", max=64)}})
     manifest = compile_program(program, str(tmp_path / "b"), threads=2)
     assert [k.split("_")[2] for k in manifest["kernels"]] == ["threshold"]
-    got = torch.from_numpy(load_compiled(str(tmp_path / "b"))({"x": x})["output_0"])
+    got = load_compiled(str(tmp_path / "b"))(x=x)[0]
     want = model(x).detach()
     torch.testing.assert_close(got, want, **TOL)
     dropped = model.proj(x * (x.abs() > t) + torch.where(x.abs() == t, x, 0)).detach()
