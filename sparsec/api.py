@@ -64,6 +64,8 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     (:class:`sparsec.kv_cache.FullSequence`).
     A pass that changes nothing in the model prints a warning line naming what it looked for on stderr; ``strict``
     makes that an error (SparsecError).
+    Progress (:mod:`sparsec.progress`): tqdm bars while stderr is a terminal, as llm-compressor shows calibration,
+    and nothing otherwise; ``sparsec.progress.configure("lines" | "json" | "off")`` changes that.
     """
     from sparsec import frontend, progress
     from sparsec.instruments import default_instruments

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from typing import Any, Callable, Iterable
 
 import torch
 
+from sparsec import progress
 from sparsec.errors import SparsecError, UsageError
 
 _LOW_EXP, _HIGH_EXP = -40, 40  # the histogram's range is [2^-40, 2^40)
@@ -133,13 +133,6 @@ def _edges(m: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- data
-
-
-def progress(iterable, *, desc: str, total: int | None = None):
-    """A tqdm progress bar on stderr, shown only when stderr is a terminal."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 
 
 def default_text() -> str:
@@ -269,7 +262,7 @@ def token_forward_loop(ids: torch.Tensor, *, batch_size: int = 4, desc: str = "c
         device = _device(model)
         batches = range(0, ids.shape[0], batch_size)
         with torch.no_grad():
-            for i in progress(batches, desc=desc, total=len(batches)):
+            for i in progress.iterate(batches, desc, merge=True):
                 x = ids[i:i + batch_size].to(device)
                 kwargs = {"input_ids": x}
                 if accepted is None or "attention_mask" in accepted:
@@ -287,7 +280,7 @@ def tensor_forward_loop(data: torch.Tensor, *, batch_size: int = 4, desc: str = 
         device = _device(model)
         batches = range(0, data.shape[0], batch_size)
         with torch.no_grad():
-            for i in progress(batches, desc=desc, total=len(batches)):
+            for i in progress.iterate(batches, desc, merge=True):
                 model(data[i:i + batch_size].to(device))
 
     forward_loop.samples = int(data.shape[0])

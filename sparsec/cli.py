@@ -2,6 +2,8 @@
 
 Data goes to stdout (``--json`` gives one JSON document), logs to stderr. Exit codes: 0 success, 1 failure,
 2 usage or pipeline syntax. No traceback unless ``--debug``. Importing this module does not import torch.
+Long commands show progress on stderr (:mod:`sparsec.progress`): a line per finished step, bars on a terminal,
+JSON lines with ``--json``, nothing with ``--quiet``.
 """
 from __future__ import annotations
 
@@ -22,9 +24,30 @@ def _echo_json(data) -> None:
 
 
 def _progress(message: str) -> None:
-    """A progress note on stderr, only on a terminal: when stderr is captured, a failure leaves just its error line."""
-    if sys.stderr.isatty():
+    """A progress note on stderr, only on a terminal and when progress shows as lines."""
+    from sparsec import progress
+
+    if sys.stderr.isatty() and progress.mode() == "lines":
         click.echo(message, err=True)
+
+
+def _progress_options(f):
+    """``--quiet``, and progress on stderr while the command runs: lines, or JSON lines with ``--json``."""
+    import functools
+
+    @functools.wraps(f)
+    def command(*args, quiet, **kwargs):
+        from sparsec import progress
+
+        progress.configure("off" if quiet else "json" if kwargs.get("as_json") else "lines")
+        try:
+            return f(*args, **kwargs)
+        finally:
+            progress.configure("auto")
+
+    return click.option("--quiet", "-q", is_flag=True, help="no progress on stderr [default: a line per finished"
+                        " step ('sparsec: capture (2.1 s)'), bars on a terminal; with --json, one JSON object per"
+                        " progress event]")(command)
 
 
 def _load_spec(spec: str | None, recipe: str | None, sets: tuple[str, ...]):
@@ -110,6 +133,7 @@ def cli(ctx, debug):
 @click.option("--strict", is_flag=True, help="fail (exit 1) when a pass changes nothing in the model [default: a"
               " warning line on stderr]")
 @_model_options
+@_progress_options
 def transform(model, spec, recipe, sets, out, force, dump_ir, as_json, weights, unsafe_pickle, trust_remote_code,
               static, plugins, calib_data, calib_samples, seq_len, batch_size, max_memory, kv_cache, max_context,
               strict):
@@ -126,7 +150,6 @@ def transform(model, spec, recipe, sets, out, force, dump_ir, as_json, weights, 
     from sparsec import api
     from sparsec.instruments import DumpIR
 
-    _progress(f"sparsec: capturing {model}")
     result = api.transform(model, pipeline, weights=weights, unsafe_pickle=unsafe_pickle,
                            trust_remote_code=trust_remote_code, dynamic=not static,
                            instruments=[DumpIR(dump_ir)] if dump_ir else [], calib_data=calib_data,
@@ -309,6 +332,7 @@ def inspect(artifact, as_json, plot, force):
               " (--embed)")
 @click.option("--batch-size", type=int, default=4, show_default=True, metavar="B", help="sequences per forward")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON document")
+@_progress_options
 def eval_(artifact, ppl, embed, seq_len, samples, batch_size, as_json):
     """Evaluate the artifact ARTIFACT beside the dense model it was made from."""
     from sparsec.artifact import read_manifest
@@ -350,6 +374,7 @@ def eval_(artifact, ppl, embed, seq_len, samples, batch_size, as_json):
               " gather everywhere, none = standard ops as exported")
 @click.option("--force", is_flag=True, help="replace FILE if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON document")
+@_progress_options
 def export(artifact, target, out, opset, external_data, verify, inputs, rtol, atol, sparse_kernel, force, as_json):
     """Export the artifact directory ARTIFACT to a deployable model (ONNX: dynamic batch/sequence axes)."""
     if inputs and not verify:
@@ -406,6 +431,7 @@ def export(artifact, target, out, opset, external_data, verify, inputs, rtol, at
 @click.option("-o", "--output", "out", required=True, metavar="DIR", help="build directory to write")
 @click.option("--force", is_flag=True, help="replace DIR if it is an existing build")
 @click.option("--json", "as_json", is_flag=True, help="print the build manifest as one JSON document")
+@_progress_options
 def compile_(artifact, target, threads, dense, out, force, as_json):
     """Compile the artifact directory ARTIFACT with TVM and sparsec's sparse kernels into the build directory DIR."""
     from sparsec.artifact import check_output_dir, read_manifest

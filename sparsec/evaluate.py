@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from sparsec import progress
 from sparsec.data import read_text_file
 from sparsec.errors import SparsecError, UsageError
 
@@ -24,11 +25,11 @@ def _first_tensor(out) -> torch.Tensor:
     return next(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
-def perplexity(model, ids: torch.Tensor, batch_size: int = 4) -> float:
+def perplexity(model, ids: torch.Tensor, batch_size: int = 4, desc: str = "perplexity") -> float:
     """Perplexity of a causal LM over the rows of ``ids`` (N, L): every next token after the first."""
     nll, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, ids.shape[0], batch_size):
+        for i in progress.iterate(range(0, ids.shape[0], batch_size), desc):
             x = ids[i:i + batch_size]
             logits = _first_tensor(model(input_ids=x, attention_mask=torch.ones_like(x))).float()
             nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -37,11 +38,12 @@ def perplexity(model, ids: torch.Tensor, batch_size: int = 4) -> float:
     return math.exp(nll / count)
 
 
-def embeddings(model, tokenizer, texts: list[str], seq_len: int, batch_size: int = 16) -> torch.Tensor:
+def embeddings(model, tokenizer, texts: list[str], seq_len: int, batch_size: int = 16,
+               desc: str = "embeddings") -> torch.Tensor:
     """Attention-masked mean of the last hidden state, one row per text."""
     out = []
     with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
+        for i in progress.iterate(range(0, len(texts), batch_size), desc):
             enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=seq_len,
                             return_tensors="pt")
             hidden = _first_tensor(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])).float()
@@ -74,7 +76,8 @@ def evaluate(artifact: str, *, ppl: str | None = None, embed: str | None = None,
                            " sparsec eval needs a Hugging Face directory or a builtin: model, to tokenize the text"
                            " and to load the dense model from")
     tokenizer = AutoTokenizer.from_pretrained(source["tokenizer"], local_files_only=True)
-    dense = load_model(source["model"], None).module.eval()
+    with progress.task("load dense model"):
+        dense = load_model(source["model"], None).module.eval()
     sparse = art.program.module()
     layout = program_layout(art.program)
     if layout is not None:  # a cached program: logits at every position, from an empty cache
@@ -83,12 +86,12 @@ def evaluate(artifact: str, *, ppl: str | None = None, embed: str | None = None,
     if ppl:
         ids = tokenize_windows(text, tokenizer, seq_len, samples)
         result.update(metric="perplexity", text=ppl, samples=int(ids.shape[0]), seq_len=int(ids.shape[1]),
-                      dense=round(perplexity(dense, ids, batch_size), 4),
-                      transformed=round(perplexity(sparse, ids, batch_size), 4))
+                      dense=round(perplexity(dense, ids, batch_size, "eval: dense"), 4),
+                      transformed=round(perplexity(sparse, ids, batch_size, "eval: transformed"), 4))
     else:
         lines = [line.strip() for line in text.splitlines() if line.strip()][:samples]
-        a, b = embeddings(dense, tokenizer, lines, seq_len, batch_size), embeddings(sparse, tokenizer, lines, seq_len,
-                                                                                    batch_size)
+        a = embeddings(dense, tokenizer, lines, seq_len, batch_size, "eval: dense")
+        b = embeddings(sparse, tokenizer, lines, seq_len, batch_size, "eval: transformed")
         cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
         result.update(metric="mean cosine similarity of embeddings (transformed vs dense)", text=embed,
                       samples=len(lines), mean_cosine=round(float(cos.mean()), 6), min_cosine=round(float(cos.min()), 6))

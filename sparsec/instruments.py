@@ -49,6 +49,18 @@ class VerifyGraph(PassInstrument):
             raise SparsecError(f"pass '{name}' produced an invalid graph: {exc}") from exc
 
 
+class PassProgress(PassInstrument):
+    """Shows each pass as a step of :mod:`sparsec.progress` (``pass teal``); the pass's own long loops nest inside."""
+
+    def before_pass(self, name, index, gm):
+        from sparsec import progress
+
+        self._task = progress.start(f"pass {name}")
+
+    def after_pass(self, name, index, gm, record):
+        self._task.finish()
+
+
 class DumpIR(PassInstrument):
     """Writes the graph's Python code before the first pass and after every pass into ``directory``."""
 
@@ -69,4 +81,4 @@ class DumpIR(PassInstrument):
 
 
 def default_instruments() -> list[PassInstrument]:
-    return [PassTiming(), NodeCounts(), VerifyGraph()]
+    return [PassTiming(), NodeCounts(), VerifyGraph(), PassProgress()]

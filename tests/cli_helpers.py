@@ -13,8 +13,13 @@ def run_cli(capsys, *args):
     return code, out.out, out.err
 
 
+def without_progress(err: str) -> str:
+    """stderr without the progress lines (``sparsec: ...``, :mod:`sparsec.progress`) that precede an error."""
+    return "".join(line for line in err.splitlines(keepends=True) if not line.startswith("sparsec: "))
+
+
 def one_error_line(err: str) -> str:
-    """The single ``error: ...`` line that stderr must consist of."""
-    lines = err.strip().splitlines()
+    """The single ``error: ...`` line that stderr must consist of, besides progress lines."""
+    lines = without_progress(err).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]

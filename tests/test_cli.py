@@ -20,6 +20,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.cli_helpers import without_progress
+
 BIN = Path(sys.executable).parent / "sparsec"
 SPARSEC = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "sparsec.cli"]
 ARTIFACT_FILES = ["manifest.json", "model.pt2", "recipe.yaml", "report.json"]
@@ -79,7 +81,7 @@ def temporaries(*dirs: Path) -> list:
 
 def assert_error(proc, code: int, *fragments: str) -> str:
     """The error contract for one command; returns the error line."""
-    err = proc.stderr
+    err = without_progress(proc.stderr)
     assert proc.returncode == code, f"exit {proc.returncode}, expected {code}; stderr:\n{err}"
     assert "Traceback" not in err, err
     assert proc.stdout == "", proc.stdout

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from sparsec import progress
 from sparsec.calibration import ThresholdSites
 from sparsec.config import PassConfig, option
 from sparsec.errors import UsageError
@@ -92,8 +93,9 @@ def cats(gm: fx.GraphModule, cfg: CatsConfig, ctx: PassContext) -> PassResult:
     sites = ThresholdSites(gm, groups, "sparsec_cats", cfg.calib_bits)
     try:
         if cfg.sparsity > 0:
-            sites.calibrate(ctx.forward_loop, [[cfg.sparsity] * len(s.thresholds) for s in sites.sites],
-                            cfg.calib_rounds)
+            with progress.task("cats: calibrate"):
+                sites.calibrate(ctx.forward_loop, [[cfg.sparsity] * len(s.thresholds) for s in sites.sites],
+                                cfg.calib_rounds)
         else:
             for site in sites.sites:
                 for t in site.thresholds:

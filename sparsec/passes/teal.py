@@ -9,7 +9,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from sparsec.calibration import ThresholdSites, all_reduce_sum, progress
+from sparsec import progress
+from sparsec.calibration import ThresholdSites, all_reduce_sum
 from sparsec.config import PassConfig, option
 from sparsec.errors import UsageError
 from sparsec.graph import (TargetMatcher, WeightLayer, is_rotation, linear_source, module_stack, output_pieces,
@@ -138,7 +139,8 @@ def teal(gm: fx.GraphModule, cfg: TealConfig, ctx: PassContext) -> PassResult:
                     target[next(la.node for la in layers if la.module == module)] = p
         targets = [[target[la.node] for la in g] for g in groups.values()]
         if cfg.sparsity > 0:
-            sites.calibrate(ctx.forward_loop, targets, cfg.calib_rounds)
+            with progress.task("teal: calibrate"):
+                sites.calibrate(ctx.forward_loop, targets, cfg.calib_rounds)
         else:
             for site in sites.sites:
                 for t in site.thresholds:
@@ -481,10 +483,11 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
     gm.recompile()
     sites.set_mode("collect")  # dense histograms of every thresholded input, over the search samples
     try:
-        with torch.no_grad():
-            ctx.forward_loop(gm)
-    except _Enough:
-        pass
+        with torch.no_grad(), progress.task("teal: greedy search inputs"):
+            try:
+                ctx.forward_loop(gm)
+            except _Enough:
+                pass
     finally:
         sites.set_mode("off")
         for tap in taps:
@@ -497,7 +500,7 @@ def greedy_search(gm, sites, layers, site_of, numel, ctx, cfg) -> list[dict]:
     normalized = cfg.greedy_error == "normalized"
     batches = recorder.batches
     tables = []
-    for b, members in progress(blocks.items(), desc="teal greedy search", total=len(blocks)):
+    for b, members in progress.iterate(blocks.items(), "teal: greedy search", len(blocks)):
         sub, outside = subs[b]
         inputs = [[batch[key[n]] for n in outside] for batch in batches]
         bufs = [site_of[la.node][0].thresholds[site_of[la.node][1]] for la in members]
