@@ -32,8 +32,10 @@ def _rotations(program):
     return [la for la in weight_layers(program.module()) if is_rotation(la)]
 
 
-@pytest.mark.parametrize("arch,inputs_rotated,heads", [("llama", 2, 2), ("bert", 0, 2)])
+@pytest.mark.parametrize("arch,inputs_rotated,heads", [("llama", 2, 2), ("bert", 0, 2), ("phi3", 2, 2),
+                                                       ("gpt_neox", 0, 2), ("gpt2", 0, 2)])
 def test_rotate_keeps_the_function(arch, inputs_rotated, heads):
+    """phi3, gpt_neox, gpt2: the value is a piece of a fused q/k/v projection (sliced, chunked per head, split)."""
     model, inputs, result = _transform(arch, "rotate")
     stats = result.report["passes"][0]["stats"]
     assert (stats["inputs_rotated"], stats["heads_folded"]) == (inputs_rotated, heads)
@@ -169,11 +171,13 @@ def test_save_load_reexport_and_onnx(tmp_path):
 
 
 class _MixedHeads(nn.Module):
-    """Attention whose value heads are transposed with the head features before attention (4 heads of 4): the path
-    from value to output is layout ops only, but not per head, so a folded head rotation would be wrong."""
+    """Attention (4 heads of 4) whose heads are transposed with the head features, on the value before attention
+    (``side='value'``: the value's rows of each head are still found, the fold is exact) or on its output
+    (``side='output'``: layout ops only, but not per head, so a folded head rotation would be wrong)."""
 
-    def __init__(self):
+    def __init__(self, side: str):
         super().__init__()
+        self.side = side
         self.layers = nn.ModuleList([nn.ModuleDict({"q": nn.Linear(16, 16), "k": nn.Linear(16, 16),
                                                     "v": nn.Linear(16, 16), "o": nn.Linear(16, 16)})])
 
@@ -181,14 +185,18 @@ class _MixedHeads(nn.Module):
         b, s, _ = x.shape
         blk = self.layers[0]
         q, k, v = (blk[n](x).view(b, s, 4, 4).transpose(1, 2) for n in "qkv")
-        v = v.transpose(1, 3)  # [b, 4, s, 4] with heads and features swapped
+        if self.side == "value":
+            v = v.transpose(1, 3)  # [b, 4, s, 4] with heads and features swapped
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        if self.side == "output":
+            out = out.transpose(1, 3)
         return blk["o"](out.transpose(1, 2).reshape(b, s, 16))
 
 
-def test_a_fold_that_changes_the_function_is_undone():
+@pytest.mark.parametrize("side", ["value", "output"])
+def test_a_fold_that_changes_the_function_is_undone(side):
     torch.manual_seed(0)
-    model = _MixedHeads().eval()
+    model = _MixedHeads(side).eval()
     x = torch.randn(2, 4, 16)
     data = torch.randn(8, 4, 16)
 
@@ -198,6 +206,10 @@ def test_a_fold_that_changes_the_function_is_undone():
     result = sparsec.transform(model, "rotate{max_cost=0}", example_inputs=(x,), forward_loop=forward_loop,
                                measure=False)
     entry = next(e for e in result.report["layers"] if e["kind"] == "heads")
+    if side == "value":
+        assert "rotated" not in entry and result.report["passes"][0]["stats"]["heads_folded"] == 1
+        torch.testing.assert_close(result.module()(x), model(x), rtol=1e-4, atol=1e-5)
+        return
     assert entry["rotated"] is False and "not per-head linear" in entry["why"]
     assert result.report["passes"][0]["stats"]["heads_folded"] == 0
     torch.testing.assert_close(result.module()(x), model(x), rtol=0, atol=0)
