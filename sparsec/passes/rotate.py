@@ -13,7 +13,8 @@ from sparsec.calibration import all_reduce_sum
 from sparsec.config import PassConfig, option
 from sparsec.errors import SparsecError, UsageError
 from sparsec.graph import ROTATION_HOLDER as HOLDER
-from sparsec.graph import TRANSPARENT_OPS, TargetMatcher, WeightLayer, is_rotation, weight_layers, weight_operand
+from sparsec.graph import (TRANSPARENT_OPS, TargetMatcher, WeightLayer, is_rotation, linear_source, weight_layers,
+                           weight_operand)
 from sparsec.passes.base import PassContext, PassResult
 from sparsec.passes.prune import set_parameter
 from sparsec.passes.teal import _IN_BLOCK, _MATMUL_OPS
@@ -39,7 +40,9 @@ class RotateConfig(PassConfig):
     gate/up input 0.16 yes; q/k/v 0.42, o 1.6, down 3.2 no; MiniLM: intermediate 0.25 yes, q/k/v 0.33 no).
     heads: the attention output, per head, Q_g per key/value head g from the o-projection input's per-head second
     moments, folded into the weights (value rows Q_gᵀ W_v, output columns W_o Q_g): no run-time cost, no new nodes.
-    Only where the value reaches scaled_dot_product_attention through per-head layout ops and the output reaches the
+    Only where the value reaches scaled_dot_product_attention through per-head layout ops, or is a piece of a fused
+    q/k/v projection (Phi-3 qkv_proj, GPT-2 c_attn, GPT-NeoX query_key_value; each head's rows are found by running
+    the layout ops from the projection to the attention on its feature indices), and the output reaches the
     o-projection through layout ops, and not where o's input is rotated whole; each fold is checked on the example
     inputs (o now reads its old input times the block-diagonal Q) and undone, reported rotated=false, if it fails.
     Measured (benchmarks/results/teal_quality.md): teal at 0.5 after rotate, Gemma 3 270M perplexity 32.45 uniform,
@@ -94,10 +97,10 @@ def _out_features(gm, layer: WeightLayer) -> int:
     return int(shape[0] if out_in else shape[-1])
 
 
-def _rotate_weight(gm, layer: WeightLayer, q: torch.Tensor, features: slice, side: str) -> None:
-    """Rotate the layer's ``features`` by Q: side 'in' = its input features (W ← W Q), side 'out' = its output
-    features (W ← Qᵀ W on those rows, and the bias of aten.linear / addmm with them). In float64; W stored [out, in]
-    (aten.linear) or [in, out] (mm, matmul, addmm)."""
+def _rotate_weight(gm, layer: WeightLayer, q: torch.Tensor, features, side: str) -> None:
+    """Rotate the layer's ``features`` (a slice or index tensor) by Q: side 'in' = its input features (W ← W Q),
+    side 'out' = its output features (W ← Qᵀ W on those rows, and the bias of aten.linear / addmm with them). In
+    float64; W stored [out, in] (aten.linear) or [in, out] (mm, matmul, addmm)."""
     target, out_in = _weight(gm, layer)
     w = operator.attrgetter(target)(gm).detach()
     new = w.double().clone()
@@ -129,8 +132,13 @@ def _value_projection(o: WeightLayer, by_node: dict) -> tuple[WeightLayer, int] 
     while isinstance(v, fx.Node) and v.op == "call_function" and v.target in _HEAD_LAYOUT:
         if v.target is aten.slice.Tensor and (len(v.args) > 2 and v.args[2] not in (0, None)
                                               or len(v.args) > 3 and v.args[3] < 2 ** 62):
-            return None  # a part of the heads, not all of them
+            break  # a part of the heads, or a piece of a fused q/k/v projection
         v = v.args[0]
+    if v not in by_node:
+        source = linear_source(x.args[2])
+        if source is None or source[1] is None:  # a piece of a fused projection, else nothing
+            return None
+        v = source[0]
     if v not in by_node:
         return None
     return by_node[v], int(x.meta["val"].shape[-1])
@@ -258,8 +266,9 @@ def _fold_heads_checked(gm, ctx: PassContext, heads: list, moments: list[torch.T
     (its old input) @ R; a fold that fails the check (attention that is not per-head linear in the value) is undone
     and reported with rotated=false."""
     entries, folds = [], []
-    for (o, v, head_dim), mom in zip(heads, moments):
-        n_kv = _out_features(gm, v) // head_dim
+    rows = _value_rows(gm, ctx, heads)
+    for (o, v, head_dim), mom, kv_rows in zip(heads, moments, rows):
+        n_kv = len(kv_rows)
         entry = {"module": o.module, "op": "rotate", "kind": "heads", "value": v.module, "heads": mom.shape[0],
                  "kv_heads": n_kv, "head_dim": head_dim}
         r = _head_rotation(mom, n_kv)
@@ -268,22 +277,21 @@ def _fold_heads_checked(gm, ctx: PassContext, heads: list, moments: list[torch.T
                             " key/value heads evenly"})
         else:
             entries.append(entry)
-            folds.append((o, v, head_dim, r, entry))
+            folds.append((o, v, head_dim, r, entry, kv_rows))
     if not folds:
         return entries
     before = _layer_inputs(gm, ctx, [o for o, *_ in folds])
     saved = {}
-    for o, v, head_dim, r, _ in folds:
+    for o, v, head_dim, r, _, kv_rows in folds:
         for la in (o, v):
             for node in _parameter_nodes(la):
                 saved.setdefault(node.target, operator.attrgetter(node.target)(gm).detach())
-        n_kv = _out_features(gm, v) // head_dim
-        for g in range(n_kv):  # key/value head g is read by query heads g * group ...: their (equal) rotation
-            h = g * (r.shape[0] // head_dim // n_kv) * head_dim
-            _rotate_weight(gm, v, r[h:h + head_dim, h:h + head_dim], slice(g * head_dim, (g + 1) * head_dim), "out")
+        for g, g_rows in enumerate(kv_rows):  # key/value head g is read by query heads g * group ...: their rotation
+            h = g * (r.shape[0] // head_dim // len(kv_rows)) * head_dim
+            _rotate_weight(gm, v, r[h:h + head_dim, h:h + head_dim], g_rows, "out")
         _rotate_weight(gm, o, r, slice(None), "in")
     after = _layer_inputs(gm, ctx, [o for o, *_ in folds])
-    for (o, v, _, r, entry), x0, x1 in zip(folds, before, after):
+    for (o, v, _, r, entry, _), x0, x1 in zip(folds, before, after):
         expect = (x0.double() @ r).to(x1.dtype)
         if not torch.allclose(x1, expect, rtol=1e-3, atol=1e-5 * float(x0.abs().max().clamp_min(1.0))):
             for la in (o, v):
@@ -292,6 +300,34 @@ def _fold_heads_checked(gm, ctx: PassContext, heads: list, moments: list[torch.T
             entry.update(rotated=False, why="the output projection's input is not the value's heads rotated (an"
                          " attention that is not per-head linear in the value)")
     return entries
+
+
+def _value_rows(gm, ctx: PassContext, heads: list) -> list[list[torch.Tensor]]:
+    """Per head fold, the output features of the value projection that make each key/value head, in head order: the
+    layout ops from the projection to the attention's value, run on the example inputs' shapes with the projection's
+    output replaced by its feature indices (a fused q/k/v projection's v rows; per head in GPT-NeoX's layout)."""
+    from sparsec.frontend import flat_inputs
+
+    run = fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        run.run(*flat_inputs(gm, ctx.args, ctx.kwargs))
+    out = []
+    for o, v, _ in heads:
+        x = o.input
+        while x.op == "call_function" and x.target in TRANSPARENT_OPS:
+            x = x.args[0]
+        chain, n = [], x.args[2]
+        while n is not v.node:
+            chain.append(n)
+            n = n.args[0]
+        shape = run.env[v.node].shape
+        local = {v.node: torch.arange(shape[-1], dtype=torch.float64).expand(shape)}
+        for n in reversed(chain):
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: local[a] if a in local else run.env[a])
+            local[n] = n.target(*args, **kwargs)
+        per_head = [tuple(int(i) for i in h) for h in local[x.args[2]][0, :, 0, :]]  # [batch, heads, tokens, dim]
+        out.append([torch.tensor(h) for h in dict.fromkeys(per_head)])
+    return out
 
 
 def _parameter_nodes(layer: WeightLayer) -> list[fx.Node]:
