@@ -81,3 +81,7 @@ def test_cats_on_a_fused_gate_up_projection_matches_a_hand_thresholded_model():
         for h in hooks:
             h.remove()
     assert torch.equal(result.module()(**inputs)[0], want)
+    zero = sparsec.transform(model, "cats{sparsity=0}", example_inputs=inputs, measure=False,
+                             forward_loop=token_forward_loop(_ids(1, n=2)))
+    with torch.no_grad():
+        assert torch.equal(zero.module()(**inputs)[0], model(**inputs).logits)

@@ -572,3 +572,7 @@ def test_fused_projections_are_named_and_thresholded_like_hooks(arch):
         for h in hooks:
             h.remove()
     torch.testing.assert_close(result.module()(**inputs)[0], want, rtol=0, atol=0)
+    zero = sparsec.transform(model, "teal{sparsity=0}", example_inputs=inputs, measure=False,
+                             forward_loop=token_forward_loop(_ids(1, n=2)))
+    with torch.no_grad():
+        assert torch.equal(zero.module()(**inputs)[0], model(**inputs)[0])
