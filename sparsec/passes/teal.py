@@ -179,12 +179,16 @@ def teal(gm: fx.GraphModule, cfg: TealConfig, ctx: PassContext) -> PassResult:
 
 def fused_names(linear: fx.Node, gates: set) -> list[str]:
     """The projections a fused linear computes, in output order (see TealConfig); [] for an unfused one. ``gates``:
-    the pieces activations read."""
+    the pieces activations read; when not exactly one of two pieces is, the gate is the one not multiplied directly
+    (an activation the pass before rewrote: fatrelu, shifted)."""
     pieces = output_pieces(linear)
     if len(pieces) == 3:
         return ["q", "k", "v"]
-    if len(pieces) == 2 and sum(p in gates for p in pieces) == 1:
-        return ["gate" if p in gates else "up" for p in pieces]
+    if len(pieces) == 2:
+        if sum(p in gates for p in pieces) != 1:
+            gates = {p for p in pieces if not any(u.target is aten.mul.Tensor for u in p.users)}
+        if sum(p in gates for p in pieces) == 1:
+            return ["gate" if p in gates else "up" for p in pieces]
     return [f"piece{i}" for i in range(len(pieces))]
 
 
