@@ -13,6 +13,7 @@ arrays for numpy inputs. (The torch module called with positional tensors return
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Mapping
 
 import numpy as np
@@ -21,6 +22,8 @@ from sparsec.errors import UsageError
 
 #: Appended to the error that names a missing input.
 HOW_TO_PASS = " (pass each by keyword, or all in one dict)"
+#: module -> the names of its outputs, for a module captured again (:func:`sparsec.frontend.output_names`)
+OUTPUT_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Outputs(dict):
@@ -163,7 +166,7 @@ def calling_module(program, output_names: list[str] | None = None):
 
     module.register_forward_pre_hook(before, with_kwargs=True, prepend=True)  # before torch's own input check
     module.register_forward_hook(after, with_kwargs=True)
-    module.output_names = names
+    OUTPUT_NAMES[module] = names
     return module
 
 

@@ -13,7 +13,6 @@ import os
 import pickle
 import re
 import sys
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -433,15 +432,14 @@ class _ModuleTracker:
             h.remove()
 
 
-_OUTPUT_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> the names of its outputs
-
-
 def output_names(captured: Captured) -> list[str] | None:
     """The names the captured model gave its outputs (a Hugging Face ModelOutput's keys; a sparsec artifact's
     manifest ``output_names``), or None when it gave none (see :func:`sparsec.calling.program_output_names`)."""
+    from sparsec.calling import OUTPUT_NAMES
+
     loaded = captured.loaded
     if loaded.module is not None:
-        return _OUTPUT_NAMES.get(loaded.module)
+        return OUTPUT_NAMES.get(loaded.module)
     if loaded.kind == "artifact":
         from sparsec.artifact import read_manifest
 
@@ -452,11 +450,11 @@ def output_names(captured: Captured) -> list[str] | None:
 def _tuple_outputs_hook(module, args, kwargs, out):
     """Return Hugging Face ModelOutput objects (and sparsec's :class:`~sparsec.calling.Outputs`) as plain tuples so
     the program's outputs are tensors only; their names are kept for :func:`output_names`."""
-    from sparsec.calling import captured_output_names
+    from sparsec.calling import OUTPUT_NAMES, captured_output_names
 
     names = captured_output_names(out)
     if names:
-        _OUTPUT_NAMES[module] = names
+        OUTPUT_NAMES[module] = names
     if hasattr(out, "to_tuple") and not isinstance(out, tuple):
         return out.to_tuple()
     return out

@@ -92,3 +92,11 @@ def test_cli_run_of_an_artifact_defaults_the_mask_and_names_the_outputs(opt_arti
     with torch.no_grad():
         want = model(input_ids=ids).logits
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "o.npz")["logits"]), want)
+
+
+def test_a_loaded_module_captured_again_keeps_its_output_names(opt_artifact):
+    model, ids, result, out = opt_artifact
+    again = sparsec.transform(sparsec.load(out), "relufy", measure=False,
+                              example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert again.output_names == ["logits"]
+    torch.testing.assert_close(again.module()(input_ids=ids)["logits"], result.module()(input_ids=ids)["logits"])
