@@ -12,7 +12,8 @@ its steps to that task instead of showing on its own. Modes (:func:`configure`):
 - ``auto`` (the Python API's default, as tqdm bars in transformers / llm-compressor): a tqdm bar per task while
   stderr is a terminal; nothing otherwise; notes are Python warnings.
 - ``lines`` (the CLI's default): one line per finished step, ``sparsec: teal: calibrate 4/4 (1.2 s)``, one every
-  30 s of a long step, and notes as ``sparsec: note: ...``; bars as well on a terminal.
+  30 s while a step runs (``sparsec: capture, 30 s so far``: the innermost :func:`task`, from a daemon thread),
+  and notes as ``sparsec: note: ...``; bars as well on a terminal.
 - ``json`` (the CLI's ``--json``): one JSON object per line for each event: ``{"event": "start" | "advance" |
   "end" | "note", "task", "done", "total", "seconds"}`` (a note has ``message`` instead).
 - ``off`` (the CLI's ``--quiet``): nothing.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 import time
 import warnings
 from typing import Iterator
@@ -29,6 +31,16 @@ from typing import Iterator
 MODES = ("auto", "lines", "json", "off")
 _config = {"mode": "auto", "interval": 30.0}
 _stack: list["Task"] = []
+_ticker: list[threading.Thread] = []
+
+
+def _tick() -> None:
+    """Daemon thread of lines mode: a 'so far' line for the innermost open task when it has been quiet an interval."""
+    while True:
+        time.sleep(min(max(_config["interval"], 0.05), 1.0))
+        innermost = _stack[-1] if _stack else None
+        if innermost is not None and _config["mode"] == "lines":
+            innermost._heartbeat(time.perf_counter())
 
 
 def configure(mode: str = "auto", *, interval: float | None = None) -> None:
@@ -81,6 +93,10 @@ class Task:
         self.start = self._last = time.perf_counter()
         self._bar = None
         m = _config["mode"]
+        if m == "lines":
+            if not _ticker:
+                _ticker.append(threading.Thread(target=_tick, name="sparsec-progress", daemon=True))
+                _ticker[0].start()
         if m == "json":
             _event(event="start", task=name, done=0, total=total, seconds=0.0)
         elif m in ("auto", "lines") and _tty():
@@ -107,14 +123,22 @@ class Task:
         if m == "json":
             _event(event="advance", task=self.name, done=self.done, total=self.total,
                    seconds=round(now - self.start, 3))
-        elif m == "lines" and now - self._last >= _config["interval"]:
+        elif m == "lines":
+            self._heartbeat(now)
+
+    def _heartbeat(self, now: float) -> None:
+        if now - self._last >= _config["interval"]:
             self._last = now
             _write(f"sparsec: {self.name}{self._count()}, {now - self.start:.0f} s so far")
 
-    def finish(self) -> None:
-        seconds = time.perf_counter() - self.start
+    def _done(self) -> None:
+        self._last = float("inf")  # no more 'so far' lines
         if self._bar is not None:
             self._bar.close()
+
+    def finish(self) -> None:
+        seconds = time.perf_counter() - self.start
+        self._done()
         m = _config["mode"]
         if m == "json":
             _event(event="end", task=self.name, done=self.done, total=self.total, seconds=round(seconds, 3))
@@ -123,8 +147,7 @@ class Task:
 
     def close(self) -> None:
         """End without a finished line (the step failed; its error says so)."""
-        if self._bar is not None:
-            self._bar.close()
+        self._done()
 
 
 class _Merged:

@@ -72,23 +72,21 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     threads = threads or os.cpu_count() or 1
     tvm = import_tvm(threads)
     start = time.perf_counter()
-    step = progress.start("compile: lower")
     from tvm.relax.transform import FoldConstant
 
-    mod, weights = _lift_weights(FoldConstant()(to_relax(program, sparse=sparse, target=target)))
-    decode = None
-    if target == "llvm" and generation is not None:
-        from sparsec.backends.tvm.decode import add_decode
+    with progress.task("compile: lower"):
+        mod, weights = _lift_weights(FoldConstant()(to_relax(program, sparse=sparse, target=target)))
+        decode = None
+        if target == "llvm" and generation is not None:
+            from sparsec.backends.tvm.decode import add_decode
 
-        mod, decode = add_decode(mod)
+            mod, decode = add_decode(mod)
     kernels = sorted(str(gv.name_hint) for gv in mod.functions if str(gv.name_hint).startswith("sparsec_linear_"))
     lowered = time.perf_counter()
-    step.finish()
-    step = progress.start("compile: build")
-    executable = tvm.compile(mod, target=cuda_target(CUDA_ARCH) if target == "cuda" else cpu_target())
-    for code in cuda_sources(executable):  # the GPU compiles it on first load: check it compiles now
-        nvcc_compile(code, CUDA_ARCH)
-    step.finish()
+    with progress.task("compile: build"):
+        executable = tvm.compile(mod, target=cuda_target(CUDA_ARCH) if target == "cuda" else cpu_target())
+        for code in cuda_sources(executable):  # the GPU compiles it on first load: check it compiles now
+            nvcc_compile(code, CUDA_ARCH)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "sparsec": sparsec.__version__,
                 "tvm": tvm.__version__, "target": target, "cpu": host_cpu(), "threads": threads,
                 "arch": CUDA_ARCH if target == "cuda" else None,
