@@ -117,6 +117,7 @@ def accelerate_program(program, *, threads: int | None = None, sparse: bool = Tr
     from sparsec.backends.tvm.kernels import DTYPES, num_tiles, pack_weight
     from sparsec.backends.tvm.lower import LINEAR_OPS, Constants, input_kind, linear_operands
     from sparsec.graph import module_path
+    from sparsec.training import trainable
 
     import_tvm(threads)
     threads = threads or num_threads()
@@ -160,7 +161,7 @@ def accelerate_program(program, *, threads: int | None = None, sparse: bool = Tr
     gm.graph.eliminate_dead_code()  # fused thresholds, the weights' get_attr and what computed constant weights
     _drop_unused_state(gm)
     gm.recompile()
-    return gm
+    return trainable(gm)  # .eval() / .train() are accepted (the graph does not change with the mode)
 
 
 def _drop_unused_state(gm) -> None:

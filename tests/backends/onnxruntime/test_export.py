@@ -180,7 +180,7 @@ def test_ort_threshold_decisions_against_torch(teal_llama, tmp_path):
     assert len(set(decision_of.values())) == 8  # q/k/v and gate/up: one input, one t, one mask in the exported graph
     feed = _token_feeds()[0]
     out = dict(zip([o.name for o in session.get_outputs()], session.run(None, {k: v.numpy() for k, v in feed.items()})))
-    got = [out["output_0"]]
+    got = [out["logits"]]
     decisions = {n: out[v] for n, v in decision_of.items()}
     assert assert_matches_with_decisions(got, decisions, result.program, feed) == {}  # no tie on these inputs
     far = decisions["threshold_3"] = decisions["threshold_3"].copy()  # o_proj's input in layer 0

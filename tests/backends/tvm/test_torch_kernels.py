@@ -226,3 +226,14 @@ def test_a_module_that_was_not_transformed_is_refused():
     assert str(info.value) == ("sparsec.accelerate takes a TransformResult, an artifact directory or Artifact, or an"
                                " ExportedProgram, not Linear: transform the model first (sparsec.transform(model,"
                                " PIPELINE, example_inputs=...))")
+
+
+def test_accelerated_module_accepts_train_and_eval():
+    from tests.calling_models import opt
+
+    model, ids = opt()
+    result = sparsec.transform(model, "relufy", example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                               measure=False)
+    module = sparsec.accelerate(result, threads=1)
+    assert module.train() is module and module.training
+    assert module.eval() is module and not module.training
