@@ -5,8 +5,7 @@ The KV cache stays in ONNX Runtime's buffers: through IO binding each step feeds
 and the logits come back as a torch view of ONNX Runtime's output, so no step copies the cache through numpy (the
 graph's own Concat of past and new keys is the only copy). The outputs are re-bound unallocated every step: their
 cache dim grows, and ORT refuses a pre-allocated output of another shape. Python overhead per token beside
-``run_with_iobinding``: 0.15-0.45 ms (2 to 4 layers, a loaded 2-core machine; ``bench_generate.py`` in
-tests/backends/onnxruntime), under 1% of a decode step of a 1024-hidden 4-layer Llama.
+``run_with_iobinding``: 0.15-0.45 ms (2 to 4 layers, a loaded 2-core machine), under 1% of a decode step of a 1024-hidden 4-layer Llama.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ Otherwise each step runs ``main`` and passes its present tensors (TVM tensors) b
 in and logits come out as zero-copy DLPack views. A one-token step runs sparsec's sparse GEMV behind every TEAL
 threshold and the scheduled attention kernel (:mod:`sparsec.backends.tvm.attention`); a prompt of 16 tokens or more
 runs the blocked dense GEMM, a shorter one the batched union path (:mod:`sparsec.backends.tvm.kernels`). Python's
-share of a step (step() minus the bare VM call) is about 0.05 ms; measured decode times: ``tests/backends/tvm/
-bench_generate.py``.
+share of a step (step() minus the bare VM call) is about 0.05 ms; measured decode times: ``benchmarks/
+tvm_decode.py``.
 """
 from __future__ import annotations
 

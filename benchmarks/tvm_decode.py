@@ -1,6 +1,6 @@
 """Decode speed of TVM builds of a cached Llama with TinyLlama-1.1B's layer shape (not a test: a measurement).
 
-    PYTHONPATH=. .venv/bin/python tests/backends/tvm/bench_generate.py --layers 2 --contexts 128,1024 [--work DIR]
+    PYTHONPATH=. .venv/bin/python benchmarks/tvm_decode.py --layers 2 --contexts 128,1024 [--work DIR]
 
 Random weights (seed 0): hidden 2048, intermediate 5632, 32 heads, 4 KV heads, vocabulary 32000, ``--layers``
 layers, teal{sparsity=0.5} calibrated on random tokens, captured with a KV cache; compiled twice, sparse (sparsec's
