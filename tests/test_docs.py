@@ -24,8 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN = {"python", "bash"}
 NOT_CODE = {"text", "yaml", "json", "output"}
-#: linked before it is committed: written by benchmarks/generate.py, the lead engineer commits its numbers
-PENDING_LINKS = {"benchmarks/results/generate.md"}
 TIMEOUT_S = 1800
 
 
@@ -122,12 +120,12 @@ def test_every_block_is_declared(page):
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_relative_links_resolve(page):
-    """Every relative link of a page points at a file of the repository (or one announced in PENDING_LINKS)."""
+    """Every relative link of a page points at a file of the repository."""
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
         if re.match(r"[a-z]+:", target):
             continue
         path = (page.parent / target).resolve()
-        assert path.exists() or str(path.relative_to(ROOT)) in PENDING_LINKS, f"{page.name}: broken link {target}"
+        assert path.exists(), f"{page.name}: broken link {target}"
 
 
 def test_readme_is_short():
