@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -218,7 +217,9 @@ def _check_memory(program, budget: int | None, calib: tuple[int, int, int] | Non
 def run_pipeline(gm, pipeline, args: tuple, kwargs: dict, forward_loop, instruments, report: dict,
                  strict: bool = False):
     """Run each pass in order under the instruments; fills ``report['passes']`` and ``report['layers']``. A pass that
-    leaves the graph and the state unchanged gets a warning line on stderr (``strict``: a SparsecError)."""
+    leaves the graph and the state unchanged gets a warning (:func:`sparsec.progress.warn`; ``strict``: a
+    SparsecError)."""
+    from sparsec import progress
     from sparsec.passes.base import PassContext, PassResult
     from sparsec.registry import get_pass
 
@@ -244,7 +245,7 @@ def run_pipeline(gm, pipeline, args: tuple, kwargs: dict, forward_loop, instrume
             message = f"{info.name}: {result.unchanged or 'nothing to change'}; model unchanged"
             if strict:
                 raise SparsecError(f"{where}: {message} (strict)")
-            print(f"warning: {message}", file=sys.stderr)
+            progress.warn(message)
         record = {"name": info.name, "index": i, "options": cfg.options(), "stats": result.stats}
         for inst in instruments:
             inst.after_pass(info.name, i, gm, record)

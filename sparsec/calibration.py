@@ -248,6 +248,15 @@ def _accepted_inputs(model) -> set[str] | None:
     return set(params)
 
 
+def _positional_only(model) -> bool:
+    """Does ``model`` (a program's module) take its inputs by position only, as captured from a tuple example?"""
+    spec = getattr(model, "_in_spec", None)  # the pytree spec of (args, kwargs) of torch.export's module()
+    if spec is None or spec.num_children != 2:
+        return False
+    args, kwargs = spec.children_specs
+    return args.num_children > 0 and kwargs.num_children == 0
+
+
 def _device(model) -> torch.device:
     params = model.parameters() if isinstance(model, torch.nn.Module) else ()
     return next((p.device for p in params), torch.device("cpu"))
@@ -255,15 +264,20 @@ def _device(model) -> torch.device:
 
 def token_forward_loop(ids: torch.Tensor, *, batch_size: int = 4, desc: str = "calibration") -> Callable:
     """``forward_loop(model)`` running ``ids`` (N, L) through ``model`` in batches of ``batch_size``, as
-    ``input_ids`` (with an all-ones ``attention_mask`` when the model takes one)."""
+    ``input_ids`` (with an all-ones ``attention_mask`` when the model takes one), or as the first input of a program
+    captured with positional inputs."""
 
     def forward_loop(model) -> None:
         accepted = _accepted_inputs(model)
+        positional = _positional_only(model)
         device = _device(model)
         batches = range(0, ids.shape[0], batch_size)
         with torch.no_grad():
             for i in progress.iterate(batches, desc, merge=True):
                 x = ids[i:i + batch_size].to(device)
+                if positional:
+                    model(x)
+                    continue
                 kwargs = {"input_ids": x}
                 if accepted is None or "attention_mask" in accepted:
                     kwargs["attention_mask"] = torch.ones_like(x)

@@ -84,6 +84,18 @@ def note(message: str) -> None:
         warnings.warn(message, stacklevel=2)
 
 
+def warn(message: str) -> None:
+    """A warning the user should act on: ``warning: MESSAGE`` on stderr (also with --quiet), a JSON event with
+    --json, a Python warning from the API (mode auto)."""
+    m = _config["mode"]
+    if m == "json":
+        _event(event="warning", message=message)
+    elif m == "auto":
+        warnings.warn(message, stacklevel=2)
+    else:
+        _write(f"warning: {message}")
+
+
 class Task:
     """A step of work; :meth:`advance` it, :meth:`finish` it (or use :func:`task`)."""
 

@@ -45,6 +45,11 @@ def factory():
     return TinyLM(), {"input_ids": torch.randint(0, 64, (1, 8))}
 
 
+def positional_factory():
+    torch.manual_seed(0)
+    return TinyLM(), (torch.randint(0, 64, (1, 8)),)
+
+
 def batch_one_factory():
     torch.manual_seed(0)
     return TinyLM(batch_one=True), {"input_ids": torch.randint(0, 64, (1, 8))}
@@ -87,3 +92,12 @@ def test_a_model_of_batch_one_only_is_calibrated_with_batch_one(tiny, capsys):
     teal = json.loads((tiny / "out1" / "report.json").read_text())["passes"][0]["stats"]
     assert teal["measured_sparsity"] == pytest.approx(0.5, abs=0.03)
     assert _program(tiny / "out1")(input_ids=torch.randint(0, 64, (1, 8))).shape == (1, 8, 64)
+
+
+def test_a_positional_example_is_calibrated_positionally(tiny, capsys):
+    """The example ``(ids,)`` captures a program of positional inputs: token calibration feeds the ids by position."""
+    code, stdout, err = _transform(capsys, tiny, "positional_factory", "out2")
+    assert code == 0, err
+    teal = json.loads((tiny / "out2" / "report.json").read_text())["passes"][0]["stats"]
+    assert teal["measured_sparsity"] == pytest.approx(0.5, abs=0.03)
+    assert _program(tiny / "out2")(torch.randint(0, 64, (4, 8))).shape == (4, 8, 64)

@@ -11,6 +11,7 @@ from sparsec.frontend import capture, load_model
 from sparsec.passes.base import PassContext
 from sparsec.passes.fold import fold_masks
 from sparsec.passes.prune import PruneConfig, PruneMasks, prune
+from tests.cli_helpers import without_progress
 from sparsec.training import after_step
 from tests.zoo import build
 
@@ -349,6 +350,7 @@ def test_bad_input_is_one_line_with_exit_2(case, tmp_path, capsys):
         main(["transform", f"{tmp_path / 'net.py'}:factory", "--pass", spec, "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
+    err = without_progress(err)  # progress lines may precede the error (docs/errors.md)
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 

@@ -220,7 +220,7 @@ def test_hf_directory_without_tokenizer_needs_data(tmp_path):
     assert res.exit_code == 0, res.output
     import json
 
-    summary = json.loads(res.output)
+    summary = json.loads(res.stdout)  # stderr holds the progress events (JSON lines)
     assert summary["passes"][0]["stats"]["thresholds"] == 14
     assert os.path.isfile(tmp_path / "out" / "model.pt2")
 
