@@ -4,7 +4,8 @@ A TEAL / CATS threshold (``sparsec::threshold``, ``sparsec::threshold_prefill``)
 whose magnitude lies within ~1e-6 (relative) of its threshold ``t`` is kept by one implementation and dropped by the
 other when the ops before it round differently (a backend's summation order differs from torch's kernels by ~1e-7
 relative), and the flipped element moves every later token and layer (the real Gemma 3 270M after teal 0.5 in ONNX
-Runtime: two such decisions, 8e-8 and 1.6e-6 from t, give 8.0 max abs diff in the logits). Such a backend is right:
+Runtime: two such decisions, 8e-8 and 1.6e-6 from t, give 8.0 max abs diff in the logits; after attention, whose
+softmax and value sums round differently again, one o_proj input decided 3.9e-6 from t). Such a backend is right:
 run with the backend's own decisions, torch matches it within 1e-4. :func:`run_with_decisions` runs the torch program
 with given decisions; :func:`compare_decisions` says which of a backend's decisions differ from torch's and how far
 from ``t`` they lie (a *tie*: at most :data:`TIE` relative).
@@ -14,7 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 #: relative distance ``|(|x| - t)| / |t|`` up to which a backend and torch may decide a threshold differently
-TIE = 3e-6
+TIE = 1e-5
 
 
 def threshold_nodes(program) -> list:
