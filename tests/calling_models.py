@@ -25,3 +25,17 @@ def roberta():
     model = tf.RobertaModel(cfg).eval()
     ids = torch.randint(3, 128, (2, 6))
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+def assert_takes_the_calling_convention(call, reference, ids: torch.Tensor, tol: dict) -> None:
+    """``call`` (a TVM build or ONNX model of :func:`opt`) takes ``input_ids`` alone (the mask defaults), by keyword
+    or in a dict, torch or numpy: outputs named ``logits``, equal to ``reference`` (the model's logits) within ``tol``,
+    numpy for numpy inputs and equal to the torch ones."""
+    import numpy as np
+
+    got = call(input_ids=ids)
+    assert list(got) == ["logits"]
+    torch.testing.assert_close(got["logits"], reference, **tol)
+    from_numpy = call({"input_ids": ids.numpy()})["logits"]
+    assert isinstance(from_numpy, np.ndarray)
+    np.testing.assert_array_equal(from_numpy, got[0].numpy())

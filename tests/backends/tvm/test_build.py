@@ -16,7 +16,7 @@ import sparsec
 from sparsec.calibration import token_forward_loop
 from sparsec.errors import SparsecError, UsageError
 from sparsec.inputs import run_program
-from tests.calling_models import opt
+from tests.calling_models import assert_takes_the_calling_convention, opt
 from tests.zoo import RELU_OVERRIDE, build
 from tests.cli_helpers import one_error_line, run_cli
 
@@ -108,12 +108,8 @@ def test_build_takes_the_calling_convention(tmp_path, capsys):
     compiled = sparsec.load_compiled(str(tmp_path / "b"))
     with torch.no_grad():
         want = model(input_ids=ids).logits
-    got = compiled(input_ids=ids)
-    assert compiled.manifest["output_names"] == ["logits"] and list(got) == ["logits"]
-    torch.testing.assert_close(got["logits"], want, **TOL)
-    from_numpy = compiled({"input_ids": ids.numpy()})["logits"]
-    assert isinstance(from_numpy, np.ndarray)
-    np.testing.assert_array_equal(from_numpy, got[0].numpy())
+    assert compiled.manifest["output_names"] == ["logits"]
+    assert_takes_the_calling_convention(compiled, want, ids, TOL)
     with pytest.raises(SparsecError) as e:
         compiled(attention_mask=torch.ones_like(ids))
     assert re.fullmatch(rf"the call has no input 'input_ids'; build '{re.escape(str(tmp_path / 'b'))}' takes"
