@@ -51,8 +51,10 @@ def input_kind(node) -> str:
     return "dense"
 
 
-#: The linear layers the kernels replace: ``linear(x, W[N, K], b)`` and ``addmm(b, x, W[K, N])`` (GPT-2's Conv1D).
-LINEAR_OPS = {"aten.linear.default", "aten.addmm.default"}
+#: The linear layers the kernels replace: ``linear(x, W[N, K], b)``, ``addmm(b, x, W[K, N])`` (GPT-2's Conv1D) and
+#: ``mm`` / ``matmul(x, W[K, N])`` by a constant matrix (rotate's ``x @ Q``); a product of two run-time tensors
+#: (attention's) is not one.
+LINEAR_OPS = {"aten.linear.default", "aten.addmm.default", "aten.mm.default", "aten.matmul.default"}
 
 
 def linear_operands(node, consts):
@@ -67,6 +69,9 @@ def linear_operands(node, consts):
         b_node, x_node, w_node = node.args[:3]
         w = consts.get(w_node)
         return x_node, w.T if w is not None else None, b_node
+    if str(node.target) in ("aten.mm.default", "aten.matmul.default"):
+        w = consts.get(node.args[1])
+        return node.args[0], w.T if w is not None and w.dim() == 2 else None, None
     w = consts.get(node.args[1])
     return node.args[0], w, node.args[2] if len(node.args) > 2 else None
 
@@ -146,6 +151,9 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
     ``sparse=False`` uses the dense kernel for every linear layer (the "sparsec TVM dense" baseline).
     ``target='cuda'``: the GPU kernel (:mod:`sparsec.backends.tvm.cuda`), which skips zero inputs in every layer.
     """
+    import operator
+    from functools import partial
+
     import torch
     import tvm
     from tvm import relax
@@ -161,6 +169,9 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
 
     def convert_linear(node, importer):
         x_node, w, b_node = linear_operands(node, consts)
+        if w is None and str(node.target) == "aten.mm.default":  # a product of two run-time tensors
+            return importer._binary_op(partial(relax.op.linear_algebra.matmul, out_dtype="float32"), operator.matmul)(
+                node)
         if w is None:
             raise SparsecError(f"linear layer '{module_path(node)}' has a weight computed from the model inputs;"
                                " the TVM backend needs constant weights: use the ONNX backend (sparsec export --to"
@@ -286,7 +297,8 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
 
     try:
         mod = from_exported_program(program, run_ep_decomposition=False, custom_convert_map={
-            "linear.default": convert_linear, "addmm.default": convert_linear, "threshold.default": convert_threshold,
+            "linear.default": convert_linear, "addmm.default": convert_linear, "mm.default": convert_linear,
+            "threshold.default": convert_threshold,
             "threshold_prefill.default": convert_threshold_prefill, "slice.Tensor": convert_slice,
             "cat.default": convert_cat, "scaled_dot_product_attention.default": convert_sdpa})
     except SparsecError:

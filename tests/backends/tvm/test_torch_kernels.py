@@ -68,6 +68,22 @@ def relufy():
     return _transform("relufy", **RELU_OVERRIDE["llama"])[1]
 
 
+@pytest.fixture(scope="module")
+def rotated():
+    return _transform("rotate,teal{sparsity=0.5}")[1]
+
+
+def test_rotations_run_on_the_dense_kernel_and_match_torch(rotated):
+    """rotate's ``x @ Q`` (a matmul by a constant d x d buffer) is a linear layer: the dense kernel, not torch."""
+    rotations = rotated.report["passes"][0]["stats"]["inputs_rotated"]
+    assert rotations == 2  # gate/up of both blocks (the default max_cost)
+    assert _ops(rotated.program.module())["aten.matmul.default"] == rotations
+    module = sparsec.accelerate(rotated, threads=THREADS)
+    assert "aten.matmul.default" not in _ops(module)
+    assert _kinds(module) == {"threshold": 14, "dense": 1 + rotations}
+    _matches_program(module, rotated.program)
+
+
 def test_teal_llama_runs_fused_threshold_kernels_and_matches_torch(teal):
     module = sparsec.accelerate(teal, threads=THREADS)
     assert _kinds(module) == {"threshold": 14, "dense": 1}  # 7 projections per block; lm_head dense
@@ -90,7 +106,8 @@ def test_relufy_llama_artifact_skips_zero_inputs_and_matches_torch(relufy, tmp_p
     _matches_program(dense, relufy.program)
 
 
-@pytest.mark.parametrize("fixture,sparse", [("relufy", True), pytest.param("teal", True, marks=pytest.mark.slow),
+@pytest.mark.parametrize("fixture,sparse", [("relufy", True), ("rotated", True),
+                                            pytest.param("teal", True, marks=pytest.mark.slow),
                                             pytest.param("teal", False, marks=pytest.mark.slow),
                                             pytest.param("relufy", False, marks=pytest.mark.slow)])
 def test_routes_every_linear_as_the_tvm_lowering_does(request, fixture, sparse):
