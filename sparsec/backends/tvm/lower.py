@@ -81,20 +81,23 @@ def _decompose(program, keep_sdpa: bool = False):
     kept. Views become reshapes first: torch cannot decompose some views of dynamic-shape transposes (GPT-2's
     attention output), and a reshape is a view wherever one is possible."""
     import copy
+    import warnings
 
     import torch
 
-    shared = [*program.state_dict.values(), *program.constants.values()]  # the graph is copied, the weights are not
-    program = copy.deepcopy(program, memo={id(t): t for t in shared})
-    for node in program.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
-            node.target = torch.ops.aten.reshape.default
-    program.graph_module.recompile()
-    table = torch.export.default_decompositions()
-    del table[torch.ops.aten.linear.default]
-    if keep_sdpa:
-        table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
-    return program.run_decompositions(table)
+    with warnings.catch_warnings():  # torch's own pytree pickling: "isinstance(treespec, LeafSpec) is deprecated"
+        warnings.simplefilter("ignore", FutureWarning)
+        shared = [*program.state_dict.values(), *program.constants.values()]  # the graph is copied, not the weights
+        program = copy.deepcopy(program, memo={id(t): t for t in shared})
+        for node in program.graph.nodes:
+            if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+                node.target = torch.ops.aten.reshape.default
+        program.graph_module.recompile()
+        table = torch.export.default_decompositions()
+        del table[torch.ops.aten.linear.default]
+        if keep_sdpa:
+            table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
+        return program.run_decompositions(table)
 
 
 _COPIES = {*_VIEWS, "aten.clone.default"}
