@@ -78,8 +78,8 @@ def main() -> None:
     t = begin(f"sparsify: {recipe}, calibrated on 8 x 256 tokens of Wikipedia text")
     print(f"      same as: sparsec transform {MODEL} --pass '{recipe}' --calib-samples 8 --seq-len 256"
           f" {' '.join(cache)} -o {sparse_dir}")
-    sparse = sparsec.transform(MODEL, recipe, calib_samples=8, seq_len=256, measure=False, kv_cache=True,
-                               max_context=args.max_context)
+    sparse = sparsec.transform(MODEL, recipe, calib_samples=8, seq_len=256, measure=False, heldout_samples=0,
+                               kv_cache=True, max_context=args.max_context)  # held-out: perplexity in step 6
     sparsec.save(sparse, sparse_dir, force=True)
     print(f"      wrote {sparse_dir}")
     done(t)
