@@ -82,6 +82,33 @@ def test_rotate_teal_generation_equals_the_program_rerun_on_the_whole_sequence()
     assert torch.equal(tokens, ids)
 
 
+@pytest.mark.parametrize("spec", ["relufy", "prune{sparsity=0.5},fold",
+                                  pytest.param("cats{sparsity=0.5}", marks=pytest.mark.slow),
+                                  pytest.param("teal{sparsity=0.5 prefill=half}", marks=pytest.mark.slow)])
+def test_passes_on_the_cached_program_act_as_on_the_uncached_one(spec):
+    """The pass on the cached program (kv_cache=True) makes what it makes on today's uncached program: the same
+    thresholds or masks (report), and greedy generation through the cache equals re-running the *uncached* program
+    on the whole sequence at every step."""
+    from sparsec.inputs import run_program
+
+    model, example = zoo.build("llama")
+    cached, uncached = (sparsec.transform(model, spec, example_inputs=example, forward_loop=_calibration(),
+                                          kv_cache=kv) for kv in (True, False))
+
+    def layers(result):
+        return [{k: v for k, v in la.items() if not k.startswith(("measured", "heldout", "flops"))}  # flops: per
+                for la in result.report["layers"]]  # the example input's tokens, which differ between the captures
+
+    assert layers(cached) == layers(uncached) and len(layers(cached)) >= 2
+    tokens = sparsec.generate(cached, PROMPT, max_new_tokens=NEW, ignore_eos=True)
+    ids = PROMPT
+    with torch.no_grad():
+        for _ in range(NEW):
+            logits = run_program(uncached.program, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(tokens, ids)
+
+
 def test_cached_program_inputs_and_prefill_at_cache_length_zero():
     model, example = zoo.build("llama")
     program = _captured(model, example, max_context=64)
