@@ -23,8 +23,9 @@ see benchmarks/results/kernels.md).
   task copies a group of adjacent ``NR``-column panels of its tile contiguous (:func:`panel_group`; the packed
   layout strides 4 KiB and more between rows, which thrashes cache sets) and runs an ``MR x NR`` register-blocked
   micro-kernel over every ``MR`` rows, the last ``M % MR`` rows one at a time with ``SPLIT`` partial sums (no padded
-  rows computed). On Zen 1 (AVX2, 2 x 128-bit FMA, 2 cores) a 128-token prompt runs at 65-68 GFLOP/s
-  (2048 x 5632, 5632 x 2048, 2048 x 2048), against 62-63 with one panel per task and rows padded to ``MR``.
+  rows computed). On Zen 1 (AVX2, 2 x 128-bit FMA, 2 cores), 128 rows, against one panel per task and rows padded
+  to ``MR`` (interleaved in one process): 0.88x / 0.94x / 0.91x the time for 2048 x 5632 / 5632 x 2048 /
+  2048 x 2048 (78 GFLOP/s for 2048 x 5632), 0.98x for 2048 x 256; 0.99x at 512 rows.
 
 Storage dtype: float32, float16 or bfloat16 (x, W, y all the same); accumulation is always float32.
 """
@@ -58,7 +59,7 @@ def gemm_columns(ct: int) -> int:
 def panel_group(k: int, ct: int, nr: int) -> int:
     """GEMM panels per task: 4, 2 or 1, a divisor of a tile's ``ct // nr`` panels whose copies (``k x nr`` fp32 each)
     take at most 1.5 MiB. Copying several adjacent panels reads 128-256 contiguous bytes of each weight row instead
-    of 64 (measured on Zen 1, 128 rows: 4-5 % faster than one panel per task for 2048 x 5632 and 5632 x 2048)."""
+    of 64 (with the unpadded last rows: see the module docstring)."""
     return next(g for g in (4, 2, 1) if (ct // nr) % g == 0 and (g * k * nr * 4 <= 3 << 19 or g == 1))
 
 
