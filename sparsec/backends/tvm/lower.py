@@ -311,29 +311,31 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
     # memory is planned for the shapes of each call: with the export's upper bounds (batch 1024, a cached program's
     # context) TVM would plan every buffer at its largest size, e.g. a [B, H, S, T] attention mask of terabytes
     mod["main"] = mod["main"].without_attr("tir_var_upper_bound")
-    return relax.transform.DeadCodeElimination()(_bounded_takes(mod))
+    return relax.transform.DeadCodeElimination()(_wrapped_takes(mod))
 
 
-def _bounded_takes(mod):
-    """``mod`` with every Relax ``take`` (embedding lookups, index ops) in TVM's ``clip`` mode: the importer's default
-    ``fast`` mode reads past the table for an out-of-range index (a token id >= the vocabulary size crashes the
-    process); clipped, it reads the last row. Costs a min/max per index."""
+def _wrapped_takes(mod):
+    """``mod`` with every Relax ``take`` (embedding lookups, index ops) in TVM's ``wrap`` mode: the importer's default
+    ``fast`` mode reads outside the table for an index out of range (a token id >= the vocabulary size crashed the
+    process) and for a negative one, which torch allows in index ops. Wrapped, a negative index counts from the end
+    as in torch, and one past the end reads row ``index mod size`` instead of crashing (torch raises an
+    IndexError). Costs a modulo per index."""
     import tvm
     from tvm import relax
 
     @relax.expr_functor.mutator
-    class Clip(relax.PyExprMutator):
+    class Wrap(relax.PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
             if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.take" and call.attrs.mode == "fast":
                 axis = call.attrs.axis
                 return self.builder_.normalize(relax.op.take(call.args[0], call.args[1],
-                                                             None if axis is None else int(axis), "clip"))
+                                                             None if axis is None else int(axis), "wrap"))
             return call
 
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
-            mod[gv] = Clip().visit_expr(func)
+            mod[gv] = Wrap().visit_expr(func)
     return mod
 
 

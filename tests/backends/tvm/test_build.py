@@ -80,15 +80,17 @@ def test_teal_llama_build_matches_torch(llama_teal):
     assert kinds == {"threshold", "dense"}  # teal's thresholded projections, and lm_head
 
 
-def test_out_of_range_token_ids_read_the_last_row_instead_of_past_the_table(llama_teal):
-    """TVM's default 'fast' take reads past the embedding table for an id >= the vocabulary (256): a crash or
-    garbage. The build clips: an id past the table gives the last row's result."""
+def test_out_of_range_token_ids_wrap_around_instead_of_reading_past_the_table(llama_teal):
+    """TVM's default 'fast' take reads outside the embedding table for an id >= the vocabulary (256): a crash or
+    garbage. The build wraps: id 256 + 5 gives id 5's result."""
     _, out, _ = llama_teal
     compiled = sparsec.load_compiled(str(out))
     mask = torch.ones(1, 3, dtype=torch.long)
-    past = compiled(input_ids=torch.tensor([[7, 1_000_000, 3]]), attention_mask=mask)["logits"]
-    last = compiled(input_ids=torch.tensor([[7, 255, 3]]), attention_mask=mask)["logits"]
-    assert torch.equal(past, last)
+    past = compiled(input_ids=torch.tensor([[7, 256 + 5, 3]]), attention_mask=mask)["logits"]
+    inside = compiled(input_ids=torch.tensor([[7, 5, 3]]), attention_mask=mask)["logits"]
+    assert torch.equal(past, inside)
+    far = compiled(input_ids=torch.tensor([[7, 1_000_000, 3]]), attention_mask=mask)["logits"]  # 1e6 mod 256 = 64
+    assert torch.equal(far, compiled(input_ids=torch.tensor([[7, 64, 3]]), attention_mask=mask)["logits"])
 
 
 def test_cli_run_build(llama_teal, tmp_path, capsys):
