@@ -71,9 +71,9 @@ def main() -> None:
     t_dense = begin(f"the dense baseline, in the background (log: {dense_dir}.log)")
     for cmd in chain:
         print("      $ sparsec " + shlex.join(cmd[1:]))
-    log = open(f"{dense_dir}.log", "w")
-    background = subprocess.Popen(["sh", "-c", " && ".join(shlex.join(cmd) for cmd in chain)], stdout=log,
-                                  stderr=subprocess.STDOUT)
+    with open(f"{dense_dir}.log", "w") as log:  # the child keeps its own descriptor
+        background = subprocess.Popen(["sh", "-c", " && ".join(shlex.join(cmd) for cmd in chain)], stdout=log,
+                                      stderr=subprocess.STDOUT)
 
     t = begin(f"sparsify: {recipe}, calibrated on 8 x 256 tokens of Wikipedia text")
     print(f"      same as: sparsec transform {MODEL} --pass '{recipe}' --calib-samples 8 --seq-len 256"
@@ -89,9 +89,7 @@ def main() -> None:
     print(f"      wrote {sparse_dir}.tvm; kernels: {', '.join(sorted({k.split('_')[2] for k in manifest['kernels']}))}")
     done(t)
     if background.wait() != 0:
-        log.close()
         sys.exit(f"the dense baseline failed: see {dense_dir}.log")
-    log.close()
     print(f"      the dense baseline finished {time.perf_counter() - t_dense:.0f} s after it started")
 
     tokenizer = AutoTokenizer.from_pretrained(sparse.source["tokenizer"], local_files_only=True)

@@ -40,6 +40,15 @@ def _hf_greedy(model, thresholds: dict[str, float] = {}, prompt: torch.Tensor = 
             h.remove()
 
 
+def _greedy_without_cache(logits_of) -> torch.Tensor:
+    """PROMPT and NEW greedy tokens, re-running ``logits_of(ids) -> [1, S, V]`` on the whole sequence at every step."""
+    ids = PROMPT
+    with torch.no_grad():
+        for _ in range(NEW):
+            ids = torch.cat([ids, logits_of(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3", "gpt2"])
 def test_teal_generation_equals_hf_generate_with_the_thresholds(arch):
     model, example = zoo.build(arch)
@@ -75,11 +84,7 @@ def test_rotate_teal_generation_equals_the_program_rerun_on_the_whole_sequence()
     assert 0.4 < result.report["sparsity"]["teal_param_weighted"] < 0.6  # measured through the cached program
     tokens = sparsec.generate(result, PROMPT, max_new_tokens=NEW, ignore_eos=True)
     full = FullSequence(result.program.module(), program_layout(result.program))
-    ids = PROMPT
-    with torch.no_grad():
-        for _ in range(NEW):  # no cache: the whole sequence again at every step
-            ids = torch.cat([ids, full(ids)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(tokens, ids)
+    assert torch.equal(tokens, _greedy_without_cache(lambda ids: full(ids)[0]))
 
 
 @pytest.mark.parametrize("spec", ["relufy", "prune{sparsity=0.5},fold",
@@ -101,12 +106,8 @@ def test_passes_on_the_cached_program_act_as_on_the_uncached_one(spec):
 
     assert layers(cached) == layers(uncached) and len(layers(cached)) >= 2
     tokens = sparsec.generate(cached, PROMPT, max_new_tokens=NEW, ignore_eos=True)
-    ids = PROMPT
-    with torch.no_grad():
-        for _ in range(NEW):
-            logits = run_program(uncached.program, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(tokens, ids)
+    assert torch.equal(tokens, _greedy_without_cache(
+        lambda ids: run_program(uncached.program, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]))
 
 
 def test_cached_program_inputs_and_prefill_at_cache_length_zero():

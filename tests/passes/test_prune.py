@@ -11,8 +11,8 @@ from sparsec.frontend import capture, load_model
 from sparsec.passes.base import PassContext
 from sparsec.passes.fold import fold_masks
 from sparsec.passes.prune import PruneConfig, PruneMasks, prune
-from tests.cli_helpers import without_progress
 from sparsec.training import after_step
+from tests.cli_helpers import without_progress
 from tests.zoo import build
 
 aten = torch.ops.aten
