@@ -61,6 +61,7 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     from sparsec.backends.tvm.cuda import cuda_sources, cuda_target, nvcc_compile, require_nvcc
     from sparsec.backends.tvm.env import cpu_target, host_cpu, import_tvm
     from sparsec.backends.tvm.lower import to_relax
+    from sparsec.backends.tvm.schedule import cpu_pipeline
 
     if target not in TARGETS:
         raise SparsecError(f"unknown TVM target '{target}'; valid: {', '.join(TARGETS)}")
@@ -84,7 +85,10 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     kernels = sorted(str(gv.name_hint) for gv in mod.functions if str(gv.name_hint).startswith("sparsec_linear_"))
     lowered = time.perf_counter()
     with progress.task("compile: build"):
-        executable = tvm.compile(mod, target=cuda_target(CUDA_ARCH) if target == "cuda" else cpu_target())
+        if target == "cuda":
+            executable = tvm.compile(mod, target=cuda_target(CUDA_ARCH))
+        else:
+            executable = tvm.compile(mod, target=cpu_target(), relax_pipeline=cpu_pipeline(cpu_target()))
         for code in cuda_sources(executable):  # the GPU compiles it on first load: check it compiles now
             nvcc_compile(code, CUDA_ARCH)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "sparsec": sparsec.__version__,
