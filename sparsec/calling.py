@@ -89,9 +89,9 @@ def named_inputs(args: tuple, kwargs: dict) -> dict:
 
 
 def complete_inputs(named: dict, spec: list[dict], *, source: str = "the call", what: str = "the model",
-                    hint: str = HOW_TO_PASS) -> dict:
+                    hint: str = HOW_TO_PASS, check: bool = True) -> dict:
     """``named`` with a missing ``attention_mask`` defaulted to ones of ``input_ids``' shape (in the dtype the model
-    takes), checked against the input ``spec`` (:func:`sparsec.inputs.check_inputs`)."""
+    takes), checked against the input ``spec`` (:func:`sparsec.inputs.check_inputs`) when ``check``."""
     from sparsec.inputs import check_inputs
 
     dtypes = {s["name"]: s["dtype"] for s in spec if "dtype" in s}
@@ -104,7 +104,8 @@ def complete_inputs(named: dict, spec: list[dict], *, source: str = "the call", 
 
             mask = torch.ones(tuple(ids.shape), dtype=getattr(torch, dtypes["attention_mask"]), device=ids.device)
             named = {**named, "attention_mask": mask}
-    check_inputs(named, spec, source=source, what=what, hint=hint)
+    if check:
+        check_inputs(named, spec, source=source, what=what, hint=hint)
     return named
 
 
@@ -114,6 +115,15 @@ def as_numpy(value) -> np.ndarray:
         return value
     if hasattr(value, "detach"):
         return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def as_array(value):
+    """A torch tensor (detached) or numpy array as it is; anything else array-like as a numpy array."""
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):
+        return value.detach()
     return np.asarray(value)
 
 

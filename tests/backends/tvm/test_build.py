@@ -136,6 +136,54 @@ def test_build_takes_the_calling_convention(tmp_path, capsys):
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "o.npz")["logits"]), want, **TOL)
 
 
+class _LinearAndWeight(torch.nn.Module):
+    """A linear layer that also returns its weight: an output that is a parameter of the build."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 48)
+
+    def forward(self, x):
+        return self.linear(x), self.linear.weight
+
+
+@pytest.mark.filterwarnings("ignore:strip. nothing to strip")
+def test_calls_convert_inputs_once_and_return_outputs_the_caller_owns(tmp_path):
+    """Aligned torch inputs go in without a copy, any other input (unaligned, read-only or strided numpy, a strided
+    or grad-requiring torch tensor) through a kept buffer, all with the same result; each call's outputs are the
+    caller's: a later call does not overwrite them, and writing to a returned weight does not change the build.
+    The input spec is checked once per signature: a new signature is still checked."""
+    torch.manual_seed(0)
+    model = _LinearAndWeight().eval()
+    result = sparsec.transform(model, "strip", example_inputs=(torch.randn(3, 64),), measure=False)
+    sparsec.compile(result, str(tmp_path / "b"), threads=2)
+    compiled = sparsec.load_compiled(str(tmp_path / "b"))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = model.linear(x)
+    first = compiled(x=x)
+    torch.testing.assert_close(first[0], want, **TOL)
+    kept = first[0].clone()
+    unaligned = np.zeros(3 * 64 + 1, np.float32)[1:].reshape(3, 64)
+    unaligned[...] = x.numpy()
+    read_only = x.numpy().copy()
+    read_only.flags.writeable = False
+    strided = np.asfortranarray(x.numpy())
+    for feed in (unaligned, read_only, strided, x.T.contiguous().T, x.clone().requires_grad_()):
+        got = compiled(x=feed)
+        assert isinstance(got[0], np.ndarray) == isinstance(feed, np.ndarray)
+        np.testing.assert_array_equal(np.asarray(got[0].detach() if hasattr(got[0], "detach") else got[0]),
+                                      first[0].numpy())
+    compiled(x=2 * x)
+    assert torch.equal(first[0], kept)  # not overwritten by later calls
+    first[1].zero_()  # the returned weight is a copy
+    again = compiled(x=x)
+    torch.testing.assert_close(again[0], want, **TOL)
+    assert torch.equal(again[1], model.linear.weight.detach())
+    with pytest.raises(SparsecError, match=r"input 'x' has shape \[3, 65\]; dim 1 must be 64"):
+        compiled(x=torch.randn(3, 65))
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("sparsec", "0.0.1", "was made by sparsec 0.0.1, this is sparsec"),
     ("cpu", "some-other-cpu", "was compiled for CPU 'some-other-cpu', this machine is"),
