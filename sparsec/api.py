@@ -399,10 +399,12 @@ def _run_build(path: str, inputs: Any) -> dict:
 
 
 def compile(artifact_or_result: Any, out_dir: str, *, target: str = "llvm", threads: int | None = None,
-            sparse: bool = True, force: bool = False) -> dict:
+            sparse: bool = True, force: bool = False, tune_seconds: float = 0.0) -> dict:
     """Compile an artifact (directory or :class:`Artifact`) or a :class:`TransformResult` with TVM into the build
     directory ``out_dir``: linear layers fed by sparse activations call sparsec's sparse kernels, the others its
     dense kernel (``sparse=False``: dense everywhere). ``threads``: TVM threads at run time (default: all CPUs).
+    ``tune_seconds``: per kernel the tuning database does not hold for this CPU, seconds to measure its schedules
+    here (:mod:`sparsec.backends.tvm.tuning`; 0: the database's schedule or the default).
     Returns the build manifest. See :mod:`sparsec.backends.tvm.build`.
     """
     from sparsec.backends.tvm.build import compile_program
@@ -419,7 +421,7 @@ def compile(artifact_or_result: Any, out_dir: str, *, target: str = "llvm", thre
         program, source = art.program, art.path
         facts = {"output_names": art.manifest.get("output_names")}
     return compile_program(program, out_dir, target=target, threads=threads, sparse=sparse, source=source,
-                           force=force, **facts)
+                           force=force, tune_seconds=tune_seconds, **facts)
 
 
 def load_compiled(path: str, *, threads: int | None = None):

@@ -423,16 +423,21 @@ def export(artifact, target, out, opset, external_data, verify, inputs, rtol, at
 
 @cli.command("compile", context_settings=CONTEXT)
 @click.argument("artifact")
-@click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True,
+@click.option("--target", type=click.Choice(["llvm", "cuda", "aarch64"]), default="llvm", show_default=True,
               help="llvm: this machine's CPU (named exactly, e.g. znver4); cuda: NVIDIA sm_90 (H100/H200), the"
-              " source checked with nvcc at build time, run where a GPU is")
+              " source checked with nvcc at build time, run where a GPU is; aarch64: any 64-bit ARM Linux CPU"
+              " (Graviton, Ampere), cross-compiled here, run there")
 @click.option("--threads", type=click.IntRange(min=1), metavar="N", help="TVM threads at run time [default: all CPUs]")
 @click.option("--dense", is_flag=True, help="use sparsec's dense kernel in every linear layer (a baseline)")
+@click.option("--tune-seconds", type=click.FloatRange(min=0), default=0, show_default=True, metavar="S",
+              help="per kernel shape not in the tuning database (SPARSEC_TUNING_DB, default"
+              " ~/.cache/sparsec/tuning.json), measure its schedules on this CPU for about S seconds and record the"
+              " fastest; 0: the database's schedule, else the default")
 @click.option("-o", "--output", "out", required=True, metavar="DIR", help="build directory to write")
 @click.option("--force", is_flag=True, help="replace DIR if it is an existing build")
 @click.option("--json", "as_json", is_flag=True, help="print the build manifest as one JSON document")
 @_progress_options
-def compile_(artifact, target, threads, dense, out, force, as_json):
+def compile_(artifact, target, threads, dense, tune_seconds, out, force, as_json):
     """Compile the artifact directory ARTIFACT with TVM and sparsec's sparse kernels into the build directory DIR."""
     from sparsec.artifact import check_output_dir, read_manifest
 
@@ -441,7 +446,8 @@ def compile_(artifact, target, threads, dense, out, force, as_json):
     from sparsec import api
 
     _progress(f"sparsec: compiling {artifact} for {target}")
-    m = api.compile(artifact, out, target=target, threads=threads, sparse=not dense, force=force)
+    m = api.compile(artifact, out, target=target, threads=threads, sparse=not dense, force=force,
+                    tune_seconds=tune_seconds)
     if as_json:
         _echo_json(m)
         return

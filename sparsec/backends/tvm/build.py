@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 import time
@@ -33,8 +34,10 @@ FORMAT = "sparsec-tvm-build"
 FORMAT_VERSION = 2
 LIB_FILE, PARAMS_FILE, MANIFEST_FILE, TOKENIZER_DIR = "model.so", "params.bin", "manifest.json", "tokenizer"
 ALIGN = 64  # byte alignment of each parameter in params.bin
-TARGETS = ("llvm", "cuda")
+TARGETS = ("llvm", "cuda", "aarch64")
 CUDA_ARCH = "sm_90"  # H100 / H200
+CROSS_CC = "aarch64-linux-gnu-gcc"  # links an aarch64 model.so when installed (Debian: gcc-aarch64-linux-gnu)
+AARCH64_LIB = "model.tar"  # without it: the aarch64 objects, linked by TVM with the target machine's compiler on load
 
 
 def is_build_dir(path: str) -> bool:
@@ -49,13 +52,15 @@ def is_build_dir(path: str) -> bool:
 def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int | None = None, sparse: bool = True,
                     inputs: list | None = None, source: str | None = None, force: bool = False,
                     generation: dict | None = None, tokenizer: str | None = None,
-                    output_names: list[str] | None = None) -> dict:
+                    output_names: list[str] | None = None, tune_seconds: float = 0.0) -> dict:
     """Lower ``program`` (an ExportedProgram) with sparsec's kernels, compile it for ``target`` and write the build
     directory ``out_dir`` atomically. Returns the manifest.
 
     A cached program's ``generation`` facts (``eos_token_id``, ``max_context``) and the tokenizer files of the folder
     ``tokenizer`` go into the build; both default to those of the artifact directory ``source``. ``output_names``:
-    as the model named its outputs (:func:`sparsec.calling.program_output_names`)."""
+    as the model named its outputs (:func:`sparsec.calling.program_output_names`). ``tune_seconds``: per kernel not
+    in the tuning database, how long to measure schedules on this CPU (:mod:`sparsec.backends.tvm.tuning`; 0: the
+    database's or the default); the manifest's ``schedules`` say which each kernel got and from where."""
     import sparsec
     from sparsec.artifact import atomic_directory, check_output_dir, copy_tokenizer, input_spec, sha256_file
     from sparsec.calling import program_output_names
@@ -76,10 +81,17 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     start = time.perf_counter()
     from tvm.relax.transform import FoldConstant
 
+    cpu_kind = "llvm" if target == "aarch64" else target  # the same lowering; code generated for another CPU
+    scheduler = None
+    if target == "llvm":  # the database is keyed by this CPU: a cross build takes the defaults
+        from sparsec.backends.tvm.tuning import Scheduler
+
+        scheduler = Scheduler(tune_seconds, threads)
     with progress.task("compile: lower"):
-        mod, weights = _lift_weights(FoldConstant()(to_relax(program, sparse=sparse, target=target)))
+        mod, weights = _lift_weights(FoldConstant()(to_relax(program, sparse=sparse, target=cpu_kind,
+                                                             schedule=scheduler)))
         decode = None
-        if target == "llvm" and generation is not None:
+        if cpu_kind == "llvm" and generation is not None:
             from sparsec.backends.tvm.decode import add_decode
 
             mod, decode = add_decode(mod)
@@ -89,20 +101,33 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
         if target == "cuda":
             executable = tvm.compile(mod, target=cuda_target(CUDA_ARCH))
         else:
-            executable = tvm.compile(mod, target=cpu_target(), relax_pipeline=cpu_pipeline(cpu_target()))
+            machine = aarch64_target() if target == "aarch64" else cpu_target()
+            executable = tvm.compile(mod, target=machine, relax_pipeline=cpu_pipeline(machine))
         for code in cuda_sources(executable):  # the GPU compiles it on first load: check it compiles now
             nvcc_compile(code, CUDA_ARCH)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "sparsec": sparsec.__version__,
-                "tvm": tvm.__version__, "target": target, "cpu": host_cpu(), "threads": threads,
+                "tvm": tvm.__version__, "target": target,
+                "cpu": "generic (armv8-a, NEON)" if target == "aarch64" else host_cpu(), "threads": threads,
                 "arch": CUDA_ARCH if target == "cuda" else None,
-                "sparse": sparse, "kernels": kernels, "inputs": inputs,
+                "sparse": sparse, "kernels": kernels, "schedules": scheduler.chosen if scheduler else {},
+                "inputs": inputs,
                 "outputs": len(program.graph_signature.user_outputs),
                 "output_names": program_output_names(program, output_names), "source": source,
                 "seconds": {"lower": round(lowered - start, 2), "compile": round(time.perf_counter() - lowered, 2)}}
+    library = LIB_FILE
     with atomic_directory(out_dir) as tmp:
-        executable.export_library(os.path.join(tmp, LIB_FILE))
+        if target == "aarch64":
+            from tvm.support import cc
+
+            cross = shutil.which(CROSS_CC)
+            library = LIB_FILE if cross else AARCH64_LIB
+            executable.export_library(os.path.join(tmp, library),
+                                      **({"fcompile": cc.cross_compiler(cross)} if cross else {}))
+            manifest["library"] = library
+        else:
+            executable.export_library(os.path.join(tmp, LIB_FILE))
         manifest["params"] = _write_params(weights, os.path.join(tmp, PARAMS_FILE))
-        names = [LIB_FILE, PARAMS_FILE]
+        names = [library, PARAMS_FILE]
         if generation is not None:
             manifest["generation"] = generation
             manifest["decode"] = None if decode is None else {"lengths": decode}
@@ -111,6 +136,15 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
         with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8") as f:
             f.write(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def aarch64_target():
+    """The LLVM target of any 64-bit ARM CPU running Linux (ARMv8-A: NEON's 128-bit vectors; the kernels' 16-lane
+    vectors become four NEON registers)."""
+    from sparsec.backends.tvm.env import import_tvm
+
+    return import_tvm().target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "generic",
+                                       "mattr": ["+neon"]})
 
 
 def _generation_facts(inputs: list, source: str | None, generation: dict | None,
@@ -215,7 +249,10 @@ def read_build_manifest(path: str) -> dict:
     if m.get("target") == "llvm" and m.get("cpu") != host_cpu():
         raise SparsecError(f"build '{path}' was compiled for CPU '{m.get('cpu')}', this machine is '{host_cpu()}':"
                            f" {rebuild}")
-    for name in dict.fromkeys([LIB_FILE, PARAMS_FILE, *m.get("files", {})]):
+    if m.get("target") == "aarch64" and platform.machine() not in ("aarch64", "arm64"):
+        raise SparsecError(f"build '{path}' was compiled for aarch64 CPUs, this machine is {platform.machine()}:"
+                           f" run it on an aarch64 machine, or {rebuild}")
+    for name in dict.fromkeys([m.get("library", LIB_FILE), PARAMS_FILE, *m.get("files", {})]):
         file = os.path.join(path, name)
         if not os.path.isfile(file) or sha256_file(file) != m.get("files", {}).get(name):
             raise SparsecError(f"build '{path}': {name} is missing or does not match its checksum in {MANIFEST_FILE}"
@@ -348,6 +385,6 @@ def load_compiled(path: str, *, threads: int | None = None, memory: str = "poole
         if shutil.which("nvcc"):  # TVM compiles the CUDA source on first load: with nvcc, not NVRTC, if it is here
             os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
         device = tvm.cuda(0)
-    lib = tvm.runtime.load_module(os.path.join(path, LIB_FILE))
+    lib = tvm.runtime.load_module(os.path.join(path, manifest.get("library", LIB_FILE)))
     params = _read_params(os.path.join(path, PARAMS_FILE), manifest["params"], device)
     return CompiledModel(path, manifest, relax.VirtualMachine(lib, device, memory_cfg=memory), params, device)

@@ -95,12 +95,15 @@ def pack_weight(w, dtype: str | None = None, *, tiles: int | None = None):
 
 
 def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True, threshold: bool = False,
-                  tiles: int | None = None):
+                  tiles: int | None = None, rows_per_pass: int = R, group: int | None = None):
     """A PrimFunc ``(x [M, K], Wp [NT, K, CT], thr [1], bias [N], y [M, N])``, ``M`` symbolic.
 
     ``y = x' @ W.T + bias`` with ``x' = x * (|x| > thr)`` when ``threshold`` else ``x`` (pass zeros for no bias).
     ``sparse``: skip the weight rows of zero (or dropped) inputs. ``thr`` is ignored unless ``threshold``.
-    ``tiles``: NT, as given to :func:`pack_weight` (default :func:`num_tiles`).
+    The schedule (:mod:`sparsec.backends.tvm.tuning` chooses it per CPU): ``tiles``, NT, as given to
+    :func:`pack_weight` (default :func:`num_tiles`); ``rows_per_pass``, the ``R`` surviving input rows accumulated
+    per pass over the accumulators (1 < M < GEMM_ROWS too); ``group``, the GEMM's panels per task (default
+    :func:`panel_group`).
     """
     from tvm.script import tirx as T
 
@@ -110,7 +113,10 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
     ct = tile_width(n, nt)
     nv = ct // VL
     nr = gemm_columns(ct)
-    group = panel_group(k, ct, nr)
+    group = group or panel_group(k, ct, nr)
+    if (ct // nr) % group:
+        raise ValueError(f"group {group} does not divide the {ct // nr} GEMM panels of a {ct}-column tile")
+    R = rows_per_pass  # noqa: N806  (the module's default, renamed for this kernel)
     f32 = "float32"
     zero = T.cast(0, dtype)
 

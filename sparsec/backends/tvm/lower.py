@@ -148,11 +148,13 @@ class Constants:
         return value
 
 
-def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
+def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=None):
     """The Relax IRModule of ``program`` (an ExportedProgram) with sparsec's kernels in its linear layers.
 
     ``sparse=False`` uses the dense kernel for every linear layer (the "sparsec TVM dense" baseline).
     ``target='cuda'``: the GPU kernel (:mod:`sparsec.backends.tvm.cuda`), which skips zero inputs in every layer.
+    ``schedule(k, n, dtype, kind)``: the CPU kernel's schedule arguments (:class:`sparsec.backends.tvm.tuning.
+    Scheduler`); default: the kernels' own defaults.
     """
     import operator
     from functools import partial
@@ -187,11 +189,12 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm"):
         n, k = (int(d) for d in w.shape)
         key = f"sparsec_linear_{kind}_{k}_{n}_{dtype}"
         bb = importer.block_builder
+        args = schedule(k, n, dtype, kind) if schedule is not None and target != "cuda" else {}
         if key not in funcs:
             kernel = (cuda_linear_kernel(k, n, dtype, threshold=kind == "threshold") if target == "cuda" else
-                      linear_kernel(k, n, dtype, sparse=kind != "dense", threshold=kind == "threshold"))
+                      linear_kernel(k, n, dtype, sparse=kind != "dense", threshold=kind == "threshold", **args))
             funcs[key] = bb.add_func(kernel, key)
-        packed = pack_weight_cuda(w, dtype) if target == "cuda" else pack_weight(w, dtype)
+        packed = pack_weight_cuda(w, dtype) if target == "cuda" else pack_weight(w, dtype, tiles=args.get("tiles"))
         lead = list(x.ty.shape)[:-1]
         m = 1
         for d in lead:

@@ -203,6 +203,38 @@ def test_build_from_elsewhere_is_refused(llama_teal, tmp_path, capsys, field, va
     assert code == 1 and message in one_error_line(err)
 
 
+def _elf_machines(library) -> set[int]:
+    """The ELF machine numbers of the objects in ``library`` (a shared object, or a tar of object files)."""
+    import tarfile
+
+    blobs = []
+    if tarfile.is_tarfile(library):
+        with tarfile.open(library) as tar:
+            blobs = [tar.extractfile(m).read(20) for m in tar.getmembers() if m.name.endswith(".o")]
+    else:
+        blobs = [library.read_bytes()[:20]]
+    assert blobs and all(b[:4] == b"\x7fELF" for b in blobs)
+    return {int.from_bytes(b[18:20], "little") for b in blobs}
+
+
+def test_aarch64_cross_compile_writes_arm_code_and_is_refused_here(llama_teal, tmp_path, capsys):
+    """--target aarch64 generates 64-bit ARM code for the whole model (ELF machine 183, EM_AARCH64), linked into
+    model.so with a cross compiler when one is installed, else kept as object files that TVM links on the ARM
+    machine; this x86 machine refuses to load it with one line."""
+    art, _, _ = llama_teal
+    out = tmp_path / "arm"
+    code, stdout, err = run_cli(capsys, "compile", art, "--target", "aarch64", "--threads", "4", "-o", out, "--json")
+    assert code == 0, err
+    m = json.loads(stdout)
+    assert m["target"] == "aarch64" and m["threads"] == 4 and m["library"] in ("model.so", "model.tar")
+    assert m["kernels"] and all(k.startswith("sparsec_linear_") for k in m["kernels"])
+    assert _elf_machines(out / m["library"]) == {183}
+    np.savez(tmp_path / "in.npz", input_ids=np.zeros((1, 2), np.int64))
+    code, _, err = run_cli(capsys, "run", out, "--inputs", tmp_path / "in.npz")
+    assert code == 1 and "was compiled for aarch64 CPUs, this machine is x86_64: run it on an aarch64 machine" \
+        in one_error_line(err)
+
+
 def test_compile_refuses_existing_output_and_non_artifacts(llama_teal, tmp_path, capsys):
     art, out, _ = llama_teal
     code, _, err = run_cli(capsys, "compile", art, "-o", out)

@@ -1,0 +1,235 @@
+"""Per-CPU schedules of sparsec's CPU linear kernels: measured at compile time, kept in a database on disk.
+
+A schedule of :func:`sparsec.backends.tvm.kernels.linear_kernel` is three numbers:
+
+* ``rows_per_pass``: surviving input rows the GEMV (a decode step) accumulates per pass, 2, 4 or 8;
+* ``tiles_per_thread``: column tiles per thread, 1, 2 or 4 (more tiles: shorter tasks, more of them);
+* ``group``: GEMM (prefill) panels copied per task, 1, 2 or 4.
+
+:func:`schedule_for` returns the schedule of one kernel (``k``, ``n``, dtype, kind: dense, relu or threshold):
+from the database when it holds one for this CPU, thread count, shape, dtype and kind; else, with a time budget,
+measured here: the default first, then the GEMV candidates at 50 % sparsity (all inputs for a dense kernel) on one
+token, then the GEMM groups on 128 tokens, keeping the fastest (medians of interleaved calls); else the default.
+Tuning never changes what a kernel computes, only how: every candidate is the same kernel family.
+
+The database is one JSON file (``SPARSEC_TUNING_DB``, default ``~/.cache/sparsec/tuning.json``):
+``{"format": "sparsec-tuning", "version": 1, "entries": {key: {"rows_per_pass", "tiles_per_thread", "group",
+"gemv_us", "default_gemv_us", "gemm_us", "default_gemm_us"}}}`` with key ``cpu|threads|KxN|dtype|kind``. An entry
+that is not a valid schedule, or a file that is not such a database, is ignored with a one-line warning (and a
+damaged file is not written over).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+from sparsec import progress
+
+FORMAT, VERSION = "sparsec-tuning", 1
+ROWS_PER_PASS = (2, 4, 8)
+TILES_PER_THREAD = (1, 2, 4)
+GROUPS = (1, 2, 4)
+DEFAULT = {"rows_per_pass": 4, "tiles_per_thread": None, "group": None}  # None: the kernels' own default
+GEMM_TOKENS = 128
+
+
+def database_path() -> str:
+    return os.environ.get("SPARSEC_TUNING_DB") or os.path.join(os.path.expanduser("~"), ".cache", "sparsec",
+                                                               "tuning.json")
+
+
+def entry_key(cpu: str, threads: int, k: int, n: int, dtype: str, kind: str) -> str:
+    return f"{cpu}|{threads}|{k}x{n}|{dtype}|{kind}"
+
+
+def _valid(entry) -> bool:
+    return (isinstance(entry, dict) and entry.get("rows_per_pass") in ROWS_PER_PASS
+            and entry.get("tiles_per_thread") in TILES_PER_THREAD and entry.get("group") in GROUPS)
+
+
+class Database:
+    """The tuning database at ``path`` (default :func:`database_path`), read once; :meth:`save` writes it back
+    atomically, unless the file on disk was damaged."""
+
+    def __init__(self, path: str | None = None):
+        self.path = path or database_path()
+        self.entries: dict = {}
+        self.writable = True
+        if not os.path.exists(self.path):
+            return
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+            if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION \
+                    or not isinstance(data.get("entries"), dict):
+                raise ValueError(f"not a {FORMAT} version {VERSION} file")
+        except (OSError, ValueError) as exc:
+            progress.warn(f"ignoring the tuning database '{self.path}' ({exc}); schedules are measured"
+                          " or default, and the file is left as it is")
+            self.writable = False
+            return
+        self.entries = data["entries"]
+
+    def get(self, key: str) -> dict | None:
+        """The schedule stored under ``key``, or None (with a warning when the entry is not a valid schedule)."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if not _valid(entry):
+            progress.warn(f"ignoring tuning database entry '{key}' in '{self.path}': not a schedule of"
+                          f" this sparsec (rows_per_pass in {ROWS_PER_PASS}, tiles_per_thread in {TILES_PER_THREAD},"
+                          f" group in {GROUPS})")
+            return None
+        return {name: entry[name] for name in ("rows_per_pass", "tiles_per_thread", "group")}
+
+    def put(self, key: str, entry: dict) -> None:
+        self.entries[key] = entry
+
+    def save(self) -> None:
+        if not self.writable:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"format": FORMAT, "version": VERSION, "entries": self.entries}, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def kernel_args(k: int, n: int, schedule: dict, threads: int) -> dict:
+    """The keyword arguments of :func:`~sparsec.backends.tvm.kernels.linear_kernel` (and ``tiles`` of
+    :func:`~sparsec.backends.tvm.kernels.pack_weight`) for ``schedule``."""
+    from sparsec.backends.tvm.kernels import VL, num_tiles
+
+    tiles = num_tiles(n, threads)
+    if schedule.get("tiles_per_thread"):
+        tiles = max(1, min(threads * schedule["tiles_per_thread"], n // VL))
+    return {"tiles": tiles, "rows_per_pass": schedule.get("rows_per_pass") or DEFAULT["rows_per_pass"],
+            "group": schedule.get("group")}
+
+
+class _Bench:
+    """One kernel shape on this CPU: builds candidates and times them on the same inputs."""
+
+    def __init__(self, k: int, n: int, dtype: str, kind: str, threads: int):
+        import torch
+
+        from sparsec.backends.tvm.env import import_tvm
+
+        self.tvm = import_tvm()
+        self.k, self.n, self.dtype, self.kind, self.threads = k, n, dtype, kind, threads
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.randn(n, k, generator=g).to(getattr(torch, dtype))
+        x = torch.randn(GEMM_TOKENS, k, generator=g)
+        thr = 0.0
+        if kind == "threshold":
+            thr = float(x[0].abs().median())  # half of the decode token's inputs dropped
+        elif kind == "relu":
+            x[0, torch.randperm(k, generator=g)[: k // 2]] = 0
+        self.x1, self.xm = self._tensor(x[:1]), self._tensor(x)
+        self.thr, self.b = self._tensor(torch.tensor([thr])), self._tensor(torch.zeros(n))
+        self.y1 = self.tvm.runtime.empty((1, n), dtype)
+        self.ym = self.tvm.runtime.empty((GEMM_TOKENS, n), dtype)
+
+    def _tensor(self, t):
+        """``t`` (torch) as a TVM tensor of the kernel's dtype (bfloat16 through its bit pattern)."""
+        import torch
+
+        t = t.to(getattr(torch, self.dtype)).contiguous()
+        array = t.view(torch.int16).numpy().view("uint16") if self.dtype == "bfloat16" else t.numpy()
+        return self.tvm.runtime.empty(tuple(t.shape), self.dtype).copyfrom(array)
+
+    def build(self, schedule: dict):
+        """``(call on one token, call on GEMM_TOKENS)`` of the kernel with ``schedule``, or None if it is invalid."""
+        from sparsec.backends.tvm.env import cpu_target
+        from sparsec.backends.tvm.kernels import linear_kernel, pack_weight
+
+        args = kernel_args(self.k, self.n, schedule, self.threads)
+        try:
+            func = linear_kernel(self.k, self.n, self.dtype, sparse=self.kind != "dense",
+                                 threshold=self.kind == "threshold", **args)
+        except ValueError:
+            return None
+        f = self.tvm.compile(func.with_attr("global_symbol", "main"), cpu_target())["main"]
+        wp = self._tensor(pack_weight(self.w, tiles=args["tiles"]))
+        return (lambda: f(self.x1, wp, self.thr, self.b, self.y1)), (lambda: f(self.xm, wp, self.thr, self.b, self.ym))
+
+
+def _fastest(calls: dict, seconds: float, reps: int = 15) -> dict:
+    """Median seconds of each of ``calls`` (name -> callable), interleaved, within about ``seconds``."""
+    for f in calls.values():
+        f()
+    times = {name: [] for name in calls}
+    stop = time.perf_counter() + seconds
+    for i in range(reps):
+        for name, f in calls.items():
+            t = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t)
+        if i >= 2 and time.perf_counter() > stop:
+            break
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def tune(k: int, n: int, dtype: str, kind: str, threads: int, seconds: float) -> dict:
+    """Measure schedules of one kernel on this CPU for about ``seconds``; the fastest, with its timings (µs)."""
+    start = time.perf_counter()
+    bench = _Bench(k, n, dtype, kind, threads)
+    built = {}
+    for r in ROWS_PER_PASS:
+        for t in TILES_PER_THREAD:
+            if built and time.perf_counter() - start > seconds / 2:
+                break
+            cand = {"rows_per_pass": r, "tiles_per_thread": t, "group": None}
+            calls = bench.build(cand)
+            if calls is not None:
+                built[(r, t)] = calls
+    default_calls = bench.build(DEFAULT)
+    gemv = _fastest({"default": default_calls[0], **{key: c[0] for key, c in built.items()}}, seconds / 4)
+    best = min(built, key=lambda key: gemv[key])
+    choice = {"rows_per_pass": best[0], "tiles_per_thread": best[1]}
+    groups = {}
+    for g in GROUPS:
+        if time.perf_counter() - start > seconds:
+            break
+        calls = bench.build({**choice, "group": g})
+        if calls is not None:
+            groups[g] = calls[1]
+    gemm = _fastest({"default": default_calls[1], **groups}, max(0.0, seconds - (time.perf_counter() - start)),
+                    reps=5) if groups else {"default": float("nan")}
+    group = min(groups, key=lambda g: gemm[g]) if groups else 1
+    return {**choice, "group": group, "gemv_us": round(gemv[best] * 1e6, 1),
+            "default_gemv_us": round(gemv["default"] * 1e6, 1),
+            "gemm_us": round(gemm.get(group, float("nan")) * 1e6, 1),
+            "default_gemm_us": round(gemm["default"] * 1e6, 1)}
+
+
+class Scheduler:
+    """Chooses the schedule of each kernel of one build: from the database, else measured for about ``seconds``
+    (per kernel; 0: no measuring), else the default. ``chosen``: kernel name -> schedule and where it came from."""
+
+    def __init__(self, seconds: float, threads: int, database: Database | None = None):
+        from sparsec.backends.tvm.env import host_cpu
+
+        self.seconds, self.threads = seconds, threads
+        self.db = database if database is not None else Database()
+        self.cpu = host_cpu()
+        self.chosen: dict = {}
+
+    def __call__(self, k: int, n: int, dtype: str, kind: str) -> dict:
+        """The keyword arguments of ``linear_kernel`` for this kernel (see :func:`kernel_args`)."""
+        name = f"sparsec_linear_{kind}_{k}_{n}_{dtype}"
+        if name not in self.chosen:
+            key = entry_key(self.cpu, self.threads, k, n, dtype, kind)
+            schedule, source = self.db.get(key), "database"
+            if schedule is None and self.seconds > 0:
+                with progress.task(f"compile: tune {name}"):
+                    entry = tune(k, n, dtype, kind, self.threads, self.seconds)
+                self.db.put(key, entry)
+                self.db.save()
+                schedule, source = self.db.get(key), "tuned"
+            if schedule is None:
+                schedule, source = dict(DEFAULT), "default"
+            self.chosen[name] = {**schedule, "source": source}
+        return kernel_args(k, n, self.chosen[name], self.threads)

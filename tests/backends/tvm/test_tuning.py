@@ -1,0 +1,112 @@
+"""Per-CPU schedules of the CPU linear kernels: every candidate computes the same, a tuned build matches torch and
+records its schedules, the database makes the next build take the same ones without measuring, and a damaged or
+foreign database is ignored with one warning line."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import sparsec
+from sparsec.calibration import token_forward_loop
+from sparsec.inputs import run_program
+from tests.zoo import build
+
+tvm = pytest.importorskip("tvm")
+
+from sparsec.backends.tvm import tuning  # noqa: E402
+from sparsec.backends.tvm.env import cpu_target, host_cpu, import_tvm  # noqa: E402
+from sparsec.backends.tvm.kernels import linear_kernel, pack_weight, reference  # noqa: E402
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def test_every_schedule_candidate_computes_the_same():
+    """All 27 schedules (rows per pass x tiles per thread x GEMM group) on one token (the GEMV), a few tokens (the
+    union path) and 20 tokens (the GEMM), with a fused threshold, against numpy."""
+    import_tvm(2)
+    k, n = 96, 512  # 8 tiles of 64 columns at most: 4 GEMM panels, every group divides them
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g)
+    xs = {m: torch.randn(m, k, generator=g) for m in (1, 5, 20)}
+    thr = np.array([0.5], np.float32)
+    seen = 0
+    for r in tuning.ROWS_PER_PASS:
+        for t in tuning.TILES_PER_THREAD:
+            for group in tuning.GROUPS:
+                args = tuning.kernel_args(k, n, {"rows_per_pass": r, "tiles_per_thread": t, "group": group}, 2)
+                f = tvm.compile(linear_kernel(k, n, threshold=True, **args).with_attr("global_symbol", "main"),
+                                cpu_target())["main"]
+                wp = tvm.runtime.tensor(pack_weight(w, tiles=args["tiles"]).numpy())
+                for m, x in xs.items():
+                    y = tvm.runtime.empty((m, n), "float32")
+                    f(tvm.runtime.tensor(x.numpy()), wp, tvm.runtime.tensor(thr),
+                      tvm.runtime.tensor(np.zeros(n, np.float32)), y)
+                    np.testing.assert_allclose(y.numpy(), reference(x.numpy(), w.numpy(), 0.5), rtol=1e-5, atol=1e-5)
+                seen += 1
+    assert seen == 27
+
+
+@pytest.fixture(scope="module")
+def llama_teal():
+    model, inputs = build("llama")
+    loop = token_forward_loop(torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2)))
+    return sparsec.transform(model, "teal{sparsity=0.5}", example_inputs=inputs, forward_loop=loop, measure=False)
+
+
+def _check_parity(build_dir, program):
+    compiled = sparsec.load_compiled(str(build_dir))
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    for got, want in zip(compiled(feed).values(), run_program(program, feed)):
+        torch.testing.assert_close(got, want, **TOL)
+    return compiled(feed)
+
+
+def test_tuned_build_matches_torch_and_the_database_replays_its_schedules(llama_teal, tmp_path, monkeypatch):
+    db = tmp_path / "tuning.json"
+    monkeypatch.setenv("SPARSEC_TUNING_DB", str(db))
+    first = sparsec.compile(llama_teal, str(tmp_path / "tuned"), threads=2, tune_seconds=1)
+    assert set(first["schedules"]) == set(first["kernels"])
+    assert {s["source"] for s in first["schedules"].values()} == {"tuned"}
+    entries = json.loads(db.read_text())["entries"]
+    assert len(entries) == len(first["kernels"])
+    for key, entry in entries.items():
+        cpu, threads, shape, dtype, kind = key.split("|")
+        assert (cpu, threads, dtype) == (host_cpu(), "2", "float32") and re.fullmatch(r"\d+x\d+", shape)
+        assert entry["rows_per_pass"] in tuning.ROWS_PER_PASS and entry["gemv_us"] > 0
+    out_tuned = _check_parity(tmp_path / "tuned", llama_teal.program)
+    again = sparsec.compile(llama_teal, str(tmp_path / "again"), threads=2, tune_seconds=0)
+    assert {name: {**s, "source": "tuned"} for name, s in again["schedules"].items()} == first["schedules"]
+    assert {s["source"] for s in again["schedules"].values()} == {"database"}
+    out_again = _check_parity(tmp_path / "again", llama_teal.program)
+    for a, b in zip(out_tuned.values(), out_again.values()):
+        assert torch.equal(a, b)  # the same schedules: the same build, bit for bit
+
+
+def _warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "tuning database" in str(w.message)]
+
+
+def test_a_damaged_or_foreign_database_is_ignored_with_one_warning(llama_teal, tmp_path, monkeypatch):
+    db = tmp_path / "tuning.json"
+    monkeypatch.setenv("SPARSEC_TUNING_DB", str(db))
+    db.write_text('{"format": "sparsec-tuning", "version": 1, "entries": {')  # cut short
+    with pytest.warns(UserWarning) as record:
+        m = sparsec.compile(llama_teal, str(tmp_path / "a"), threads=2, tune_seconds=0)
+    assert {s["source"] for s in m["schedules"].values()} == {"default"}
+    [message] = _warnings(record)
+    assert message.startswith(f"ignoring the tuning database '{db}' (") and "the file is left as it is" in message
+    assert db.read_text().endswith("{")  # not written over
+    kernel = m["kernels"][0]
+    kind, k, n, dtype = re.fullmatch(r"sparsec_linear_(\w+?)_(\d+)_(\d+)_(\w+)", kernel).groups()
+    key = tuning.entry_key(host_cpu(), 2, int(k), int(n), dtype, kind)
+    db.write_text(json.dumps({"format": "sparsec-tuning", "version": 1,
+                              "entries": {key: {"rows_per_pass": 3, "tiles_per_thread": 1, "group": 1}}}))
+    with pytest.warns(UserWarning) as record:
+        m = sparsec.compile(llama_teal, str(tmp_path / "b"), threads=2, tune_seconds=0)
+    assert m["schedules"][kernel]["source"] == "default"
+    assert _warnings(record) == [f"ignoring tuning database entry '{key}' in '{db}': not a schedule of this sparsec"
+                                 f" (rows_per_pass in (2, 4, 8), tiles_per_thread in (1, 2, 4), group in (1, 2, 4))"]
+    _check_parity(tmp_path / "b", llama_teal.program)
