@@ -289,17 +289,19 @@ class CompiledModel:
 
     def __call__(self, inputs: dict | None = None, /, **named):
         """The outputs by name for inputs given by keyword or in one dict; numpy for numpy inputs, else torch."""
-        from sparsec.calling import HOW_TO_PASS, Outputs, gave_numpy, named_inputs
+        from sparsec import calling
 
-        named = named_inputs(() if inputs is None else (inputs,), named)
-        outs = self._execute(named, "the call", HOW_TO_PASS)
-        if gave_numpy(named):
-            views = [np.from_dlpack(o) if self._cpu else o.numpy() for o in outs]
-        else:
-            from torch.utils.dlpack import from_dlpack  # a capsule: 0.6x torch.from_dlpack's time here
+        if inputs is None or named or type(inputs) is not dict:
+            inputs = calling.named_inputs(() if inputs is None else (inputs,), named)
+        outs = self._execute(inputs, "the call", calling.HOW_TO_PASS)
+        if not self._cpu:
+            views = [o.numpy() for o in outs]
+            return calling.outputs(views, self.output_names, numpy=calling.gave_numpy(inputs))
+        if calling.gave_numpy(inputs):
+            return calling.Outputs(zip(self.output_names, [np.from_dlpack(o) for o in outs]))
+        from torch.utils.dlpack import from_dlpack  # of a capsule: 0.6x torch.from_dlpack's time
 
-            views = [from_dlpack(o.__dlpack__()) if self._cpu else from_dlpack(o.numpy()) for o in outs]
-        return Outputs(zip(self.output_names, views))
+        return calling.Outputs(zip(self.output_names, [from_dlpack(o.__dlpack__()) for o in outs]))
 
     def run(self, inputs: dict, *, source: str = "inputs", hint: str = "") -> dict:
         """``{output name: numpy array}`` for ``inputs`` (``{name: array}``; a missing ``attention_mask`` is ones),
@@ -309,21 +311,19 @@ class CompiledModel:
     def _execute(self, named: dict, source: str, hint: str) -> list:
         """The VM's output tensors for the inputs ``named`` (numpy arrays or torch tensors)."""
         try:
-            signature = tuple([(k, v.dtype, tuple(v.shape)) for k, v in named.items()])
+            signature = tuple([(k, v.dtype, v.shape) for k, v in named.items()])  # torch.Size is a tuple
         except AttributeError:  # lists and other array-likes
             from sparsec.calling import as_array
 
             named = {k: as_array(v) for k, v in named.items()}
-            signature = tuple([(k, v.dtype, tuple(v.shape)) for k, v in named.items()])
+            signature = tuple([(k, v.dtype, v.shape) for k, v in named.items()])
         plan = self._plans.get(signature) or self._plan(named, signature, source, hint)
         args = [self._tvm_input(n, named[n]) if fixed is None else fixed for n, fixed in plan]
         out = self._main(*args, *self.params)
         outs = [out] if hasattr(out, "data_ptr") else list(out)
         if self._cpu:  # an output that is an input or a weight is copied: the caller may write to it
-            for i, o in enumerate(outs):
-                ptr = o.data_ptr()
-                if ptr in self._param_ptrs or any(ptr == a.data_ptr() for a in args):
-                    outs[i] = o.copyto(self.device)
+            taken = self._param_ptrs.union([a.data_ptr() for a in args])
+            outs = [o.copyto(self.device) if o.data_ptr() in taken else o for o in outs]
         return outs
 
     def _plan(self, named: dict, signature: tuple, source: str, hint: str) -> list:
