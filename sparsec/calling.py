@@ -89,9 +89,9 @@ def named_inputs(args: tuple, kwargs: dict) -> dict:
 
 
 def complete_inputs(named: dict, spec: list[dict], *, source: str = "the call", what: str = "the model",
-                    hint: str = HOW_TO_PASS, check: bool = True) -> dict:
+                    hint: str = HOW_TO_PASS) -> dict:
     """``named`` with a missing ``attention_mask`` defaulted to ones of ``input_ids``' shape (in the dtype the model
-    takes), checked against the input ``spec`` (:func:`sparsec.inputs.check_inputs`) when ``check``."""
+    takes), checked against the input ``spec`` (:func:`sparsec.inputs.check_inputs`)."""
     from sparsec.inputs import check_inputs
 
     dtypes = {s["name"]: s["dtype"] for s in spec if "dtype" in s}
@@ -104,8 +104,7 @@ def complete_inputs(named: dict, spec: list[dict], *, source: str = "the call", 
 
             mask = torch.ones(tuple(ids.shape), dtype=getattr(torch, dtypes["attention_mask"]), device=ids.device)
             named = {**named, "attention_mask": mask}
-    if check:
-        check_inputs(named, spec, source=source, what=what, hint=hint)
+    check_inputs(named, spec, source=source, what=what, hint=hint)
     return named
 
 
