@@ -74,7 +74,8 @@ def main(argv=None) -> None:
     import_tvm()
     rows = [measure(*map(int, s.split("x")), args.reps) for s in args.shapes.split(",")]
     lines = [f"CPU: {peers.cpu_description()['summary']}.", "",
-             "| W (K×N, fp32 MB) | bare VM call µs | torch input µs | overhead µs | numpy input µs | overhead µs |",
+             "| W (K×N, fp32 MB) | bare VM call µs | torch input µs | overhead µs | numpy input µs"
+             " | overhead µs |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} ({r['MB']:.0f}) | {r['bare VM call']:.0f} | {r['torch input']:.0f} |"

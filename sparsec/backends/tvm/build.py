@@ -266,9 +266,10 @@ class CompiledModel:
     ``compiled({"input_ids": ids})`` (numpy arrays or torch tensors) gives :class:`~sparsec.calling.Outputs`.
 
     What a call adds to the bare VM call (``benchmarks/results/call_overhead.md``) is kept small: the inputs are
-    checked against the build's input spec once per set of names, dtypes and shapes; a C-contiguous, 64-byte aligned CPU tensor
-    (torch allocates so) goes in through DLPack without a copy, any other input is copied into a buffer kept for its
-    shape; outputs come back as DLPack views of TVM's (a copy only of an output that aliases an input or a weight)."""
+    checked against the build's input spec once per set of names, dtypes and shapes; a C-contiguous, 64-byte aligned
+    CPU tensor (torch allocates so) goes in through DLPack without a copy, any other input is copied into a buffer
+    kept for its shape; outputs come back as DLPack views of TVM's (a copy only of an output that aliases an input or
+    a weight)."""
 
     path: str
     manifest: dict

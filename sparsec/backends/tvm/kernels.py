@@ -94,6 +94,11 @@ def pack_weight(w, dtype: str | None = None, *, tiles: int | None = None):
     return wt.reshape(nt, ct, k).permute(0, 2, 1).contiguous()
 
 
+def kernel_name(kind: str, k: int, n: int, dtype: str) -> str:
+    """The module-level name of the linear kernel of ``kind`` (dense, relu or threshold) for ``W [n, k]``."""
+    return f"sparsec_linear_{kind}_{k}_{n}_{dtype}"
+
+
 def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True, threshold: bool = False,
                   tiles: int | None = None, rows_per_pass: int = R, group: int | None = None):
     """A PrimFunc ``(x [M, K], Wp [NT, K, CT], thr [1], bias [N], y [M, N])``, ``M`` symbolic.

@@ -165,7 +165,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
     from tvm.relax.frontend.torch import from_exported_program
 
     from sparsec.backends.tvm.cuda import cuda_linear_kernel, pack_weight_cuda
-    from sparsec.backends.tvm.kernels import linear_kernel, pack_weight
+    from sparsec.backends.tvm.kernels import kernel_name, linear_kernel, pack_weight
     from sparsec.graph import module_path
 
     program = _decompose(program, keep_sdpa=target == "llvm")
@@ -187,7 +187,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
         thr = float(consts.get(x_node.args[1])) if kind == "threshold" else 0.0
         dtype = str(x.ty.dtype)
         n, k = (int(d) for d in w.shape)
-        key = f"sparsec_linear_{kind}_{k}_{n}_{dtype}"
+        key = kernel_name(kind, k, n, dtype)
         bb = importer.block_builder
         args = schedule(k, n, dtype, kind) if schedule is not None and target != "cuda" else {}
         if key not in funcs:

@@ -6,8 +6,8 @@ A schedule of :func:`sparsec.backends.tvm.kernels.linear_kernel` is three number
 * ``tiles_per_thread``: column tiles per thread, 1, 2 or 4 (more tiles: shorter tasks, more of them);
 * ``group``: GEMM (prefill) panels copied per task, 1, 2 or 4.
 
-:func:`schedule_for` returns the schedule of one kernel (``k``, ``n``, dtype, kind: dense, relu or threshold):
-from the database when it holds one for this CPU, thread count, shape, dtype and kind; else, with a time budget,
+A :class:`Scheduler` gives the schedule of each kernel of a build (``k``, ``n``, dtype, kind: dense, relu or
+threshold): from the database when it holds one for this CPU, thread count, shape, dtype and kind; else, with a time budget,
 measured here: the default first, then the GEMV candidates at 50 % sparsity (all inputs for a dense kernel) on one
 token, then the GEMM groups on 128 tokens, keeping the fastest (medians of interleaved calls); else the default.
 Tuning never changes what a kernel computes, only how: every candidate is the same kernel family.
@@ -209,17 +209,19 @@ class Scheduler:
     """Chooses the schedule of each kernel of one build: from the database, else measured for about ``seconds``
     (per kernel; 0: no measuring), else the default. ``chosen``: kernel name -> schedule and where it came from."""
 
-    def __init__(self, seconds: float, threads: int, database: Database | None = None):
+    def __init__(self, seconds: float, threads: int):
         from sparsec.backends.tvm.env import host_cpu
 
         self.seconds, self.threads = seconds, threads
-        self.db = database if database is not None else Database()
+        self.db = Database()
         self.cpu = host_cpu()
         self.chosen: dict = {}
 
     def __call__(self, k: int, n: int, dtype: str, kind: str) -> dict:
         """The keyword arguments of ``linear_kernel`` for this kernel (see :func:`kernel_args`)."""
-        name = f"sparsec_linear_{kind}_{k}_{n}_{dtype}"
+        from sparsec.backends.tvm.kernels import kernel_name
+
+        name = kernel_name(kind, k, n, dtype)
         if name not in self.chosen:
             key = entry_key(self.cpu, self.threads, k, n, dtype, kind)
             schedule, source = self.db.get(key), "database"
