@@ -187,10 +187,16 @@ def weight_operand(node: fx.Node):
     return node.args[_WEIGHT_OPERAND.get(node.target, 1)]
 
 
+def is_dequantize(node) -> bool:
+    """True for a ``sparsec::dequantize`` node (a weight the quantize pass quantized)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and op_name(node.target) == "sparsec.dequantize"
+
+
 def _is_parameter(node) -> bool:
     node = _through_transparent_up(node)
-    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.mul.Tensor:  # weight * mask
-        return all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args)  # (the prune pass)
+    if isinstance(node, fx.Node) and node.op == "call_function" and (
+            node.target is aten.mul.Tensor or is_dequantize(node)):  # weight * mask (prune), dequantize(q, scale)
+        return all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[:2])
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
@@ -233,10 +239,13 @@ def _is_rotation_node(node: fx.Node) -> bool:
 def weight_numel(gm: fx.GraphModule, layer: WeightLayer) -> int:
     """Elements of the weight matrix of ``layer`` (0 when it is not a parameter of ``gm``)."""
     node = _through_transparent_up(weight_operand(layer.node))
-    if node.op == "call_function" and node.target is aten.mul.Tensor:  # weight * mask (the prune pass)
+    per_element = 1
+    if is_dequantize(node):  # dequantize(q, scale, bits, ...): 8 // bits weights per element of q
+        node, per_element = node.args[0], 8 // node.args[2]
+    elif node.op == "call_function" and node.target is aten.mul.Tensor:  # weight * mask (the prune pass)
         node = _through_transparent_up(node.args[0])
     try:
-        return int(operator.attrgetter(node.target)(gm).numel())
+        return int(operator.attrgetter(node.target)(gm).numel()) * per_element
     except (AttributeError, TypeError):
         return 0
 

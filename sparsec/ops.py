@@ -23,13 +23,22 @@ which a backend reads off the tensor it lowers (ONNX: Shape/Range/Less/Or, TVM: 
 and a backend that matches ``sparsec::threshold`` to fuse it into a sparse kernel never mistakes this op for it.
 Thresholded positions compute exactly ``x * (|x| > t)``, passed ones are ``x`` bit for bit. Same fake kernel and
 straight-mask gradient as ``sparsec::threshold``.
+
+``sparsec::dequantize(Tensor q, Tensor scale, int bits, int group, ScalarType dtype) -> Tensor`` is the weight of a
+layer the ``quantize`` pass quantized: ``w[..., k] = float32(q[..., k]) * float32(scale[..., k // group])`` (``group
+0``: ``scale[..., 0]``, one scale per row, i.e. per output channel of a linear weight ``[N, K]``), cast to
+``dtype``. ``bits=8``: ``q`` is int8 ``[..., K]``. ``bits=4``: ``q`` is uint8 ``[..., K / 2]``, two values per
+byte, the even ``k`` in the low nibble, each stored as ``value + 8`` (ONNX Runtime's ``MatMulNBits`` layout with its
+default zero point 8). A linear layer computes ``linear(x, dequantize(q, s, ...), b)``; an embedding gathers rows of
+``q`` and ``scale`` first and dequantizes only those (:mod:`sparsec.passes.quantize`). No gradient: quantized
+weights are frozen.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["threshold", "THRESHOLD", "threshold_prefill", "THRESHOLD_PREFILL"]
+__all__ = ["threshold", "THRESHOLD", "threshold_prefill", "THRESHOLD_PREFILL", "dequantize", "DEQUANTIZE"]
 
 
 @torch.library.custom_op("sparsec::threshold", mutates_args=())
@@ -115,5 +124,59 @@ threshold_prefill.register_autograd(_prefill_backward, setup_context=_prefill_se
 
 #: ``torch.ops.sparsec.threshold_prefill.default``
 THRESHOLD_PREFILL = torch.ops.sparsec.threshold_prefill.default
+
+#: weight bits ``sparsec::dequantize`` takes
+QUANT_BITS = (8, 4)
+
+
+def unpack_int4(q: Tensor) -> Tensor:
+    """uint8 ``[..., K / 2]`` (two values per byte, even k low, stored + 8) -> int8 ``[..., K]`` in [-8, 7]."""
+    pairs = torch.stack([q & 15, q >> 4], dim=-1).to(torch.int8) - 8
+    return pairs.reshape(*q.shape[:-1], q.shape[-1] * 2)
+
+
+def pack_int4(v: Tensor) -> Tensor:
+    """int8 ``[..., K]`` in [-8, 7], K even -> uint8 ``[..., K / 2]`` (the inverse of :func:`unpack_int4`)."""
+    u = (v.to(torch.int16) + 8).to(torch.uint8).reshape(*v.shape[:-1], v.shape[-1] // 2, 2)
+    return u[..., 0] | (u[..., 1] << 4)
+
+
+def _check_dequantize_args(q: Tensor, scale: Tensor, bits: int, group: int) -> int:
+    """K, the dequantized last dimension, after checking the arguments of ``sparsec::dequantize``."""
+    torch._check(bits in QUANT_BITS, lambda: f"sparsec::dequantize: bits must be one of {QUANT_BITS}, got {bits}")
+    torch._check(q.dtype == (torch.int8 if bits == 8 else torch.uint8),
+                 lambda: f"sparsec::dequantize: {bits}-bit values are stored as {'int8' if bits == 8 else 'uint8'},"
+                 f" got {q.dtype}")
+    k = q.shape[-1] * (8 // bits)
+    torch._check(scale.dim() == q.dim() and group >= 0,
+                 lambda: f"sparsec::dequantize: scale must have q's rank and group must be >= 0, got scale shape"
+                 f" {tuple(scale.shape)} for q {tuple(q.shape)}, group {group}")
+    torch._check(scale.shape[-1] == (k // group if group else 1),
+                 lambda: f"sparsec::dequantize: {k} values in groups of {group} need"
+                 f" {k // group if group else 1} scales per row, got {scale.shape[-1]}")
+    return k
+
+
+@torch.library.custom_op("sparsec::dequantize", mutates_args=())
+def dequantize(q: Tensor, scale: Tensor, bits: int, group: int, dtype: torch.dtype) -> Tensor:
+    """``float32(q) * float32(scale)`` per group of ``group`` values along the last dimension, as ``dtype``."""
+    _check_dequantize_args(q, scale, bits, group)
+    v = (q if bits == 8 else unpack_int4(q)).to(torch.float32)
+    s = scale.to(torch.float32)
+    if group:
+        v = (v.unflatten(-1, (-1, group)) * s.unsqueeze(-1)).flatten(-2)
+    else:
+        v = v * s
+    return v.to(dtype)
+
+
+@dequantize.register_fake
+def _dequantize_fake(q: Tensor, scale: Tensor, bits: int, group: int, dtype: torch.dtype) -> Tensor:
+    k = _check_dequantize_args(q, scale, bits, group)
+    return q.new_empty((*q.shape[:-1], k), dtype=dtype)
+
+
+#: ``torch.ops.sparsec.dequantize.default``
+DEQUANTIZE = torch.ops.sparsec.dequantize.default
 
 import sparsec.training  # noqa: E402,F401  defines sparsec::regularize (training taps) a program may contain

@@ -1,0 +1,150 @@
+"""quantize: int8 / int4 weights of linear layers and embeddings, on the Hugging Face zoo; order with teal; errors."""
+import pytest
+import torch
+from torch import nn
+
+import sparsec
+from sparsec.calibration import token_forward_loop
+from sparsec.errors import UsageError
+from sparsec.ops import DEQUANTIZE, THRESHOLD, dequantize, pack_int4, unpack_int4
+from sparsec.passes.quantize import quantize_weight
+from tests.zoo import build
+
+
+def _logits(out):
+    return out["logits"] if isinstance(out, dict) else out.logits if hasattr(out, "logits") else out[0]
+
+
+def _dequantized_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is DEQUANTIZE]
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (8, 32), (4, 32), (4, 0)])
+def test_quantize_weight_rounds_to_nearest(bits, group):
+    torch.manual_seed(1)
+    w = torch.randn(24, 64) * torch.rand(24, 1)
+    w[3] = 0.0  # an all-zero row: scale 0, values 0
+    q, scale = quantize_weight(w, bits, group, torch.float32)
+    assert q.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert q.shape == (24, 64 if bits == 8 else 32) and scale.shape == (24, 64 // group if group else 1)
+    values = q if bits == 8 else unpack_int4(q)
+    qmax = 2 ** (bits - 1) - 1
+    assert int(values.abs().max()) == qmax  # the largest magnitude of every group maps to ±qmax
+    assert int(values.min()) >= -qmax and torch.equal(values[3], torch.zeros(64, dtype=torch.int8))
+    w2 = dequantize(q, scale, bits, group, torch.float32)
+    per_weight = scale.repeat_interleave(group or 64, dim=1)
+    assert bool(((w2 - w).abs() <= per_weight / 2 * (1 + 1e-6)).all())  # round to nearest: at most half a step
+    assert torch.equal(w2[3], torch.zeros(64))
+
+
+def test_int4_packing_is_the_matmulnbits_layout():
+    v = torch.tensor([[-8, 7, 0, -1, 3, -3]], dtype=torch.int8)
+    packed = pack_int4(v)
+    assert packed.tolist() == [[0 | 15 << 4, 8 | 7 << 4, 11 | 5 << 4]]  # even k low, stored value + 8
+    assert torch.equal(unpack_int4(packed), v)
+
+
+def test_fp16_scales():
+    w = torch.randn(8, 64)
+    q, scale = quantize_weight(w, 8, 32, torch.float16)
+    assert scale.dtype == torch.float16
+    assert torch.allclose(dequantize(q, scale, 8, 32, torch.float32), w, atol=float(scale.max()) / 2 * 1.01)
+
+
+INT4 = "quantize{bits=4 group=32 scale_dtype=float16}"
+
+
+@pytest.mark.parametrize("arch,dequantized,spec", [("llama", 16, "quantize"), ("llama", 16, INT4),
+                                                   ("gpt2", 11, INT4), ("gemma3", 23, "quantize")])
+def test_zoo_computes_with_the_dequantized_weights(arch, dequantized, spec, tmp_path):
+    """Every linear (LM head included) and embedding reads dequantize(q, scale); the program equals the Hugging Face
+    model with its weights replaced by the dequantized ones, bit for bit, also after save and load."""
+    model, inputs = build(arch)
+    ids = inputs["input_ids"]
+    result = sparsec.transform(model, spec, example_inputs=(ids,), measure=False)
+    gm = result.module()
+    assert len(_dequantized_nodes(gm)) == dequantized
+    assert not any(p.dim() == 2 for p in gm.parameters())  # no floating-point matrix is left
+    entries = result.report["layers"]
+    stats = result.report["passes"][0]["stats"]
+    assert stats["weights_quantized"] == len(entries)
+    assert stats["compression"] == pytest.approx(stats["bytes_before"] / stats["bytes_after"], rel=1e-4)
+    assert stats["compression"] > (3.7 if spec == "quantize" else 6)
+    assert all(0 < e["rel_error"] < (0.01 if spec == "quantize" else 0.2) for e in entries)
+
+    reference = build(arch)[0]
+    for e in entries:
+        name, k = e["parameter"], e["shape"][1]
+        q = getattr(gm, "sparsec_quantize").get_buffer(name.replace(".", "_") + "_q")
+        s = getattr(gm, "sparsec_quantize").get_buffer(name.replace(".", "_") + "_scale")
+        bits = 8 if q.shape[1] == k else 4
+        w = dequantize(q, s, bits, 0 if s.shape[1] == 1 else k // s.shape[1], torch.float32)
+        owner = reference.get_submodule(name.rpartition(".")[0])
+        with torch.no_grad():  # GPT-2's Conv1D stores [in, out]
+            getattr(owner, name.rpartition(".")[2]).copy_(w.t() if type(owner).__name__ == "Conv1D" else w)
+    expected = reference(ids).logits
+    assert torch.equal(_logits(gm(ids)), expected)
+    sparsec.save(result, str(tmp_path / "art"))
+    assert torch.equal(_logits(sparsec.load(str(tmp_path / "art"))(ids)), expected)
+
+
+def test_tied_head_and_embedding_share_one_quantized_table():
+    model, inputs = build("gemma3")
+    result = sparsec.transform(model, "quantize", example_inputs=(inputs["input_ids"],), measure=False)
+    tied = [e for e in result.report["layers"] if "model.embed_tokens" in e["uses"]]
+    assert len(tied) == 1 and tied[0]["uses"] == ["lm_head", "model.embed_tokens"]
+    assert len(result.report["layers"]) == 22
+    only_head = sparsec.transform(model, "quantize{targets={lm_head}}", example_inputs=(inputs["input_ids"],),
+                                  measure=False).module()
+    assert [n.args[0].op for n in _dequantized_nodes(only_head)] == ["get_attr"]  # the head; the table stays float
+    assert only_head.get_parameter("model.embed_tokens.weight").dtype == torch.float32
+
+
+def test_teal_calibrates_on_the_quantized_model():
+    model, inputs = build("llama")
+    ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(1))
+    result = sparsec.transform(model, "quantize{bits=4 group=32},teal{sparsity=0.5}", example_inputs=(ids[:1],),
+                               forward_loop=token_forward_loop(ids, batch_size=8), measure=False)
+    gm = result.module()
+    assert len(_dequantized_nodes(gm)) == 16
+    assert sum(1 for n in gm.graph.nodes if n.target is THRESHOLD) == 14
+    teal = result.report["layers"][16:]
+    assert all(e["op"] == "teal" and abs(e["measured_sparsity"] - 0.5) < 0.05 for e in teal)
+    assert {e["weight_numel"] for e in teal} == {64 * 64, 64 * 32, 128 * 64}  # the quantized weights' sizes
+    with pytest.raises(UsageError, match="pass 'quantize' must run before 'teal' .*write 'quantize,teal'"):
+        sparsec.transform(model, "teal,quantize", example_inputs=(ids[:1],), forward_loop=print)
+
+
+class _IntTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.arange(64).reshape(8, 8))
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, ids):
+        return self.fc(torch.nn.functional.embedding(ids, self.table).float())
+
+
+def test_errors_name_the_layer_and_change_nothing():
+    model, inputs = build("llama")
+    ids = (inputs["input_ids"],)
+    cases = [
+        ("quantize{bits=3}", "quantize: bits=3 is not supported; valid: bits=8 or bits=4"),
+        ("quantize{bits=4 group=5}", "quantize: group=5 is odd; 4-bit values are packed two per byte"),
+        ("quantize{group=48}", "quantize: group=48 does not divide the 64 input features of layer"
+                               " 'model.layers.0.self_attn.q_proj'; choose a group that divides 64"),
+        ("quantize{targets={model.layers.7}}", "target 'model.layers.7' of pass 'quantize' matches no candidate"),
+        ("prune,quantize", "quantize: the weight of layer 'model.layers.0.self_attn.q_proj' is masked by prune; run"
+                           " fold before quantize"),
+        ("quantize,quantize", "quantize: layer 'model.layers.0.self_attn.q_proj' is already quantized by an"
+                              " earlier quantize pass"),
+    ]
+    for spec, message in cases:
+        with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            sparsec.transform(model, spec, example_inputs=ids, measure=False)
+    net = _IntTable()
+    with pytest.raises(UsageError, match="quantize: the weight of layer 'table' is int64, not a floating-point type"):
+        sparsec.transform(net, "quantize", example_inputs=(torch.tensor([[1, 2]]),), measure=False)
+    result = sparsec.transform(net, "quantize{targets={fc}}", example_inputs=(torch.tensor([[1, 2]]),),
+                               measure=False)
+    assert [e["module"] for e in result.report["layers"]] == ["fc"]
