@@ -150,7 +150,7 @@ def test_round_trip_property(to, threshold, shift, scope, targets, ignore):
 def test_unknown_pass_did_you_mean():
     exc = syntax_error("relu", 0, "unknown pass 'relu' (did you mean 'relufy'?)")
     assert exc.exit_code == 2
-    assert "valid passes: cats, db-mlp, fold, jsrelu, prune, regularize, relufy, rotate, strip, teal (run 'sparsec passes')" \
+    assert "valid passes: cats, db-mlp, fold, jsrelu, prune, quantize, regularize, relufy, rotate, strip, teal (run 'sparsec passes')" \
         in exc.message
     syntax_error("relufy,relufyy{to=relu}", 7, "unknown pass 'relufyy' (did you mean 'relufy'?)")
     exc = syntax_error("zzz", 0, "unknown pass 'zzz'; valid passes:")

@@ -160,6 +160,42 @@ def _torch_registry_check():
         return lambda target: False
 
 
+def has_quantized_weights(program) -> bool:
+    """True when ``program`` computes a weight with ``sparsec::dequantize`` (the ``quantize`` pass)."""
+    from sparsec.ops import DEQUANTIZE
+
+    return any(n.op == "call_function" and n.target is DEQUANTIZE for n in program.graph.nodes)
+
+
+def keep_packed(node) -> bool | None:
+    """``should_fold`` of onnxscript's constant folding: False (keep the node) when it reads a packed integer weight
+    (an int8 / uint8 initializer) or a quantization scale (an initializer of the ``quantize`` pass's holder), except
+    ``Shape`` / ``Size``; None (the default rules) otherwise. Without it the exporter folds ``sparsec::dequantize`` of
+    a small weight into a float32 initializer: a .onnx file as large as the unquantized one."""
+    import onnx_ir as ir
+
+    from sparsec.passes.quantize import HOLDER
+
+    if node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx"):
+        return None
+    for v in node.inputs:
+        if v is not None and v.is_initializer() and (v.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
+                                                     or (v.name or "").startswith(HOLDER)):
+            return False
+    return None
+
+
+def optimize_keeping_packed(model) -> None:
+    """What ``torch.onnx.export(optimize=True)`` does (onnxscript's ``optimize_ir``, then its ONNX fusions), with
+    :func:`keep_packed` deciding the folding of quantized weights."""
+    import onnxscript
+
+    onnxscript.optimizer.optimize_ir(model, should_fold=keep_packed)
+    fusions = getattr(onnxscript.rewriter, "onnx_fusions", None)
+    if fusions is not None and hasattr(fusions, "fuse"):
+        fusions.fuse(model)
+
+
 def _no_translation_message(op: str, module: str, node: str) -> str:
     where = f"in module '{module}'" if module else "in the model's own forward"
     return (f"op '{op}' ({where}, node '{node}') has no ONNX translation; register one with"
@@ -299,10 +335,14 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
     start = time.perf_counter()
     names = program_output_names(program, facts.get("output_names"))
     try:
+        packed = optimize and has_quantized_weights(program)  # optimized here, keeping the weights packed
         with _quiet():
             onnx_program = torch.onnx.export(program, (), None, dynamo=True, opset_version=opset,
-                                             custom_translation_table=table or None, optimize=optimize,
-                                             output_names=names, verbose=False, report=False)
+                                             custom_translation_table=table or None,
+                                             optimize=optimize and not packed, output_names=names, verbose=False,
+                                             report=False)
+            if packed:
+                optimize_keeping_packed(onnx_program.model)
     except Exception as exc:
         cause = _exporter_cause(exc)
         op = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>", str(exc))

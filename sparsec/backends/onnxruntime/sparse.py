@@ -13,6 +13,14 @@ replacements read only the weight rows of the active inputs:
 always thresholded, the other rows only by position. Such a linear takes SparseLinear only inside the same
 ``If(Size(x) == K)`` (else the original MatMul), and the gather reads the active rows off that exact mask.
 
+A weight the ``quantize`` pass made (:mod:`sparsec.passes.quantize`) is no initializer but a constant subgraph:
+``Transpose(sparsec::dequantize(q, scale))`` in standard ops (:mod:`.translations`) over int8 / uint8 and scale
+initializers. Such a linear is replaced like any other, the SparseLinear / Gather reading the float32 weight that
+subgraph computes; the file keeps the packed integers. ONNX Runtime's constant folding (on by default) computes that
+weight once, when the session is created: in the session the weight is float32, as it is for ORT's own dense MatMul
+of the same graph, so the sparse kernels lose no memory saving that dense ORT keeps (with graph optimizations off
+every run dequantizes again, on either path). Reading only the packed bytes of the active rows is the TVM backend's.
+
 Per layer the choice is made by measurement: for each distinct (K, N, bias, sparsity) each formulation is timed
 at batch 1 (one decode token) on random weights with that fraction of zero inputs, and the fastest is kept when it
 beats dense ORT by :data:`MARGIN`. The sparsity of a layer is measured by running the torch program on its example
@@ -54,6 +62,7 @@ class ThresholdedLinear:
     masked: str  # name of the thresholded value (the torch node name of the sparsec::threshold call)
     layer: str  # module path of the linear
     prefill: bool = False  # the mask is teal's prefill rule (thresholds only one-row inputs in full)
+    quantized: bool = False  # Wt is computed from packed integer initializers (a constant subgraph), not stored
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -64,6 +73,45 @@ def _const(value):
     from onnx_ir.convenience import get_const_tensor
 
     return get_const_tensor(value) if value is not None else None
+
+
+#: the most nodes a constant weight subgraph may have (a dequantized weight takes about 15)
+_MAX_WEIGHT_NODES = 64
+_PACKED = ("INT8", "UINT8")
+
+
+def constant_weight(value) -> tuple[bool, bool]:
+    """(constant, quantized) of a weight ``value``: constant when it is an initializer / Constant or is computed by at
+    most :data:`_MAX_WEIGHT_NODES` deterministic standard-domain nodes of the main graph from initializers and
+    Constants only (no graph input, no subgraph); quantized when such a subgraph reads an int8 / uint8 initializer
+    (the ``quantize`` pass's packed values, :mod:`.translations`)."""
+    import onnx_ir as ir
+
+    if _const(value) is not None:
+        return True, False
+    packed = tuple(getattr(ir.DataType, name) for name in _PACKED)
+    seen, stack, quantized = set(), [value], False
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.is_graph_input():
+            return False, False
+        if v.is_initializer():
+            if v.const_value is None:
+                return False, False
+            quantized = quantized or v.dtype in packed
+            continue
+        node = v.producer()
+        if (node is None or node.domain not in ("", "ai.onnx") or len(seen) > _MAX_WEIGHT_NODES
+                or node.op_type.startswith("Random") or node.op_type == "Multinomial"
+                or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())):
+            return False, False
+        if node.op_type == "Constant":
+            continue
+        stack.extend(node.inputs)
+    return True, quantized
 
 
 def _producer(value, op_type: str):
@@ -108,7 +156,7 @@ def _threshold_of(masked):
 
 def thresholded_linears(model) -> list[ThresholdedLinear]:
     """Every float32 ``MatMul(x * (|x| > t), Wt)`` (or plain ``Gemm``) with constant 2-D ``Wt`` in the main graph of
-    ``model``."""
+    ``model``: an initializer, or a constant subgraph (:func:`constant_weight`; a dequantized weight)."""
     import onnx_ir as ir
 
     outputs = set(id(v) for v in model.graph.outputs)
@@ -122,7 +170,14 @@ def thresholded_linears(model) -> list[ThresholdedLinear]:
             continue
         masked, wt, *c = node.inputs
         w = _const(wt)
-        if w is None or w.dtype != ir.DataType.FLOAT or len(w.shape) != 2 or masked.dtype != ir.DataType.FLOAT:
+        quantized = False
+        if w is None:
+            constant, quantized = constant_weight(wt)
+            shape = list(wt.shape) if constant and wt.shape is not None else []
+            if len(shape) != 2 or not all(isinstance(d, int) for d in shape):
+                continue
+            w = wt  # the value: its dtype and static shape
+        if w.dtype != ir.DataType.FLOAT or len(w.shape) != 2 or masked.dtype != ir.DataType.FLOAT:
             continue
         xt = _threshold_of(masked)
         if xt is None:
@@ -142,7 +197,8 @@ def thresholded_linears(model) -> list[ThresholdedLinear]:
                 if b is not None and b.dtype == ir.DataType.FLOAT and list(b.shape) == [w.shape[1]]:
                     add, bias = user, other
         x, t, keep, prefill = xt
-        found.append(ThresholdedLinear(node, add, x, t, keep, wt, bias, masked.name, _layer(node), prefill))
+        found.append(ThresholdedLinear(node, add, x, t, keep, wt, bias, masked.name, _layer(node), prefill,
+                                       quantized))
     return found
 
 
@@ -266,7 +322,8 @@ def apply_sparse_kernels(model, program, mode: str, *, threads: int | None = Non
 
     ``program``: the ExportedProgram the model came from (its example inputs give each layer's sparsity).
     Returns what is recorded in the metadata: ``{"mode", "library", "layers": [{layer, shape, sparsity, kernel,
-    dense_us, sparse_us, gather_us}]}`` (``kernel``: dense, sparse or gather; the timings in auto mode only)."""
+    dense_us, sparse_us, gather_us}]}`` (``kernel``: dense, sparse or gather; the timings in auto mode only, on a
+    float32 weight; ``"weight": "quantized"`` on a layer whose weight is dequantized from packed integers)."""
     from sparsec.backends.onnxruntime.kernels import DOMAIN, compiler, library_path
 
     if mode not in MODES:
@@ -288,6 +345,8 @@ def apply_sparse_kernels(model, program, mode: str, *, threads: int | None = Non
         k, n = tl.shape
         s = sparsity.get(tl.masked)
         entry = {"layer": tl.layer, "shape": [k, n], "sparsity": None if s is None else round(s, 4)}
+        if tl.quantized:
+            entry["weight"] = "quantized"  # read from its dequantizing subgraph (module docstring)
         if mode in ("all", "gather"):
             entry["kernel"] = "sparse" if mode == "all" else "gather"
         elif s is None:
@@ -408,9 +467,12 @@ def _swap(model, tl: ThresholdedLinear, nodes: list) -> None:
 
 def summary(info: dict) -> str:
     """One line on what :func:`apply_sparse_kernels` did, e.g. '12 of 14 thresholded linears use SparseLinear, 0 the
-    standard-op gather (mode auto)'."""
+    standard-op gather (mode auto)', and how many of those read a quantized weight."""
     layers = info.get("layers", [])
     sparse, gather = (sum(1 for e in layers if e["kernel"] == kind) for kind in ("sparse", "gather"))
     line = (f"{sparse} of {len(layers)} thresholded linears use SparseLinear, {gather} the standard-op gather"
             f" (mode {info['mode']})")
+    quantized = sum(1 for e in layers if e["kernel"] != "dense" and e.get("weight") == "quantized")
+    if quantized:
+        line += f"; {quantized} of them read a dequantized weight (float32 in the session, packed in the file)"
     return line + (f"; {info['note']}" if info.get("note") else "")

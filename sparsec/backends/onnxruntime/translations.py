@@ -98,3 +98,50 @@ def _threshold_prefill():
         return op.Mul(x, op.CastLike(keep, x))
 
     return threshold_prefill
+
+
+@register_translation("sparsec::dequantize")
+def _dequantize():
+    """``float32(q) * float32(scale)`` per group along the last axis, cast to ``dtype`` (:mod:`sparsec.ops`), in
+    standard opset-18 ops; bit-identical with the torch kernel (exact integer values, one float32 multiply per weight,
+    then the same rounding cast). 4 bits: ``BitwiseAnd(q, 15)`` (even k) and ``BitShift(q, 4)`` (odd k) interleaved
+    by ``Concat`` / ``Reshape``, minus 8. A group of ``group`` weights shares a scale through a ``Reshape`` to
+    ``[..., K / group, group]`` (the scale ``Unsqueeze``d to ``[..., K / group, 1]``) and back. Leading dimensions may
+    be anything, dynamic too: a constant weight ``[N, K]`` or gathered embedding rows ``[B, S, K]``; every target
+    shape is built from ``Shape``s (no -1, so an empty leading dimension reshapes too).
+
+    A weight dequantized from initializers is a constant subgraph; :func:`.export.keep_packed` keeps the exporter's
+    optimizer from folding it into a float32 initializer (the .onnx file stores the packed integers)."""
+    from onnxscript import opset18 as op
+
+    def dequantize(q, scale, bits: int, group: int, dtype: int):
+        leading = op.Shape(q, end=-1)
+        last = op.Shape(q, start=-1)  # K (8 bits) or K / 2 (4 bits)
+        if bits == 4:
+            axis = op.Constant(value_ints=[-1])
+            low = op.BitwiseAnd(q, op.Constant(value=_uint8(15)))
+            high = op.BitShift(q, op.Constant(value=_uint8(4)), direction="RIGHT")
+            pairs = op.Concat(op.Unsqueeze(low, axis), op.Unsqueeze(high, axis), axis=-1)  # [..., K / 2, 2]
+            last = op.Mul(last, op.Constant(value_ints=[2]))
+            values = op.Reshape(op.Sub(op.Cast(pairs, to=1), op.Constant(value_float=8.0)),
+                                op.Concat(leading, last, axis=0))
+        else:
+            values = op.Cast(q, to=1)  # FLOAT
+        s = op.Cast(scale, to=1)
+        if group:
+            grouped = op.Reshape(values, op.Concat(leading, op.Shape(scale, start=-1),
+                                                   op.Constant(value_ints=[group]), axis=0))
+            w = op.Reshape(op.Mul(grouped, op.Unsqueeze(s, op.Constant(value_ints=[-1]))),
+                           op.Concat(leading, last, axis=0))
+        else:
+            w = op.Mul(values, s)  # s [..., 1] broadcasts over each row
+        return op.Cast(w, to=dtype)
+
+    return dequantize
+
+
+def _uint8(value: int):
+    import numpy as np
+    import onnx_ir as ir
+
+    return ir.tensor(np.array(value, np.uint8))

@@ -132,6 +132,7 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
         return keep(v, t) if sparse else T.bool(True)
 
     hit0 = 0 if sparse else 1
+    gemm = gemm_macro(k, n, nt, ct, nr, group, dtype, keep, lambda w, s, j, i, c, vi: T.cast(w[j, i, c + vi], f32))
 
     @T.prim_func(private=True)
     def f(x_h: T.handle, wp: T.Buffer((nt, k, ct), dtype), thr: T.Buffer((1,), dtype), b: T.Buffer((n,), dtype),
@@ -209,58 +210,76 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
                                         y[mb * MB + r, j * ct + c] = T.cast(
                                             acc[r * ct + c] + T.cast(b[j * ct + c], f32), dtype)
             else:  # M >= GEMM_ROWS: a blocked GEMM on x' (dense: at these sizes the union of active inputs is all)
-                xs = T.decl_buffer((m * k,), f32)  # x' in fp32
-                for r in T.parallel(m):
-                    for i in range(k):
-                        xs[r * k + i] = T.if_then_else(keep(x[r, i], thr[0]), T.cast(x[r, i], f32), T.float32(0))
-                for task in T.parallel(nt * (ct // (nr * group))):  # GROUP NR-column panels of one tile per task
-                    j = task // (ct // (nr * group))
-                    c1 = task % (ct // (nr * group)) * (nr * group)
-                    # W[j, :, c1:c1+GROUP*NR] as GROUP contiguous [K, NR] panels (no 4 KiB strides), copied GROUP*NR
-                    # contiguous columns of a row at a time (the weights stream from memory once)
-                    panel = T.decl_buffer((group * k * nr,), f32)
-                    for i in range(k):
-                        for g in range(group):
-                            for vi in T.vectorized(nr):
-                                panel[(g * k + i) * nr + vi] = T.cast(wp[j, i, c1 + g * nr + vi], f32)
-                    for g in range(group):
-                        c0 = c1 + g * nr
-                        for rb in range(m // MR):
-                            acc = T.decl_buffer((MR * nr,), f32)  # MR x NR accumulators: registers
-                            for r in T.unroll(MR):
-                                for vi in T.vectorized(nr):
-                                    acc[r * nr + vi] = T.float32(0)
-                            for i in range(k):
-                                for r in T.unroll(MR):
-                                    for vi in T.vectorized(nr):
-                                        acc[r * nr + vi] = acc[r * nr + vi] + xs[(rb * MR + r) * k + i] * panel[
-                                            (g * k + i) * nr + vi]
-                            for r in range(MR):
-                                for c in range(nr):
-                                    if j * ct + c0 + c < n:
-                                        y[rb * MR + r, j * ct + c0 + c] = T.cast(
-                                            acc[r * nr + c] + T.cast(b[j * ct + c0 + c], f32), dtype)
-                        for r in range(m // MR * MR, m):  # the last M % MR rows, one at a time: SPLIT
-                            acc1 = T.decl_buffer((SPLIT * nr,), f32)  # partial sums over k, independent FMA chains
-                            for u in T.unroll(SPLIT):
-                                for vi in T.vectorized(nr):
-                                    acc1[u * nr + vi] = T.float32(0)
-                            for i in range(k // SPLIT):
-                                for u in T.unroll(SPLIT):
-                                    for vi in T.vectorized(nr):
-                                        acc1[u * nr + vi] = acc1[u * nr + vi] + xs[r * k + i * SPLIT + u] * panel[
-                                            (g * k + i * SPLIT + u) * nr + vi]
-                            for i in range(k // SPLIT * SPLIT, k):
-                                for vi in T.vectorized(nr):
-                                    acc1[vi] = acc1[vi] + xs[r * k + i] * panel[(g * k + i) * nr + vi]
-                            for u in range(1, SPLIT):
-                                for vi in T.vectorized(nr):
-                                    acc1[vi] = acc1[vi] + acc1[u * nr + vi]
-                            for c in range(nr):
-                                if j * ct + c0 + c < n:
-                                    y[r, j * ct + c0 + c] = T.cast(acc1[c] + T.cast(b[j * ct + c0 + c], f32), dtype)
+                gemm(x, wp, wp, thr, b, y, m)
 
     return f
+
+
+def gemm_macro(k: int, n: int, nt: int, ct: int, nr: int, group: int, dtype: str, keep, load):
+    """The family's GEMM (M >= GEMM_ROWS, the module docstring) as a TVMScript macro ``gemm(x, w, s, thr, b, y, m)``:
+    ``x' = x`` where ``keep(x[r, i], thr[0])``, else 0, in fp32; then per task ``group`` panels of ``nr`` columns
+    of tile ``j``, filled with ``load(w, s, j, i, c, vi)`` (the fp32 weight of row ``i``, column ``c + vi`` of tile
+    ``j``; ``c`` a multiple of ``VL``, ``vi < VL``: how the weight format decodes), and the ``MR x nr`` micro-kernel.
+    ``y [m, n] = x' @ W.T + b`` in ``dtype``."""
+    from tvm.script import tirx as T
+
+    f32 = "float32"
+
+    @T.macro
+    def gemm(x, w, s, thr, b, y, m):
+        xs = T.decl_buffer((m * k,), f32)  # x' in fp32
+        for r in T.parallel(m):
+            for i in range(k):
+                xs[r * k + i] = T.if_then_else(keep(x[r, i], thr[0]), T.cast(x[r, i], f32), T.float32(0))
+        for task in T.parallel(nt * (ct // (nr * group))):  # GROUP NR-column panels of one tile per task
+            j = task // (ct // (nr * group))
+            c1 = task % (ct // (nr * group)) * (nr * group)
+            # W[j, :, c1:c1+GROUP*NR] as GROUP contiguous [K, NR] panels (no 4 KiB strides), copied GROUP*NR
+            # contiguous columns of a row at a time (the weights stream from memory once)
+            panel = T.decl_buffer((group * k * nr,), f32)
+            for i in range(k):
+                for g in range(group):
+                    for h in range(nr // VL):
+                        for vi in T.vectorized(VL):
+                            panel[(g * k + i) * nr + h * VL + vi] = load(w, s, j, i, c1 + g * nr + h * VL, vi)
+            for g in range(group):
+                c0 = c1 + g * nr
+                for rb in range(m // MR):
+                    acc = T.decl_buffer((MR * nr,), f32)  # MR x NR accumulators: registers
+                    for r in T.unroll(MR):
+                        for vi in T.vectorized(nr):
+                            acc[r * nr + vi] = T.float32(0)
+                    for i in range(k):
+                        for r in T.unroll(MR):
+                            for vi in T.vectorized(nr):
+                                acc[r * nr + vi] = acc[r * nr + vi] + xs[(rb * MR + r) * k + i] * panel[
+                                    (g * k + i) * nr + vi]
+                    for r in range(MR):
+                        for c in range(nr):
+                            if j * ct + c0 + c < n:
+                                y[rb * MR + r, j * ct + c0 + c] = T.cast(
+                                    acc[r * nr + c] + T.cast(b[j * ct + c0 + c], f32), dtype)
+                for r in range(m // MR * MR, m):  # the last M % MR rows, one at a time: SPLIT
+                    acc1 = T.decl_buffer((SPLIT * nr,), f32)  # partial sums over k, independent FMA chains
+                    for u in T.unroll(SPLIT):
+                        for vi in T.vectorized(nr):
+                            acc1[u * nr + vi] = T.float32(0)
+                    for i in range(k // SPLIT):
+                        for u in T.unroll(SPLIT):
+                            for vi in T.vectorized(nr):
+                                acc1[u * nr + vi] = acc1[u * nr + vi] + xs[r * k + i * SPLIT + u] * panel[
+                                    (g * k + i * SPLIT + u) * nr + vi]
+                    for i in range(k // SPLIT * SPLIT, k):
+                        for vi in T.vectorized(nr):
+                            acc1[vi] = acc1[vi] + xs[r * k + i] * panel[(g * k + i) * nr + vi]
+                    for u in range(1, SPLIT):
+                        for vi in T.vectorized(nr):
+                            acc1[vi] = acc1[vi] + acc1[u * nr + vi]
+                    for c in range(nr):
+                        if j * ct + c0 + c < n:
+                            y[r, j * ct + c0 + c] = T.cast(acc1[c] + T.cast(b[j * ct + c0 + c], f32), dtype)
+
+    return gemm
 
 
 def reference(x, w, thr: float | None = None, bias=None):

@@ -1,0 +1,203 @@
+"""sparsec's TIR kernels for linear layers with quantized weights: ``y = x' @ dequantize(q, scale).T + b``.
+
+The quantize pass's weights (:mod:`sparsec.passes.quantize`, ``sparsec::dequantize`` in :mod:`sparsec.ops`): int8
+or int4 values ``q [N, K]`` and fp scales per group of ``gs`` inputs (``G = K / gs`` groups; per output channel:
+one group of ``K``). :func:`pack_quantized` lays them out in the column tiles of the float kernels
+(:mod:`sparsec.backends.tvm.kernels`), so that a skipped input row skips its bytes:
+
+* int8: ``Wq [NT, K, CT]`` int8, row ``k`` of tile ``j`` the ``CT`` values of columns ``j*CT ...``;
+* int4: ``Wq [NT, K, CT / 2]`` uint8, each 32-column block of a row in 16 bytes: byte ``i`` holds column ``i`` in its
+  low nibble and column ``16 + i`` in its high one, as ``value + 8`` (one load, two 16-lane vectors: ``& 15`` and
+  ``>> 4``);
+* scales ``S [NT, G, CT]`` fp32 (fp16 scales widen exactly).
+
+**Decode** (M = 1, sparse): the compaction pass of the float kernels, per group: the surviving inputs of each group
+are listed together, padded to a multiple of ``R`` with the group's last surviving row and value 0, and their sum
+``Σx`` is kept. Each tile accumulates ``t[c] = Σ q[k, c] x[k]`` over a group's surviving rows, ``R`` rows per pass,
+converting each value to fp32 in registers, then ``acc[c] += S[g, c] * (t[c] - 8 Σx)`` (int4's offset; 0 for int8)
+once per group. With one group (per channel) ``t`` is ``acc`` and the scale is applied once at the end. Tiles are at
+most ``MAX_TILE`` columns so ``t`` and ``acc`` stay in L1.
+
+**Prefill** (M > 1): the float kernels' GEMM (:func:`~sparsec.backends.tvm.kernels.gemm_macro`), its panel copy
+dequantizing (``q * S``) into fp32 once per call; then the same register-blocked micro-kernel.
+
+Numerics: the same products as ``linear(x', dequantize(q, S))`` summed in fp32 in another order (and for int4 with
+the offset factored out of the group sum), so equal to the torch reference up to fp32 rounding.
+"""
+from __future__ import annotations
+
+import math
+
+from sparsec.backends.tvm.kernels import DTYPES, R, VL, gemm_columns, gemm_macro, panel_group
+
+MAX_TILE = 3072  # output columns per tile at most: t and acc, 2 x 12 KiB of fp32, in a 32 KiB L1
+BITS = (8, 4)
+
+
+def align(bits: int) -> int:
+    """Tile widths are multiples of this many columns: ``VL`` for int8, a 32-column block (16 bytes) for int4."""
+    return VL if bits == 8 else 2 * VL
+
+
+def num_tiles(n: int, bits: int, threads: int | None = None) -> int:
+    """Column tiles for ``n`` outputs: a multiple of ``threads`` (default: TVM's pool size), at most ``MAX_TILE``
+    columns each."""
+    if threads is None:
+        from sparsec.backends.tvm.env import num_threads
+
+        threads = num_threads()
+    return max(1, min(threads * math.ceil(n / (threads * MAX_TILE)), n // align(bits)))
+
+
+def tile_width(n: int, tiles: int, bits: int) -> int:
+    a = align(bits)
+    return math.ceil(n / tiles / a) * a
+
+
+def pack_quantized(q, scale, bits: int, *, tiles: int | None = None):
+    """``(Wq, S)`` (module docstring) from the quantize pass's ``q`` (int8 ``[N, K]``, or for 4 bits uint8
+    ``[N, K / 2]``) and ``scale [N, G]``; ``tiles``: NT (default :func:`num_tiles`), the kernel's too."""
+    import torch
+
+    from sparsec.ops import unpack_int4
+
+    values = q if bits == 8 else unpack_int4(q)
+    n, k = values.shape
+    nt = tiles or num_tiles(n, bits)
+    ct = tile_width(n, nt, bits)
+    w = torch.zeros(nt * ct, k, dtype=torch.int8)
+    w[:n] = values
+    w = w.reshape(nt, ct, k).permute(0, 2, 1)  # [NT, K, CT]
+    if bits == 4:
+        u = (w.to(torch.int16) + 8).to(torch.uint8).reshape(nt, k, ct // 32, 2, 16)
+        w = (u[:, :, :, 0] | (u[:, :, :, 1] << 4)).reshape(nt, k, ct // 2)
+    s = torch.zeros(nt * ct, scale.shape[1], dtype=torch.float32)
+    s[:n] = scale.to(torch.float32)
+    return w.contiguous(), s.reshape(nt, ct, -1).permute(0, 2, 1).contiguous()
+
+
+def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float32", *, sparse: bool = True,
+                            threshold: bool = False, tiles: int | None = None, rows_per_pass: int = R):
+    """A PrimFunc ``(x [M, K], Wq, S [NT, G, CT], thr [1], bias [N], y [M, N])``, ``M`` symbolic, computing
+    ``y = x' @ dequantize(q, S).T + bias``, ``x' = x * (|x| > thr)`` when ``threshold`` else ``x``. ``group``: inputs
+    per scale (0: per output channel). ``sparse``: skip the weight rows of zero (or dropped) inputs in decode."""
+    from tvm.script import tirx as T
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
+    if bits not in BITS:
+        raise ValueError(f"bits {bits} is not one of {BITS}")
+    gs = group or k
+    if k % gs:
+        raise ValueError(f"group {group} does not divide K={k}")
+    ng = k // gs  # noqa: N806
+    nt = tiles or num_tiles(n, bits)
+    ct = tile_width(n, nt, bits)
+    nr = gemm_columns(ct)
+    R = rows_per_pass  # noqa: N806
+    f32 = "float32"
+    zero = T.cast(0, dtype)
+    offset = T.float32(8 if bits == 4 else 0)
+    wtype, wcols = ("int8", ct) if bits == 8 else ("uint8", ct // 2)
+
+    def keep(v, t):
+        return T.abs(v) > t if threshold else v != zero
+
+    def take(v, t):
+        return keep(v, t) if sparse else T.bool(True)
+
+    def load(w, s, j, i, c, vi):  # the fp32 weight of row i, column c + vi of tile j (c a multiple of VL)
+        if bits == 8:
+            return T.cast(w[j, i, c + vi], f32) * s[j, i // gs, c + vi]
+        nibble = T.shift_right(w[j, i, c // 32 * 16 + vi], T.cast(c // 16 % 2 * 4, "uint8")) & T.uint8(15)
+        return (T.cast(nibble, f32) - T.float32(8)) * s[j, i // gs, c + vi]
+
+    gemm = gemm_macro(k, n, nt, ct, nr, panel_group(k, ct, nr), dtype, keep, load)
+
+    @T.prim_func(private=True)
+    def f(x_h: T.handle, wq: T.Buffer((nt, k, wcols), wtype), s: T.Buffer((nt, ng, ct), f32),
+          thr: T.Buffer((1,), dtype), b: T.Buffer((n,), dtype), y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), dtype)
+        y = T.match_buffer(y_h, (m, n), dtype)
+        if m == 1:
+            idx = T.decl_buffer((k + ng * R,), "int32")
+            xv = T.decl_buffer((k + ng * R,), f32)
+            start = T.decl_buffer((ng + 1,), "int32")  # each group's first entry in idx / xv
+            xsum = T.decl_buffer((ng,), f32)  # Σ x' over each group
+            cnt = T.decl_buffer((1,), "int32")
+            cnt[0] = 0
+            for g in range(ng):
+                start[g] = cnt[0]
+                xsum[g] = T.float32(0)
+                for ii in range(gs):  # branch-free: always write, advance only past a kept input
+                    idx[cnt[0]] = g * gs + ii
+                    xv[cnt[0]] = T.if_then_else(keep(x[0, g * gs + ii], thr[0]), T.cast(x[0, g * gs + ii], f32),
+                                                T.float32(0))
+                    xsum[g] = xsum[g] + xv[cnt[0]]
+                    cnt[0] = cnt[0] + T.if_then_else(take(x[0, g * gs + ii], thr[0]), 1, 0)
+                pad = T.decl_buffer((1,), "int32")
+                pad[0] = (R - (cnt[0] - start[g]) % R) % R
+                for r in range(R):  # pad with the group's last row (in cache) and value 0
+                    if r < pad[0]:
+                        idx[cnt[0] + r] = idx[cnt[0] - 1]
+                        xv[cnt[0] + r] = T.float32(0)
+                cnt[0] = cnt[0] + pad[0]
+            start[ng] = cnt[0]
+            for j in T.parallel(nt):
+                acc = T.decl_buffer((ct,), f32)
+                t = T.decl_buffer((ct,), f32)  # one group's sum (per channel: acc itself, unused)
+                for c in T.vectorized(ct):
+                    acc[c] = T.float32(0)
+                for g in range(ng):
+                    if ng > 1:
+                        for c in T.vectorized(ct):
+                            t[c] = T.float32(0)
+                    for jb in range((start[g + 1] - start[g]) // R):
+                        e = start[g] + jb * R
+                        if bits == 8:
+                            for vo in range(ct // VL):
+                                for r in T.unroll(R):
+                                    for vi in T.vectorized(VL):
+                                        if ng > 1:
+                                            t[vo * VL + vi] = t[vo * VL + vi] + T.cast(
+                                                wq[j, idx[e + r], vo * VL + vi], f32) * xv[e + r]
+                                        else:
+                                            acc[vo * VL + vi] = acc[vo * VL + vi] + T.cast(
+                                                wq[j, idx[e + r], vo * VL + vi], f32) * xv[e + r]
+                        else:
+                            for vb in range(ct // 32):
+                                for r in T.unroll(R):
+                                    for vi in T.vectorized(VL):
+                                        if ng > 1:
+                                            t[vb * 32 + vi] = t[vb * 32 + vi] + T.cast(
+                                                wq[j, idx[e + r], vb * VL + vi] & T.uint8(15), f32) * xv[e + r]
+                                            t[vb * 32 + VL + vi] = t[vb * 32 + VL + vi] + T.cast(
+                                                T.shift_right(wq[j, idx[e + r], vb * VL + vi], T.uint8(4)),
+                                                f32) * xv[e + r]
+                                        else:
+                                            acc[vb * 32 + vi] = acc[vb * 32 + vi] + T.cast(
+                                                wq[j, idx[e + r], vb * VL + vi] & T.uint8(15), f32) * xv[e + r]
+                                            acc[vb * 32 + VL + vi] = acc[vb * 32 + VL + vi] + T.cast(
+                                                T.shift_right(wq[j, idx[e + r], vb * VL + vi], T.uint8(4)),
+                                                f32) * xv[e + r]
+                    if ng > 1:
+                        for c in T.vectorized(ct):
+                            acc[c] = acc[c] + s[j, g, c] * (t[c] - offset * xsum[g])
+                for c in range(ct):
+                    if j * ct + c < n:
+                        if ng > 1:
+                            y[0, j * ct + c] = T.cast(acc[c] + T.cast(b[j * ct + c], f32), dtype)
+                        else:
+                            y[0, j * ct + c] = T.cast(s[j, 0, c] * (acc[c] - offset * xsum[0])
+                                                      + T.cast(b[j * ct + c], f32), dtype)
+        else:  # a prefill (or a few rows): the GEMM, dequantizing each panel once
+            gemm(x, wq, s, thr, b, y, m)
+
+    return f
+
+
+def quantized_kernel_name(kind: str, k: int, n: int, bits: int, group: int, dtype: str) -> str:
+    """The module-level name of the quantized linear kernel of ``kind`` (dense, sparse or threshold)."""
+    return f"sparsec_qlinear{bits}g{group}_{kind}_{k}_{n}_{dtype}"
