@@ -182,7 +182,7 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
                                             acc[vb * 32 + VL + vi] = acc[vb * 32 + VL + vi] + T.cast(
                                                 T.shift_right(wq[j, idx[e + r], vb * VL + vi], T.uint8(4)),
                                                 f32) * xv[e + r]
-                    if ng > 1:
+                    if ng > 1 and start[g + 1] > start[g]:  # a group without survivors reads no scale either
                         for c in T.vectorized(ct):
                             acc[c] = acc[c] + s[j, g, c] * (t[c] - offset * xsum[g])
                 for c in range(ct):

@@ -1,0 +1,109 @@
+"""sparsec's TIR kernels for quantized weights (int8 / int4, per channel or group-wise), built with the real TVM for
+this CPU, against the torch reference ``linear(x', dequantize(q, scale))``.
+
+Covers one-token decode (sparse, fused threshold, dense), the few-row and GEMM paths (M > 1), shapes whose column
+count is not a multiple of the tile, several tiles, and that a skipped input skips its weights: NaN scales on the
+groups of zero inputs (int8 per channel: every weight of a zero row set to a value that would change the output)
+never reach the output of the sparse kernel.
+"""
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+
+from sparsec.backends.tvm.env import cpu_target  # noqa: E402
+from sparsec.backends.tvm.quantized import (MAX_TILE, num_tiles, pack_quantized,  # noqa: E402
+                                            quantized_linear_kernel, tile_width)
+from sparsec.ops import DEQUANTIZE  # noqa: E402
+from sparsec.passes.quantize import quantize_weight  # noqa: E402
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+_CACHE = {}
+
+
+def _kernel(k, n, bits, group, sparse, threshold, tiles=None):
+    key = (k, n, bits, group, sparse, threshold, tiles)
+    if key not in _CACHE:
+        f = quantized_linear_kernel(k, n, bits, group, sparse=sparse, threshold=threshold, tiles=tiles)
+        _CACHE[key] = tvm.compile(f.with_attr("global_symbol", "main"), cpu_target())["main"]
+    return _CACHE[key]
+
+
+def _weights(k, n, bits, group, g):
+    w = torch.randn(n, k, generator=g)
+    q, s = quantize_weight(w, bits, group, torch.float32)
+    return q, s, torch.randn(n, generator=g)
+
+
+def _input(m, k, sparsity, g):
+    x = torch.randn(m, k, generator=g)
+    for row in x:
+        row[torch.randperm(k, generator=g)[:round(sparsity * k)]] = 0
+    return x
+
+
+def _run(x, q, s, b, bits, group, sparse, thr=None, tiles=None):
+    n = q.shape[0]
+    k = x.shape[1]
+    wq, sp = pack_quantized(q, s, bits, tiles=tiles)
+    y = torch.full((x.shape[0], n), float("nan"))
+    _kernel(k, n, bits, group, sparse, thr is not None, tiles)(x, wq, sp, torch.tensor([thr or 0.0]), b, y)
+    return y
+
+
+def _reference(x, q, s, b, bits, group, thr=None):
+    xt = x * (x.abs() > thr) if thr is not None else x
+    y = torch.nn.functional.linear(xt, DEQUANTIZE(q, s, bits, group, torch.float32), b)
+    return y, y.abs().max()
+
+
+@pytest.mark.parametrize("bits,group,k,n,tiles", [(8, 0, 96, 300, None), (8, 32, 128, 200, None),
+                                                  (4, 32, 128, 300, None), (4, 16, 64, 100, 3),
+                                                  (4, 0, 96, 64, 1), (8, 16, 64, 300, 4)])
+def test_matches_dequantize_then_linear(bits, group, k, n, tiles):
+    """Every path (M = 1 sparse / threshold / dense, M = 3, M = 20) equals the torch reference to fp32 rounding,
+    relative to the output's scale."""
+    g = torch.Generator().manual_seed(bits * 100 + group)
+    q, s, b = _weights(k, n, bits, group, g)
+    for m, sparsity in [(1, 0.0), (1, 0.5), (1, 0.9), (1, 1.0), (3, 0.5), (20, 0.5)]:
+        x = _input(m, k, sparsity, g)
+        want, scale = _reference(x, q, s, b, bits, group)
+        for sparse in (True, False):
+            torch.testing.assert_close(_run(x, q, s, b, bits, group, sparse, tiles=tiles) / scale, want / scale,
+                                       **TOL)
+        want, scale = _reference(x, q, s, b, bits, group, thr=0.5)
+        torch.testing.assert_close(_run(x, q, s, b, bits, group, True, thr=0.5, tiles=tiles) / scale,
+                                   want / scale, **TOL)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_sparse_kernel_skips_groups_of_zero_inputs(bits):
+    """The scales of a group whose inputs are all zero (or under the threshold) are NaN: the sparse kernel's output
+    stays finite and exact (it reads neither that group's weights nor its scales), the dense kernel's is NaN.
+    (Integer weights cannot be NaN, so skipped rows of a per-channel layer cannot be told apart by their output.)"""
+    k, n, group = 128, 96, 32
+    g = torch.Generator().manual_seed(7)
+    q, s, b = _weights(k, n, bits, group, g)
+    x = _input(1, k, 0.0, g)
+    x[0, 32:64] = 0
+    x[0, 96:128] = 0.25
+    want, scale = _reference(x, q, s, b, bits, group, thr=0.5)
+    s = s.clone()
+    s[:, 1] = s[:, 3] = float("nan")
+    torch.testing.assert_close(_run(x, q, s, b, bits, group, True, thr=0.5) / scale, want / scale, **TOL)
+    assert _run(x, q, s, b, bits, group, False).isnan().all()
+
+
+def test_layout_and_tiles():
+    """int8 tiles of 16 columns, int4 of 32 (16 bytes a row), at most MAX_TILE wide; the int4 packing puts column i
+    in the low nibble of byte i and column 16 + i in the high one, as value + 8."""
+    assert tile_width(300, 2, 8) == 160 and tile_width(300, 2, 4) == 160 and tile_width(100, 3, 4) == 64
+    assert num_tiles(11008, 4, threads=2) == 4 and tile_width(11008, 4, 4) <= MAX_TILE
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(2).reshape(1, 32).repeat(32, 1)  # [N=32, K=32]
+    from sparsec.ops import pack_int4
+    wq, s = pack_quantized(pack_int4(q), torch.ones(32, 1), 4, tiles=1)
+    assert wq.shape == (1, 32, 16) and wq.dtype == torch.uint8 and s.shape == (1, 1, 32)
+    # row k of the packed tile holds column c = 0..31 of W[:, k] = q[c, k] = k - 8 (mod 16) for every c
+    assert wq[0, 3, 0].item() == (3 - 8 + 8) | ((3 - 8 + 8) << 4)
+    w8, _ = pack_quantized(q, torch.ones(32, 1), 8, tiles=2)
+    assert w8.shape == (2, 32, 16) and torch.equal(w8[1, :, 0], q[16])
