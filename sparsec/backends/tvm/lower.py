@@ -76,6 +76,27 @@ def linear_operands(node, consts):
     return node.args[0], w, node.args[2] if len(node.args) > 2 else None
 
 
+_TRANSPOSES = {"aten.t.default", "aten.permute.default", "aten.transpose.int"}
+
+
+def dequantized_weight(node):
+    """The ``sparsec::dequantize`` node (the ``quantize`` pass) that computes the weight of linear layer ``node``:
+    ``linear(x, dequantize(q, s))``, or through a transpose ``addmm(b, x, t(dequantize(q, s)))`` /
+    ``mm(x, t(dequantize(q, s)))`` (GPT-2's Conv1D); None when the weight is anything else or ``q`` / ``s`` are not
+    tensors of the model (parameters, buffers or constants)."""
+    from sparsec.graph import is_dequantize
+
+    name = str(node.target)
+    w = node.args[2] if name == "aten.addmm.default" else node.args[1]
+    if name != "aten.linear.default":
+        if getattr(w, "op", None) != "call_function" or str(w.target) not in _TRANSPOSES:
+            return None
+        w = w.args[0]
+    if not is_dequantize(w) or any(getattr(a, "op", None) != "placeholder" for a in w.args[:2]):
+        return None
+    return w
+
+
 def _decompose(program, keep_sdpa: bool = False):
     """``program`` in core ATen with ``aten.linear`` (and with ``keep_sdpa``, ``aten.scaled_dot_product_attention``)
     kept. Views become reshapes first: torch cannot decompose some views of dynamic-shape transposes (GPT-2's
@@ -166,13 +187,52 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
 
     from sparsec.backends.tvm.cuda import cuda_linear_kernel, pack_weight_cuda
     from sparsec.backends.tvm.kernels import kernel_name, linear_kernel, pack_weight
+    from sparsec.backends.tvm.quantized import pack_quantized, quantized_kernel_name, quantized_linear_kernel
     from sparsec.graph import module_path
 
     program = _decompose(program, keep_sdpa=target == "llvm")
     consts = Constants(program)
     funcs = {}
 
+    def linear_call(importer, x_node, b_node, n, k, kind, name, make_kernel, weights):
+        """Emit ``call_tir(kernel, [x as [M, K], *weights, thr, bias]) -> [M, N]``, reshaped to x's leading dims;
+        ``make_kernel(dtype)`` builds the kernel ``name`` once; ``weights(dtype)``: its packed weight constants."""
+        x = importer.env[x_node.args[0] if kind == "threshold" else x_node]
+        thr = float(consts.get(x_node.args[1])) if kind == "threshold" else 0.0
+        dtype = str(x.ty.dtype)
+        b = consts.get(b_node) if b_node is not None else torch.zeros(n)
+        bb = importer.block_builder
+        if name(dtype) not in funcs:
+            funcs[name(dtype)] = bb.add_func(make_kernel(dtype), name(dtype))
+        lead = list(x.ty.shape)[:-1]
+        m = 1
+        for d in lead:
+            m = m * d
+        x2 = bb.emit(relax.op.reshape(x, [m, k]))
+        args = [x2, *weights(dtype), relax.const(_np(torch.tensor([thr]), dtype), dtype),
+                relax.const(_np(b, dtype), dtype)]
+        y = bb.emit(relax.call_tir(funcs[name(dtype)], args, out_ty=relax.TensorType([m, n], dtype)))
+        return bb.emit(relax.op.reshape(y, [*lead, n]))
+
+    def convert_quantized_linear(node, importer, dq):  # the packed integers and scales go into the kernel
+        q, scale, bits, group = consts.get(dq.args[0]), consts.get(dq.args[1]), int(dq.args[2]), int(dq.args[3])
+        n, k = int(q.shape[0]), int(q.shape[1]) * (8 // bits)
+        if str(node.target) == "aten.addmm.default":
+            b_node, x_node = node.args[:2]
+        else:
+            x_node, b_node = node.args[0], node.args[2] if len(node.args) > 2 else None
+        kind = input_kind(x_node) if sparse else "dense"
+        packed = [relax.const(t.numpy()) for t in pack_quantized(q, scale, bits)]
+        return linear_call(importer, x_node, b_node, n, k, kind,
+                           lambda dtype: quantized_kernel_name(kind, k, n, bits, group, dtype),
+                           lambda dtype: quantized_linear_kernel(k, n, bits, group, dtype, sparse=kind != "dense",
+                                                                 threshold=kind == "threshold"),
+                           lambda dtype: packed)
+
     def convert_linear(node, importer):
+        dq = dequantized_weight(node) if target == "llvm" else None  # the GPU kernels take the float weight
+        if dq is not None:
+            return convert_quantized_linear(node, importer, dq)
         x_node, w, b_node = linear_operands(node, consts)
         if w is None and str(node.target) == "aten.mm.default":  # a product of two run-time tensors
             return importer._binary_op(partial(relax.op.linear_algebra.matmul, out_dtype="float32"), operator.matmul)(
@@ -181,29 +241,47 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
             raise SparsecError(f"linear layer '{module_path(node)}' has a weight computed from the model inputs;"
                                " the TVM backend needs constant weights: use the ONNX backend (sparsec export --to"
                                " onnx)")
-        b = consts.get(b_node) if b_node is not None else torch.zeros(w.shape[0], dtype=w.dtype)
-        kind = input_kind(x_node) if sparse else "dense"
-        x = importer.env[x_node.args[0] if kind == "threshold" else x_node]
-        thr = float(consts.get(x_node.args[1])) if kind == "threshold" else 0.0
-        dtype = str(x.ty.dtype)
         n, k = (int(d) for d in w.shape)
-        key = kernel_name(kind, k, n, dtype)
-        bb = importer.block_builder
-        args = schedule(k, n, dtype, kind) if schedule is not None and target != "cuda" else {}
-        if key not in funcs:
-            kernel = (cuda_linear_kernel(k, n, dtype, threshold=kind == "threshold") if target == "cuda" else
-                      linear_kernel(k, n, dtype, sparse=kind != "dense", threshold=kind == "threshold", **args))
-            funcs[key] = bb.add_func(kernel, key)
-        packed = pack_weight_cuda(w, dtype) if target == "cuda" else pack_weight(w, dtype, tiles=args.get("tiles"))
-        lead = list(x.ty.shape)[:-1]
-        m = 1
-        for d in lead:
-            m = m * d
-        x2 = bb.emit(relax.op.reshape(x, [m, k]))
-        args = [x2, relax.const(_np(packed, dtype), dtype),
-                relax.const(_np(torch.tensor([thr]), dtype), dtype), relax.const(_np(b, dtype), dtype)]
-        y = bb.emit(relax.call_tir(funcs[key], args, out_ty=relax.TensorType([m, n], dtype)))
-        return bb.emit(relax.op.reshape(y, [*lead, n]))
+        kind = input_kind(x_node) if sparse else "dense"
+
+        def make_kernel(dtype):
+            if target == "cuda":
+                return cuda_linear_kernel(k, n, dtype, threshold=kind == "threshold")
+            args = schedule(k, n, dtype, kind) if schedule is not None else {}
+            return linear_kernel(k, n, dtype, sparse=kind != "dense", threshold=kind == "threshold", **args)
+
+        def weights(dtype):
+            if target == "cuda":
+                packed = pack_weight_cuda(w, dtype)
+            else:
+                packed = pack_weight(w, dtype, tiles=(schedule(k, n, dtype, kind) if schedule else {}).get("tiles"))
+            return [relax.const(_np(packed, dtype), dtype)]
+
+        return linear_call(importer, x_node, b_node, n, k, kind, lambda dtype: kernel_name(kind, k, n, dtype),
+                           make_kernel, weights)
+
+    def convert_dequantize(node, importer):  # a dequantized tensor used otherwise (an embedding's gathered rows)
+        from tvm import te, tirx
+
+        bits, group, dtype = int(node.args[2]), int(node.args[3]), str(node.args[4]).removeprefix("torch.")
+
+        def compute(q, s):
+            k = q.shape[-1] * (8 // bits)
+            size = group or k
+
+            def value(*i):
+                *lead, c = i
+                if bits == 8:
+                    v = q[(*lead, c)].astype("float32")
+                else:
+                    shift = (c % 2 * 4).astype("uint8")
+                    v = (tirx.shift_right(q[(*lead, c // 2)], shift) & tirx.const(15, "uint8")).astype(
+                        "float32") - tirx.const(8.0, "float32")
+                return (v * s[(*lead, c // size)].astype("float32")).astype(dtype)
+
+            return te.compute([*q.shape[:-1], k], value, name="dequantize")
+
+        return importer.block_builder.emit_te(compute, importer.env[node.args[0]], importer.env[node.args[1]])
 
     def convert_threshold(node, importer):  # a threshold whose output also feeds non-linear ops
         x = importer.env[node.args[0]]
@@ -304,7 +382,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
     try:
         mod = from_exported_program(program, run_ep_decomposition=False, custom_convert_map={
             "linear.default": convert_linear, "addmm.default": convert_linear, "mm.default": convert_linear,
-            "threshold.default": convert_threshold,
+            "threshold.default": convert_threshold, "dequantize.default": convert_dequantize,
             "threshold_prefill.default": convert_threshold_prefill, "slice.Tensor": convert_slice,
             "cat.default": convert_cat, "scaled_dot_product_attention.default": convert_sdpa})
     except SparsecError:

@@ -200,4 +200,4 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
 
 def quantized_kernel_name(kind: str, k: int, n: int, bits: int, group: int, dtype: str) -> str:
     """The module-level name of the quantized linear kernel of ``kind`` (dense, sparse or threshold)."""
-    return f"sparsec_qlinear{bits}g{group}_{kind}_{k}_{n}_{dtype}"
+    return f"sparsec_linear_int{bits}g{group}_{kind}_{k}_{n}_{dtype}"

@@ -1,0 +1,68 @@
+"""TVM builds of quantized artifacts (the ``quantize`` pass): linear layers run sparsec's quantized kernels on the
+packed integers (the build holds no float copy of those weights), embeddings dequantize their gathered rows, and
+greedy generation through the KV cache equals the torch artifact's token for token (no threshold tie arose on these
+prompts: plain equality)."""
+import json
+import os
+
+import pytest
+import torch
+
+import sparsec
+from sparsec.calibration import token_forward_loop
+from sparsec.generation import generate
+from tests.zoo import build
+
+pytest.importorskip("tvm")
+
+PROMPT = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+NEW = 32
+
+
+def _build(tmp_path, arch, spec):
+    model, example = build(arch)
+    loop = token_forward_loop(torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2)))
+    result = sparsec.transform(model, spec, example_inputs=example, forward_loop=loop if "teal" in spec else None,
+                               measure=False, kv_cache=True)
+    art, out = str(tmp_path / "art"), str(tmp_path / "build")
+    sparsec.save(result, art)
+    sparsec.compile(art, out, threads=2)
+    with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    floats = sum(p.numel() * 4 for p in model.parameters())
+    return art, out, manifest, floats
+
+
+def _kinds(manifest):
+    """Kernel name prefixes without the shape: e.g. {'sparsec_linear_int4g32_threshold', ...}."""
+    return {name.rsplit("_", 3)[0] for name in manifest["kernels"]}
+
+
+def test_int4_teal_llama_generates_like_the_artifact(tmp_path):
+    """Every linear takes the int4 kernel (the thresholded ones fused, the LM head dense), the weights file is about
+    a sixth of the float32 weights, and 32 greedy tokens equal the artifact's."""
+    art, out, manifest, floats = _build(tmp_path, "llama", "quantize{bits=4 group=32},teal{sparsity=0.5}")
+    assert _kinds(manifest) == {"sparsec_linear_int4g32_threshold", "sparsec_linear_int4g32_dense"}
+    assert os.path.getsize(os.path.join(out, "params.bin")) < floats / 4
+    want = generate(art, PROMPT, max_new_tokens=NEW, ignore_eos=True)
+    assert len(set(want[0, PROMPT.shape[1]:].tolist())) > 4  # not one token repeated
+    assert torch.equal(generate(out, PROMPT, max_new_tokens=NEW, ignore_eos=True), want)
+
+
+def test_int8_gemma3_tied_embedding_generates_like_the_artifact(tmp_path):
+    """Gemma 3's LM head is tied to its embedding: the head takes the int8 kernel, the embedding gathers int8 rows
+    and dequantizes them; sliding-window layers included, 32 greedy tokens equal the artifact's."""
+    art, out, manifest, floats = _build(tmp_path, "gemma3", "quantize")
+    assert _kinds(manifest) == {"sparsec_linear_int8g0_dense"}
+    assert os.path.getsize(os.path.join(out, "params.bin")) < floats / 3
+    want = generate(art, PROMPT, max_new_tokens=NEW, ignore_eos=True)
+    assert torch.equal(generate(out, PROMPT, max_new_tokens=NEW, ignore_eos=True), want)
+
+
+@pytest.mark.slow
+def test_int8_teal_gpt2_conv1d_generates_like_the_artifact(tmp_path):
+    """GPT-2's Conv1D (addmm with a transposed dequantized weight) takes the int8 kernel."""
+    art, out, manifest, _ = _build(tmp_path, "gpt2", "quantize,teal{sparsity=0.5}")
+    assert "sparsec_linear_int8g0_threshold" in _kinds(manifest)
+    want = generate(art, PROMPT, max_new_tokens=NEW, ignore_eos=True)
+    assert torch.equal(generate(out, PROMPT, max_new_tokens=NEW, ignore_eos=True), want)
