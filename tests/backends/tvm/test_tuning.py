@@ -28,7 +28,7 @@ def test_every_schedule_candidate_computes_the_same(every):
     fast one) on one token (the GEMV), a few tokens (the union path) and 20 tokens (the GEMM), with a fused
     threshold, against numpy."""
     import_tvm(2)
-    k, n = 96, 512  # 8 tiles of 64 columns at most: 4 GEMM panels, every group divides them
+    k, n = 96, 1024  # 8 tiles of 128 columns at most: 4 GEMM panels of 32 (AVX-512) or 8 of 16, every group divides
     g = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=g)
     xs = {m: torch.randn(m, k, generator=g) for m in (1, 5, 20)}
