@@ -13,6 +13,10 @@ Rows (each in its own process, one at a time; protocol, models, prompts and timi
   (``sparsec.accelerate``), stepped by :class:`sparsec.generation.TorchStepper`;
 - ``sparsec-tvm-dense`` / ``ort-dense``: the dense model (``transform --pass strip --kv-cache``) compiled with TVM /
   exported to ONNX (standard ops): sparsec's own dense builds;
+- ``sparsec-tvm-q8`` / ``sparsec-tvm-q4`` (sparse, per sparsity) and ``sparsec-tvm-q8-dense`` /
+  ``sparsec-tvm-q4-dense``: the same with the ``quantize`` pass first (``quantize{bits=8}``: int8 per output
+  channel; ``quantize{bits=4 group=32}``: int4, a scale per 32 inputs; every linear layer, the LM head and the
+  embedding included), compiled with sparsec's quantized kernels: beside ``llamacpp-q8_0`` / ``llamacpp-q4_0``;
 - ``hf`` and ``llamacpp-*``: the dense peers of ``benchmarks/peers.py`` (HF ``generate``; llama.cpp on GGUFs written
   from the same weights).
 sparsec rows time :func:`sparsec.generation.run_generation` (``ignore_eos``): prefill = the prompt's step (its first
@@ -21,7 +25,8 @@ Artifacts, exports and builds are made once (in their own processes, before the 
 ``$SPARSEC_CACHE/bench-generate``. Teal is calibrated on 8 windows of 256 tokens: Gemma on the built-in Wikipedia
 text, the random-weight Llama on seeded random ids. Goals (issue 17) are printed per model, context and sparsity:
 sparsec-tvm decode tokens/s over the fastest dense fp32 peer (hf, ort-dense, llamacpp-f32), prefill over that
-peer's, peak RSS over sparsec-tvm-dense's.
+peer's, peak RSS over sparsec-tvm-dense's; and (issue 19) sparsec-tvm-q8 over llamacpp-q8_0, sparsec-tvm-q4 over
+llamacpp-q4_0.
 """
 from __future__ import annotations
 
@@ -34,22 +39,34 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import peers  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve()
-SPARSE_ROWS = ("sparsec-tvm", "sparsec-ort", "sparsec-accelerate")
-DENSE_ROWS = ("sparsec-tvm-dense", "ort-dense")
+SPARSE_ROWS = ("sparsec-tvm", "sparsec-ort", "sparsec-accelerate", "sparsec-tvm-q8", "sparsec-tvm-q4")
+DENSE_ROWS = ("sparsec-tvm-dense", "ort-dense", "sparsec-tvm-q8-dense", "sparsec-tvm-q4-dense")
+#: the quantize pass of a row whose name carries -q8 / -q4, and the weights column it shows
+QUANTIZE = {"q8": ("quantize{bits=8}", "int8"), "q4": ("quantize{bits=4 group=32}", "int4 g32")}
+#: issue 19's goals: a quantized sparse row over the llama.cpp peer of the same bits
+QUANTIZED_GOALS = {"sparsec-tvm-q8": ("llamacpp-q8_0", 2.0), "sparsec-tvm-q4": ("llamacpp-q4_0", 1.6)}
 DENSE_FP32_PEERS = ("hf", "ort-dense", "llamacpp-f32")
 CALIB = dict(samples=8, seq_len=256)
 MAX_CONTEXT = 2048
 
 
+def _quantization(peer: str):
+    """The (quantize spec, weights label) a sparsec row name carries (``sparsec-tvm-q8@0.5``), or None."""
+    parts = peer.split("@")[0].split("-")
+    return next((QUANTIZE[q] for q in QUANTIZE if q in parts), None)
+
+
 def _pipeline(peer: str) -> str:
-    """'strip' (the dense capture) or the teal spec a sparsec row name carries (``sparsec-tvm@0.5``)."""
-    if "@" not in peer:
-        return "strip"
-    return f"teal{{sparsity={float(peer.split('@')[1])}}}"
+    """The pipeline of a sparsec row: its quantize pass (``-q8`` / ``-q4``) and the teal spec of its sparsity
+    (``@0.5``); 'strip' (the dense capture) when neither."""
+    passes = [_quantization(peer)[0]] if _quantization(peer) else []
+    if "@" in peer:
+        passes.append(f"teal{{sparsity={float(peer.split('@')[1])}}}")
+    return ",".join(passes) or "strip"
 
 
 def _store(path: pathlib.Path, pipeline: str, max_context: int) -> pathlib.Path:
-    tag = pipeline.replace("{", "-").replace("}", "").replace("=", "").replace(" ", "")
+    tag = pipeline.replace("{", "-").replace("}", "").replace("=", "").replace(" ", "").replace(",", "+")
     return peers.CACHE / "bench-generate" / f"{path.name}-{tag}-ctx{max_context}"
 
 
@@ -59,7 +76,7 @@ def _transform(path: str, pipeline: str, max_context: int, out: str) -> dict:
     import sparsec
 
     calib = None
-    if pipeline != "strip" and not (pathlib.Path(path) / "tokenizer.json").exists():
+    if "teal" in pipeline and not (pathlib.Path(path) / "tokenizer.json").exists():
         vocab = json.loads((pathlib.Path(path) / "config.json").read_text())["vocab_size"]
         calib = out + ".calib.pt"
         pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +116,7 @@ def prepared(peer: str, path: pathlib.Path, max_context: int) -> str:
             peers._child(sys.executable, "_export", False, script=HERE, artifact=str(art), out=str(onnx),
                          sparse_kernel="auto" if kind == "sparsec-ort" else "none")
         return str(onnx)
-    if kind in ("sparsec-tvm", "sparsec-tvm-dense"):
+    if kind.startswith("sparsec-tvm"):
         build = art.with_name(art.name + ".tvm")
         if not (build / "manifest.json").exists():
             peers._child(sys.executable, "_compile", False, script=HERE, artifact=str(art), out=str(build))
@@ -132,7 +149,8 @@ def _sparsec(peer: str, model: str, prompt: list[int], new_tokens: int, reps: in
         return g.prefill_ms, g.decode_ms, g.new_tokens.tolist()
 
     run(4)  # warm-up
-    return dict(peers._summary([run(new_tokens) for _ in range(reps)]), weights="fp32",
+    quantized = _quantization(peer)
+    return dict(peers._summary([run(new_tokens) for _ in range(reps)]), weights=quantized[1] if quantized else "fp32",
                 runtime=f"sparsec {sparsec.__version__} ({stepper.backend})")
 
 
@@ -169,6 +187,17 @@ def goals(rows: list[dict]) -> list[str]:
         if tvm_dense is not None:
             text += f"; peak RSS {r['peak_rss_mib'] / tvm_dense['peak_rss_mib']:.2f}x sparsec-tvm-dense's (goal <= 1.10x)"
         lines.append(text)
+    for r in rows:
+        peer, _, sparsity = r["peer"].partition("@")
+        if peer not in QUANTIZED_GOALS:
+            continue
+        name, goal = QUANTIZED_GOALS[peer]
+        base = next((d for d in rows if (d["model"], d["context"], d["peer"]) == (r["model"], r["context"], name)),
+                    None)
+        if base is not None:
+            lines.append(f"- {r['model']}, context {r['context']}, {r['peer']}: decode"
+                         f" {r['tokens_per_s'] / base['tokens_per_s']:.2f}x {name} ({base['tokens_per_s']:.1f} tokens/s;"
+                         f" issue 19's goal at teal 0.5: >= {goal}x)")
     return lines
 
 
@@ -200,7 +229,7 @@ def main(argv=None) -> None:
     command = "python benchmarks/generate.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = peers.markdown(cpu, rows, command).replace(
         "# Dense CPU peers: text generation", "# Text generation: sparsec beside the dense CPU peers", 1)
-    report += "\n## Goals (issue 17)\n\n" + "\n".join(goals(rows) or ["- (no sparsec-tvm row with a dense peer)"])
+    report += "\n## Goals (issues 17 and 19)\n\n" + "\n".join(goals(rows) or ["- (no sparsec-tvm row with a dense peer)"])
     report += (f"\n\nsparsec rows: teal calibrated on {CALIB['samples']} x {CALIB['seq_len']} tokens; timing as for"
                " the peers (median decode step of a run, median of the runs).\n")
     if args.markdown:

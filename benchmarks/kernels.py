@@ -1,19 +1,24 @@
 """Batch-1 linear layers on the CPU: sparsec's TVM sparse kernel against dense peers, at several input sparsities.
 
-For each weight shape (K inputs x N outputs) and storage dtype, one process run measures
+For each weight shape (K inputs x N outputs) and weight format, one process run measures
   * sparsec TVM sparse  (``sparsec.backends.tvm.kernels``, zero inputs skipped) at sparsity 0 / .25 / .5 / .75 / .9
   * sparsec TVM dense   (the same kernel family, every row read)
   * torch ``F.linear``  (x [1, K], W [N, K])
   * ONNX Runtime MatMul (x [1, K] @ W^T [K, N] as an initializer; fp32 only: ORT's CPU MatMul has no fp16/bf16)
   * "read W": the faster of ``torch.sum`` and a TVM streaming-read kernel (one contiguous chunk per thread, 8
     independent vector accumulators) over a tensor with as many bytes as W: the machine's read bandwidth now
+For a quantized format (``int8``: per output channel, ``int8g32`` / ``int4g32``: a scale per 32 inputs; the
+``quantize`` pass's round-to-nearest weights, sparsec's quantized kernels of :mod:`sparsec.backends.tvm.quantized`)
+the dense peers are the same-bit TVM dense kernel (every row read) and ONNX Runtime's ``MatMulNBits`` (group-wise
+formats; 4 bits, or 8 where this ORT has it), "read W" reads as many bytes as the packed weights and scales, and
+the ``torch F.linear`` column is the float32 layer's (the cost of not quantizing).
 and reports medians. Protocol (../shared/TVM.md §3.2): TVM and torch calls are interleaved round-robin (the order
 reversed every other round), each call gets a fresh x with exactly round(s*K) zeros at random positions, and a
 96 MB array is read before every timed call so W is never in the cache. ORT runs afterwards in its own block of
 calls, since its spinning thread pool would slow the others. The bound at sparsity s is (1 - s) x "read W" time.
 Threads: 2 unless --threads (TVM_NUM_THREADS, torch.set_num_threads, ORT intra_op_num_threads).
 Usage: python benchmarks/kernels.py [--rounds 31] [--threads 2] [--shapes 4096x11008,11008x4096]
-       [--dtypes float32,float16,bfloat16] [--markdown FILE]
+       [--dtypes float32,float16,bfloat16,int8,int4g32] [--markdown FILE]
 """
 import argparse
 import os
@@ -30,7 +35,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=31)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shapes", default="4096x11008,11008x4096")
-    ap.add_argument("--dtypes", default="float32,float16,bfloat16")
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16", help="weight formats: float32, float16, bfloat16,"
+                    " int8, int8gG, int4gG (G inputs per scale)")
     ap.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -62,22 +68,49 @@ def main():
             f.write(text + "\n")
 
 
-def bench_one(tvm, target, np, torch, flush, k, n, dtype, rounds, threads):
-    from sparsec.backends.tvm.kernels import linear_kernel, pack_weight
+def quantized_format(dtype):
+    """``(bits, group)`` of a quantized weight format name (``int8``, ``int4g32``), None for a float dtype."""
+    import re
 
-    td = getattr(torch, dtype)
+    match = re.fullmatch(r"int([48])(?:g(\d+))?", dtype)
+    return (int(match[1]), int(match[2] or 0)) if match else None
+
+
+def _kernels(tvm, target, torch, w, dtype):
+    """``(sparse kernel, dense kernel, weight operands, x dtype)`` for weights ``w`` (fp32 [N, K]) in format
+    ``dtype``."""
+    from sparsec.backends.tvm.kernels import linear_kernel, pack_weight
+    from sparsec.backends.tvm.quantized import pack_quantized, quantized_linear_kernel
+    from sparsec.passes.quantize import quantize_weight
+
+    n, k = w.shape
+    fmt = quantized_format(dtype)
+    if fmt is None:
+        make = lambda sparse: linear_kernel(k, n, dtype, sparse=sparse)  # noqa: E731
+        operands, xdtype = [pack_weight(w.to(getattr(torch, dtype)))], dtype
+    else:
+        bits, group = fmt
+        make = lambda sparse: quantized_linear_kernel(k, n, bits, group, sparse=sparse)  # noqa: E731
+        operands, xdtype = list(pack_quantized(*quantize_weight(w, bits, group, torch.float32), bits)), "float32"
+    sparse, dense = (tvm.compile(make(s).with_attr("global_symbol", "main"), target)["main"] for s in (True, False))
+    return sparse, dense, operands, xdtype
+
+
+def bench_one(tvm, target, np, torch, flush, k, n, dtype, rounds, threads):
     g = torch.Generator().manual_seed(0)
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(td)
-    wp, bias, thr = pack_weight(w), torch.zeros(n, dtype=td), torch.zeros(1, dtype=td)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    sparse, dense, operands, xdtype = _kernels(tvm, target, torch, w, dtype)
+    td = getattr(torch, xdtype)
+    w = w.to(td)
+    bias, thr = torch.zeros(n, dtype=td), torch.zeros(1, dtype=td)
     y = torch.empty(1, n, dtype=td)
-    sparse = tvm.compile(linear_kernel(k, n, dtype, sparse=True).with_attr("global_symbol", "main"), target)["main"]
-    dense = tvm.compile(linear_kernel(k, n, dtype, sparse=False).with_attr("global_symbol", "main"), target)["main"]
-    blob = torch.ones(w.numel() * w.element_size() // 4)  # as many bytes as W, read as fp32
+    nbytes = sum(t.numel() * t.element_size() for t in operands)
+    blob = torch.ones(nbytes // 4)  # as many bytes as the packed weights, read as fp32
     read = tvm.compile(_read_kernel(blob.numel(), threads).with_attr("global_symbol", "main"), target)["main"]
     part = torch.empty(threads * 128)
     xs = {s: [_input(torch, k, s, td, g) for _ in range(16)] for s in SPARSITIES}
-    calls = {f"sparse@{s:g}": (s, lambda x: sparse(x, wp, thr, bias, y)) for s in SPARSITIES}
-    calls.update({"tvm dense": (0.0, lambda x: dense(x, wp, thr, bias, y)),
+    calls = {f"sparse@{s:g}": (s, lambda x: sparse(x, *operands, thr, bias, y)) for s in SPARSITIES}
+    calls.update({"tvm dense": (0.0, lambda x: dense(x, *operands, thr, bias, y)),
                   "torch F.linear": (0.0, lambda x: torch.nn.functional.linear(x, w)),
                   "torch sum": (0.0, lambda x: blob.sum()), "tvm read": (0.0, lambda x: read(blob, part))})
     times = {name: [] for name in calls}
@@ -94,8 +127,12 @@ def bench_one(tvm, target, np, torch, flush, k, n, dtype, rounds, threads):
     ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
     ms["read W"] = min(ms.pop("torch sum"), ms.pop("tvm read"))
     if dtype == "float32":
-        ms["ORT MatMul"] = _ort(np, flush, w, xs[0.0], rounds, threads)
-    return {"k": k, "n": n, "dtype": dtype, "mb": w.numel() * w.element_size() / 1e6, "ms": ms}
+        ms["ORT MatMul"] = _ort(np, flush, _matmul(np, w), xs[0.0], rounds, threads)
+    elif quantized_format(dtype) and quantized_format(dtype)[1]:
+        node = _matmul_nbits(np, torch, w, *quantized_format(dtype))
+        if node is not None:
+            ms["ORT MatMul"] = _ort(np, flush, node, xs[0.0], rounds, threads)
+    return {"k": k, "n": n, "dtype": dtype, "mb": nbytes / 1e6, "ms": ms}
 
 
 def _read_kernel(numel, threads):
@@ -127,17 +164,42 @@ def _input(torch, k, s, td, g):
     return x.to(td)
 
 
-def _ort(np, flush, w, xs, rounds, threads):
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+def _matmul(np, w):
+    """``(node, initializers, N, K)``: ONNX MatMul of x by W^T."""
+    from onnx import helper, numpy_helper
 
-    k = w.shape[1]
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "wt"], ["y"])], "gemv",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[0]])],
-                              [numpy_helper.from_array(np.ascontiguousarray(w.float().numpy().T), "wt")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return (helper.make_node("MatMul", ["x", "wt"], ["y"]),
+            [numpy_helper.from_array(np.ascontiguousarray(w.float().numpy().T), "wt")], *w.shape)
+
+
+def _matmul_nbits(np, torch, w, bits, group):
+    """``com.microsoft.MatMulNBits`` of the same round-to-nearest weights (zero point 2^(bits-1), ORT's default: the
+    ``quantize`` pass's symmetric values + 2^(bits-1)), or None when this ONNX Runtime has no such kernel."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from sparsec.passes.quantize import quantize_weight
+
+    if bits == 8 and tuple(int(v) for v in ort.__version__.split(".")[:2]) < (1, 20):
+        return None
+    n, k = w.shape
+    q, scale = quantize_weight(w.float(), bits, group, torch.float32)
+    packed = q if bits == 4 else (q.to(torch.int16) + 128).to(torch.uint8)  # int4: already value + 8, packed
+    blob = packed.reshape(n, k // group, group * bits // 8).numpy()
+    node = helper.make_node("MatMulNBits", ["x", "wq", "scales"], ["y"], domain="com.microsoft", K=k, N=n,
+                            bits=bits, block_size=group)
+    return node, [numpy_helper.from_array(blob, "wq"), numpy_helper.from_array(scale.numpy().reshape(-1), "scales")], n, k
+
+
+def _ort(np, flush, graph_node, xs, rounds, threads):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    node, initializers, n, k = graph_node
+    graph = helper.make_graph([node], "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(
+        "com.microsoft", 1)])
     model.ir_version = 10  # ORT rejects the IR version onnx's helper writes
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -153,7 +215,7 @@ def _ort(np, flush, w, xs, rounds, threads):
 
 
 def table_ms(rows):
-    head = ("| W (K×N dtype, MB) | torch F.linear | ORT MatMul | TVM dense | read W | sparsec sparse at s = "
+    head = ("| W (K×N format, MB) | torch F.linear (fp32) | ORT MatMul (MatMulNBits) | TVM dense | read W | sparsec sparse at s = "
             + " / ".join(f"{s:g}" for s in SPARSITIES) + " | bound at s=0.5 |")
     out = [head, "|" + "---|" * 7]
     for r in rows:
@@ -171,13 +233,16 @@ def table_speedup(rows):
            + " | s=0.5: time / bound |", "|---|---|---|---|"]
     for r in rows:
         ms = r["ms"]
-        peers = {k: v for k, v in ms.items() if k in ("torch F.linear", "ORT MatMul", "tvm dense")}
+        same_bits = ("ORT MatMul", "tvm dense") if quantized_format(r["dtype"]) else (
+            "torch F.linear", "ORT MatMul", "tvm dense")
+        peers = {k: v for k, v in ms.items() if k in same_bits}
         best = min(peers, key=peers.get)
         sp = " / ".join(f"{peers[best] / ms[f'sparse@{s:g}']:.2f}" for s in SPARSITIES)
         out.append(f"| {r['k']}×{r['n']} {r['dtype']} | {peers[best]:.2f} ms ({best}) | {sp} |"
                    f" {ms['sparse@0.5'] / (0.5 * ms['read W']):.2f} |")
     return ("Speedup of sparsec sparse over the fastest dense peer of the same run (ideal 1/(1-s) = 1 / 1.33 / 2 / 4"
-            " / 10), and the sparse time at s=0.5 over the bandwidth bound (1.00 = at the bound):\n\n"
+            " / 10; a quantized format's peers are of the same bits), and the sparse time at s=0.5 over the bandwidth"
+            " bound of the packed bytes (1.00 = at the bound):\n\n"
             + "\n".join(out))
 
 
