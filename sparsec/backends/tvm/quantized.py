@@ -77,7 +77,8 @@ def pack_quantized(q, scale, bits: int, *, tiles: int | None = None):
 
 
 def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float32", *, sparse: bool = True,
-                            threshold: bool = False, tiles: int | None = None, rows_per_pass: int = R):
+                            threshold: bool = False, tiles: int | None = None, rows_per_pass: int = R,
+                            splits: int = 1):
     """A PrimFunc ``(x [M, K], Wq, S [NT, G, CT], thr [1], bias [N], y [M, N])``, ``M`` symbolic, computing
     ``y = x' @ dequantize(q, S).T + bias``, ``x' = x * (|x| > thr)`` when ``threshold`` else ``x``. ``group``: inputs
     per scale (0: per output channel). ``sparse``: skip the weight rows of zero (or dropped) inputs in decode."""
@@ -95,6 +96,7 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
     ct = tile_width(n, nt, bits)
     nr = gemm_columns(ct)
     R = rows_per_pass  # noqa: N806
+    ks = splits
     f32 = "float32"
     zero = T.cast(0, dtype)
     offset = T.float32(8 if bits == 4 else 0)
@@ -145,16 +147,23 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
                         xv[cnt[0] + r] = T.float32(0)
                 cnt[0] = cnt[0] + pad[0]
             start[ng] = cnt[0]
-            for j in T.parallel(nt):
-                acc = T.decl_buffer((ct,), f32)
+            accs = T.decl_buffer((nt * ks * ct,), f32)  # each task's accumulators
+            for task in T.parallel(nt * ks):  # tile j, part p of the groups (per channel: of the row passes)
+                j = task // ks
+                p = task % ks
+                acc = T.decl_buffer((ct,), f32, data=accs.data, elem_offset=task * ct)
                 t = T.decl_buffer((ct,), f32)  # one group's sum (per channel: acc itself, unused)
                 for c in T.vectorized(ct):
                     acc[c] = T.float32(0)
-                for g in range(ng):
+                for g in range(ng * p // ks if ng > 1 else 0, ng * (p + 1) // ks if ng > 1 else 1):
+                    passes = T.decl_buffer((2,), "int32")  # this task's passes of R entries in group g
+                    passes[0] = (start[g + 1] - start[g]) // R * p // ks if ng == 1 else 0
+                    passes[1] = (start[g + 1] - start[g]) // R * (p + 1) // ks if ng == 1 else (
+                        start[g + 1] - start[g]) // R
                     if ng > 1:
                         for c in T.vectorized(ct):
                             t[c] = T.float32(0)
-                    for jb in range((start[g + 1] - start[g]) // R):
+                    for jb in range(passes[0], passes[1]):
                         e = start[g] + jb * R
                         if bits == 8:
                             for vo in range(ct // VL):
@@ -185,13 +194,18 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
                     if ng > 1 and start[g + 1] > start[g]:  # a group without survivors reads no scale either
                         for c in T.vectorized(ct):
                             acc[c] = acc[c] + s[j, g, c] * (t[c] - offset * xsum[g])
+            for task in T.parallel(nt):  # the parts' sums, scaled (per channel), plus the bias
                 for c in range(ct):
-                    if j * ct + c < n:
+                    if task * ct + c < n:
+                        total = T.decl_buffer((1,), f32)
+                        total[0] = T.float32(0)
+                        for q in range(ks):
+                            total[0] = total[0] + accs[(task * ks + q) * ct + c]
                         if ng > 1:
-                            y[0, j * ct + c] = T.cast(acc[c] + T.cast(b[j * ct + c], f32), dtype)
+                            y[0, task * ct + c] = T.cast(total[0] + T.cast(b[task * ct + c], f32), dtype)
                         else:
-                            y[0, j * ct + c] = T.cast(s[j, 0, c] * (acc[c] - offset * xsum[0])
-                                                      + T.cast(b[j * ct + c], f32), dtype)
+                            y[0, task * ct + c] = T.cast(s[task, 0, c] * (total[0] - offset * xsum[0])
+                                                         + T.cast(b[task * ct + c], f32), dtype)
         else:  # a prefill (or a few rows): the GEMM, dequantizing each panel once
             gemm(x, wq, s, thr, b, y, m)
 

@@ -21,10 +21,11 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 _CACHE = {}
 
 
-def _kernel(k, n, bits, group, sparse, threshold, tiles=None):
-    key = (k, n, bits, group, sparse, threshold, tiles)
+def _kernel(k, n, bits, group, sparse, threshold, tiles=None, splits=1):
+    key = (k, n, bits, group, sparse, threshold, tiles, splits)
     if key not in _CACHE:
-        f = quantized_linear_kernel(k, n, bits, group, sparse=sparse, threshold=threshold, tiles=tiles)
+        f = quantized_linear_kernel(k, n, bits, group, sparse=sparse, threshold=threshold, tiles=tiles,
+                                    splits=splits)
         _CACHE[key] = tvm.compile(f.with_attr("global_symbol", "main"), cpu_target())["main"]
     return _CACHE[key]
 
@@ -42,12 +43,12 @@ def _input(m, k, sparsity, g):
     return x
 
 
-def _run(x, q, s, b, bits, group, sparse, thr=None, tiles=None):
+def _run(x, q, s, b, bits, group, sparse, thr=None, tiles=None, splits=1):
     n = q.shape[0]
     k = x.shape[1]
     wq, sp = pack_quantized(q, s, bits, tiles=tiles)
     y = torch.full((x.shape[0], n), float("nan"))
-    _kernel(k, n, bits, group, sparse, thr is not None, tiles)(x, wq, sp, torch.tensor([thr or 0.0]), b, y)
+    _kernel(k, n, bits, group, sparse, thr is not None, tiles, splits)(x, wq, sp, torch.tensor([thr or 0.0]), b, y)
     return y
 
 
@@ -57,22 +58,24 @@ def _reference(x, q, s, b, bits, group, thr=None):
     return y, y.abs().max()
 
 
-@pytest.mark.parametrize("bits,group,k,n,tiles", [(8, 0, 96, 300, None), (8, 32, 128, 200, None),
-                                                  (4, 32, 128, 300, None), (4, 16, 64, 100, 3),
-                                                  (4, 0, 96, 64, 1), (8, 16, 64, 300, 4)])
-def test_matches_dequantize_then_linear(bits, group, k, n, tiles):
+@pytest.mark.parametrize("bits,group,k,n,tiles,splits", [(8, 0, 96, 300, None, 1), (8, 32, 128, 200, None, 2),
+                                                         (4, 32, 128, 300, None, 1), (4, 16, 64, 100, 3, 3),
+                                                         (4, 0, 96, 64, 1, 2), (8, 16, 64, 300, 4, 1),
+                                                         (8, 0, 200, 300, 1, 2)])
+def test_matches_dequantize_then_linear(bits, group, k, n, tiles, splits):
     """Every path (M = 1 sparse / threshold / dense, M = 3, M = 20) equals the torch reference to fp32 rounding,
-    relative to the output's scale."""
+    relative to the output's scale; with the rows split between tasks too (``splits``: per channel the row passes,
+    group-wise the groups, 3 parts of 4 groups unevenly)."""
     g = torch.Generator().manual_seed(bits * 100 + group)
     q, s, b = _weights(k, n, bits, group, g)
     for m, sparsity in [(1, 0.0), (1, 0.5), (1, 0.9), (1, 1.0), (3, 0.5), (20, 0.5)]:
         x = _input(m, k, sparsity, g)
         want, scale = _reference(x, q, s, b, bits, group)
         for sparse in (True, False):
-            torch.testing.assert_close(_run(x, q, s, b, bits, group, sparse, tiles=tiles) / scale, want / scale,
-                                       **TOL)
+            torch.testing.assert_close(_run(x, q, s, b, bits, group, sparse, tiles=tiles, splits=splits) / scale,
+                                       want / scale, **TOL)
         want, scale = _reference(x, q, s, b, bits, group, thr=0.5)
-        torch.testing.assert_close(_run(x, q, s, b, bits, group, True, thr=0.5, tiles=tiles) / scale,
+        torch.testing.assert_close(_run(x, q, s, b, bits, group, True, thr=0.5, tiles=tiles, splits=splits) / scale,
                                    want / scale, **TOL)
 
 
