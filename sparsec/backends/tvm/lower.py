@@ -223,10 +223,11 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
             x_node, b_node = node.args[0], node.args[2] if len(node.args) > 2 else None
         kind = input_kind(x_node) if sparse else "dense"
         packed = [relax.const(t.numpy()) for t in pack_quantized(q, scale, bits)]
+        scales = str(scale.dtype).removeprefix("torch.")
         return linear_call(importer, x_node, b_node, n, k, kind,
-                           lambda dtype: quantized_kernel_name(kind, k, n, bits, group, dtype),
+                           lambda dtype: quantized_kernel_name(kind, k, n, bits, group, dtype, scales),
                            lambda dtype: quantized_linear_kernel(k, n, bits, group, dtype, sparse=kind != "dense",
-                                                                 threshold=kind == "threshold"),
+                                                                 threshold=kind == "threshold", scale_dtype=scales),
                            lambda dtype: packed)
 
     def convert_linear(node, importer):

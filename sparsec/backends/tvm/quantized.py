@@ -9,7 +9,7 @@ one group of ``K``). :func:`pack_quantized` lays them out in the column tiles of
 * int4: ``Wq [NT, K, CT / 2]`` uint8, each 32-column block of a row in 16 bytes: byte ``i`` holds column ``i`` in its
   low nibble and column ``16 + i`` in its high one, as ``value + 8`` (one load, two 16-lane vectors: ``& 15`` and
   ``>> 4``);
-* scales ``S [NT, G, CT]`` fp32 (fp16 scales widen exactly).
+* scales ``S [NT, G, CT]`` in the pass's scale dtype (fp32 or fp16: widened in registers, exactly).
 
 **Decode** (M = 1, sparse): the compaction pass of the float kernels, per group: the surviving inputs of each group
 are listed together, padded to a multiple of ``R`` with the group's last surviving row and value 0, and their sum
@@ -71,17 +71,20 @@ def pack_quantized(q, scale, bits: int, *, tiles: int | None = None):
     if bits == 4:
         u = (w.to(torch.int16) + 8).to(torch.uint8).reshape(nt, k, ct // 32, 2, 16)
         w = (u[:, :, :, 0] | (u[:, :, :, 1] << 4)).reshape(nt, k, ct // 2)
-    s = torch.zeros(nt * ct, scale.shape[1], dtype=torch.float32)
-    s[:n] = scale.to(torch.float32)
+    s = torch.zeros(nt * ct, scale.shape[1], dtype=scale.dtype)
+    s[:n] = scale
     return w.contiguous(), s.reshape(nt, ct, -1).permute(0, 2, 1).contiguous()
 
 
 def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float32", *, sparse: bool = True,
                             threshold: bool = False, tiles: int | None = None, rows_per_pass: int = R,
-                            splits: int = 1):
+                            splits: int = 1, scale_dtype: str = "float32"):
     """A PrimFunc ``(x [M, K], Wq, S [NT, G, CT], thr [1], bias [N], y [M, N])``, ``M`` symbolic, computing
     ``y = x' @ dequantize(q, S).T + bias``, ``x' = x * (|x| > thr)`` when ``threshold`` else ``x``. ``group``: inputs
-    per scale (0: per output channel). ``sparse``: skip the weight rows of zero (or dropped) inputs in decode."""
+    per scale (0: per output channel). ``sparse``: skip the weight rows of zero (or dropped) inputs in decode.
+    Schedule: ``tiles`` (NT, as given to :func:`pack_quantized`), ``rows_per_pass`` (R), ``splits`` (the decode's
+    kept rows split between that many tasks per tile: per channel its passes, group-wise its groups; each task sums
+    into its own accumulators, added up at the end). ``scale_dtype``: S's dtype, float32 or float16."""
     from tvm.script import tirx as T
 
     if dtype not in DTYPES:
@@ -110,14 +113,14 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
 
     def load(w, s, j, i, c, vi):  # the fp32 weight of row i, column c + vi of tile j (c a multiple of VL)
         if bits == 8:
-            return T.cast(w[j, i, c + vi], f32) * s[j, i // gs, c + vi]
+            return T.cast(w[j, i, c + vi], f32) * T.cast(s[j, i // gs, c + vi], f32)
         nibble = T.shift_right(w[j, i, c // 32 * 16 + vi], T.cast(c // 16 % 2 * 4, "uint8")) & T.uint8(15)
-        return (T.cast(nibble, f32) - T.float32(8)) * s[j, i // gs, c + vi]
+        return (T.cast(nibble, f32) - T.float32(8)) * T.cast(s[j, i // gs, c + vi], f32)
 
     gemm = gemm_macro(k, n, nt, ct, nr, panel_group(k, ct, nr), dtype, keep, load)
 
     @T.prim_func(private=True)
-    def f(x_h: T.handle, wq: T.Buffer((nt, k, wcols), wtype), s: T.Buffer((nt, ng, ct), f32),
+    def f(x_h: T.handle, wq: T.Buffer((nt, k, wcols), wtype), s: T.Buffer((nt, ng, ct), scale_dtype),
           thr: T.Buffer((1,), dtype), b: T.Buffer((n,), dtype), y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
@@ -193,7 +196,7 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
                                                 f32) * xv[e + r]
                     if ng > 1 and start[g + 1] > start[g]:  # a group without survivors reads no scale either
                         for c in T.vectorized(ct):
-                            acc[c] = acc[c] + s[j, g, c] * (t[c] - offset * xsum[g])
+                            acc[c] = acc[c] + T.cast(s[j, g, c], f32) * (t[c] - offset * xsum[g])
             for task in T.parallel(nt):  # the parts' sums, scaled (per channel), plus the bias
                 for c in range(ct):
                     if task * ct + c < n:
@@ -204,7 +207,7 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
                         if ng > 1:
                             y[0, task * ct + c] = T.cast(total[0] + T.cast(b[task * ct + c], f32), dtype)
                         else:
-                            y[0, task * ct + c] = T.cast(s[task, 0, c] * (total[0] - offset * xsum[0])
+                            y[0, task * ct + c] = T.cast(T.cast(s[task, 0, c], f32) * (total[0] - offset * xsum[0])
                                                          + T.cast(b[task * ct + c], f32), dtype)
         else:  # a prefill (or a few rows): the GEMM, dequantizing each panel once
             gemm(x, wq, s, thr, b, y, m)
@@ -212,6 +215,9 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
     return f
 
 
-def quantized_kernel_name(kind: str, k: int, n: int, bits: int, group: int, dtype: str) -> str:
-    """The module-level name of the quantized linear kernel of ``kind`` (dense, sparse or threshold)."""
-    return f"sparsec_linear_int{bits}g{group}_{kind}_{k}_{n}_{dtype}"
+def quantized_kernel_name(kind: str, k: int, n: int, bits: int, group: int, dtype: str,
+                          scale_dtype: str = "float32") -> str:
+    """The module-level name of the quantized linear kernel of ``kind`` (dense, sparse or threshold); fp16 scales
+    add ``s16`` to the format (``int4g32s16``)."""
+    scales = "s16" if scale_dtype == "float16" else ""
+    return f"sparsec_linear_int{bits}g{group}{scales}_{kind}_{k}_{n}_{dtype}"

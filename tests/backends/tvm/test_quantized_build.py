@@ -39,10 +39,11 @@ def _kinds(manifest):
 
 
 def test_int4_teal_llama_generates_like_the_artifact(tmp_path):
-    """Every linear takes the int4 kernel (the thresholded ones fused, the LM head dense), the weights file is about
-    a sixth of the float32 weights, and 32 greedy tokens equal the artifact's."""
-    art, out, manifest, floats = _build(tmp_path, "llama", "quantize{bits=4 group=32},teal{sparsity=0.5}")
-    assert _kinds(manifest) == {"sparsec_linear_int4g32_threshold", "sparsec_linear_int4g32_dense"}
+    """Every linear takes the int4 kernel with fp16 scales (the thresholded ones fused, the LM head dense), the
+    weights file is under a quarter of the float32 weights, and 32 greedy tokens equal the artifact's."""
+    art, out, manifest, floats = _build(tmp_path, "llama",
+                                        "quantize{bits=4 group=32 scale_dtype=float16},teal{sparsity=0.5}")
+    assert _kinds(manifest) == {"sparsec_linear_int4g32s16_threshold", "sparsec_linear_int4g32s16_dense"}
     assert os.path.getsize(os.path.join(out, "params.bin")) < floats / 4
     want = generate(art, PROMPT, max_new_tokens=NEW, ignore_eos=True)
     assert len(set(want[0, PROMPT.shape[1]:].tolist())) > 4  # not one token repeated

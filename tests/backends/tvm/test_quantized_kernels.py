@@ -21,18 +21,18 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 _CACHE = {}
 
 
-def _kernel(k, n, bits, group, sparse, threshold, tiles=None, splits=1):
-    key = (k, n, bits, group, sparse, threshold, tiles, splits)
+def _kernel(k, n, bits, group, sparse, threshold, tiles=None, splits=1, scale_dtype="float32"):
+    key = (k, n, bits, group, sparse, threshold, tiles, splits, scale_dtype)
     if key not in _CACHE:
         f = quantized_linear_kernel(k, n, bits, group, sparse=sparse, threshold=threshold, tiles=tiles,
-                                    splits=splits)
+                                    splits=splits, scale_dtype=scale_dtype)
         _CACHE[key] = tvm.compile(f.with_attr("global_symbol", "main"), cpu_target())["main"]
     return _CACHE[key]
 
 
-def _weights(k, n, bits, group, g):
+def _weights(k, n, bits, group, g, scale_dtype=torch.float32):
     w = torch.randn(n, k, generator=g)
-    q, s = quantize_weight(w, bits, group, torch.float32)
+    q, s = quantize_weight(w, bits, group, scale_dtype)
     return q, s, torch.randn(n, generator=g)
 
 
@@ -48,7 +48,8 @@ def _run(x, q, s, b, bits, group, sparse, thr=None, tiles=None, splits=1):
     k = x.shape[1]
     wq, sp = pack_quantized(q, s, bits, tiles=tiles)
     y = torch.full((x.shape[0], n), float("nan"))
-    _kernel(k, n, bits, group, sparse, thr is not None, tiles, splits)(x, wq, sp, torch.tensor([thr or 0.0]), b, y)
+    kernel = _kernel(k, n, bits, group, sparse, thr is not None, tiles, splits, str(s.dtype).removeprefix("torch."))
+    kernel(x, wq, sp, torch.tensor([thr or 0.0]), b, y)
     return y
 
 
@@ -58,16 +59,16 @@ def _reference(x, q, s, b, bits, group, thr=None):
     return y, y.abs().max()
 
 
-@pytest.mark.parametrize("bits,group,k,n,tiles,splits", [(8, 0, 96, 300, None, 1), (8, 32, 128, 200, None, 2),
-                                                         (4, 32, 128, 300, None, 1), (4, 16, 64, 100, 3, 3),
-                                                         (4, 0, 96, 64, 1, 2), (8, 16, 64, 300, 4, 1),
-                                                         (8, 0, 200, 300, 1, 2)])
-def test_matches_dequantize_then_linear(bits, group, k, n, tiles, splits):
+@pytest.mark.parametrize("bits,group,k,n,tiles,splits,scales", [
+    (8, 0, 96, 300, None, 1, "float32"), (8, 32, 128, 200, None, 2, "float16"), (4, 32, 128, 300, None, 1, "float32"),
+    (4, 16, 64, 100, 3, 3, "float16"), (4, 0, 96, 64, 1, 2, "float32"), (8, 16, 64, 300, 4, 1, "float32"),
+    (8, 0, 200, 300, 1, 2, "float16")])
+def test_matches_dequantize_then_linear(bits, group, k, n, tiles, splits, scales):
     """Every path (M = 1 sparse / threshold / dense, M = 3, M = 20) equals the torch reference to fp32 rounding,
     relative to the output's scale; with the rows split between tasks too (``splits``: per channel the row passes,
-    group-wise the groups, 3 parts of 4 groups unevenly)."""
+    group-wise the groups, 3 parts of 4 groups unevenly), fp32 and fp16 scales."""
     g = torch.Generator().manual_seed(bits * 100 + group)
-    q, s, b = _weights(k, n, bits, group, g)
+    q, s, b = _weights(k, n, bits, group, g, getattr(torch, scales))
     for m, sparsity in [(1, 0.0), (1, 0.5), (1, 0.9), (1, 1.0), (3, 0.5), (20, 0.5)]:
         x = _input(m, k, sparsity, g)
         want, scale = _reference(x, q, s, b, bits, group)
