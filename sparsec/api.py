@@ -340,7 +340,8 @@ def export_onnx(artifact_or_result: Any, path: str, opset: int | None = None, ve
 
     Dynamic batch/sequence axes, ``sparsec::`` ops lowered to standard ONNX ops, atomic write; ``verify`` compares
     ONNX Runtime with torch on ``inputs`` (default: the example inputs). Options: ``external_data``, ``force``,
-    ``rtol``, ``atol``, ``optimize``, ``sparse_kernel`` (none / auto / all). See
+    ``rtol``, ``atol``, ``optimize``, ``sparse_kernel`` (none / auto / all / gather), ``quantized_matmul`` (nbits /
+    standard). See
     :func:`sparsec.backends.onnxruntime.export_onnx`.
     """
     from sparsec import progress

@@ -372,10 +372,15 @@ def eval_(artifact, ppl, embed, seq_len, samples, batch_size, as_json):
               " measured at batch 1 (sparsec's ONNX Runtime custom op, built with g++ on first use; the standard-op"
               " gather of active weight rows; dense), all = the custom op everywhere, gather = the standard-op"
               " gather everywhere, none = standard ops as exported")
+@click.option("--quantized-matmul", type=click.Choice(["nbits", "standard"]), default="nbits", show_default=True,
+              help="linears of the quantize pass: nbits = ONNX Runtime's com.microsoft.MatMulNBits on the packed"
+              " weights (float32 compute; the session keeps them packed; 8 bits: ORT's CPU dequantizes the whole weight"
+              " per call, slower than float32), standard = standard ONNX ops (ORT folds float32 weights at load)")
 @click.option("--force", is_flag=True, help="replace FILE if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON document")
 @_progress_options
-def export(artifact, target, out, opset, external_data, verify, inputs, rtol, atol, sparse_kernel, force, as_json):
+def export(artifact, target, out, opset, external_data, verify, inputs, rtol, atol, sparse_kernel, quantized_matmul,
+           force, as_json):
     """Export the artifact directory ARTIFACT to a deployable model (ONNX: dynamic batch/sequence axes)."""
     if inputs and not verify:
         raise UsageError("--inputs gives the inputs of --verify; add --verify")
@@ -390,7 +395,7 @@ def export(artifact, target, out, opset, external_data, verify, inputs, rtol, at
     try:
         result = api.export_onnx(artifact, out, opset=opset, verify=verify, inputs=inputs,
                                  external_data=external_data, force=force, rtol=rtol, atol=atol,
-                                 sparse_kernel=sparse_kernel)
+                                 sparse_kernel=sparse_kernel, quantized_matmul=quantized_matmul)
     except VerificationError as exc:
         result, failure = exc.result, exc
     for note in result.notes:
@@ -406,6 +411,10 @@ def export(artifact, target, out, opset, external_data, verify, inputs, rtol, at
                    f" {result.seconds:.1f} s)")
         click.echo(f"inputs:  {sig(result.inputs)}")
         click.echo(f"outputs: {sig(result.outputs)}")
+        if result.quantized_matmul:
+            from sparsec.backends.onnxruntime import nbits
+
+            click.echo(f"quantized matmul: {nbits.summary(result.quantized_matmul)}")
         if result.sparse_kernel:
             from sparsec.backends.onnxruntime.sparse import summary
 

@@ -13,7 +13,10 @@
   copied to ``NAME.tokenizer/`` beside ``NAME.onnx`` (:func:`tokenizer_path`), in the same atomic write;
 - ``sparse_kernel`` (``auto`` / ``all`` / ``gather``) replaces thresholded linears by sparsec's ONNX Runtime custom
   op or a standard-op gather of the active weight rows, where measured faster (:mod:`.sparse`); the per-layer
-  choices go to ``metadata_props``.
+  choices go to ``metadata_props``;
+- a quantized program's linears become ONNX Runtime's ``com.microsoft.MatMulNBits`` on the packed weights
+  (``quantized_matmul="nbits"``, the default; :mod:`.nbits`) or stay standard ops (``"standard"``), recorded in
+  ``metadata_props["sparsec.quantized_matmul"]``; before the sparse path, which then leaves them as they are.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ class OnnxExport:
     metadata: dict = field(default_factory=dict)
     verification: dict | None = None
     sparse_kernel: dict | None = None
+    quantized_matmul: dict | None = None
     notes: list = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -273,7 +277,7 @@ def _value_info(v) -> dict:
 
 def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool = False, inputs: Any = None, *,
                 external_data: bool | None = None, force: bool = False, rtol: float = 1e-4, atol: float = 1e-4,
-                optimize: bool = True, sparse_kernel: str = "none") -> OnnxExport:
+                optimize: bool = True, sparse_kernel: str = "none", quantized_matmul: str = "nbits") -> OnnxExport:
     """Export ``source`` (a TransformResult, an artifact directory / Artifact, or an ExportedProgram) to ONNX.
 
     ``opset``: ONNX opset (default: the exporter's). ``external_data``: weights in ``PATH.data`` (default: when
@@ -283,11 +287,14 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
     existing file. ``sparse_kernel``: ``none`` (standard ONNX ops as exported), ``auto`` (per thresholded linear, the
     fastest at batch 1 as measured: sparsec's custom op, the standard-op gather of active weight rows, or dense),
     ``all`` (the custom op everywhere) or ``gather`` (the standard-op gather everywhere); see :mod:`.sparse`.
+    ``quantized_matmul`` (a program of the ``quantize`` pass): ``nbits`` (its linears as ``com.microsoft.MatMulNBits``
+    where that applies, see :mod:`.nbits`) or ``standard`` (standard ops: ONNX Runtime folds the float32 weights).
     """
     import torch
 
     import sparsec
     from sparsec.artifact import _TMP_MARK, cleanup_stale_temporaries, input_spec
+    from sparsec.backends.onnxruntime.nbits import MODES as NBITS_MODES
     from sparsec.backends.onnxruntime.sparse import MODES
     from sparsec.backends.onnxruntime.translations import translation_table
     from sparsec.calling import program_output_names
@@ -306,6 +313,9 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
         raise UsageError(f"sparse kernel '{sparse_kernel}' is not one of {', '.join(MODES)} (none: standard ONNX"
                          " ops; auto: per layer the fastest as measured; all: sparsec's custom op wherever it"
                          " applies; gather: the standard-op gather wherever it applies)")
+    if quantized_matmul not in NBITS_MODES:
+        raise UsageError(f"quantized matmul '{quantized_matmul}' is not one of {', '.join(NBITS_MODES)} (nbits: ONNX"
+                         " Runtime's com.microsoft.MatMulNBits on the packed weights; standard: standard ONNX ops)")
     if sparse_kernel == "all":
         from sparsec.backends.onnxruntime.kernels import compiler
 
@@ -334,8 +344,9 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
 
     start = time.perf_counter()
     names = program_output_names(program, facts.get("output_names"))
+    quantized = has_quantized_weights(program)
     try:
-        packed = optimize and has_quantized_weights(program)  # optimized here, keeping the weights packed
+        packed = optimize and quantized  # optimized here, keeping the weights packed
         with _quiet():
             onnx_program = torch.onnx.export(program, (), None, dynamo=True, opset_version=opset,
                                              custom_translation_table=table or None,
@@ -366,6 +377,12 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
     if layout is not None:
         metadata["sparsec.generation"] = json.dumps({"max_context": layout.max_context,
                                                      **(facts.get("generation") or {})})
+    nbits_info = None
+    if quantized:
+        from sparsec.backends.onnxruntime.nbits import apply_matmul_nbits
+
+        nbits_info = apply_matmul_nbits(model, program) if quantized_matmul == "nbits" else {"mode": "standard"}
+        metadata["sparsec.quantized_matmul"] = json.dumps(nbits_info)
     sparse_info = None
     if sparse_kernel != "none":
         from sparsec.backends.onnxruntime.sparse import apply_sparse_kernels
@@ -421,7 +438,8 @@ def export_onnx(source: Any, path: str, opset: int | None = None, verify: bool =
     result = OnnxExport(path=path, opset=opset_used, external_data=use_external, files=files,
                         inputs=[_value_info(v) for v in model.graph.inputs],
                         outputs=[_value_info(v) for v in model.graph.outputs], weight_bytes=weight_bytes,
-                        seconds=round(time.perf_counter() - start, 3), metadata=metadata, sparse_kernel=sparse_info)
+                        seconds=round(time.perf_counter() - start, 3), metadata=metadata, sparse_kernel=sparse_info,
+                        quantized_matmul=nbits_info)
     if opset is not None and opset_used != opset:
         result.notes.append(f"opset {opset} was requested; torch.onnx produced opset {opset_used} (its minimum)")
     if verify:

@@ -1,8 +1,9 @@
 """The sparse path of the ONNX Runtime backend: faster formulations of thresholded linears for batch-1 decode.
 
 In the exported graph a TEAL-thresholded linear is ``MatMul(Mul(x, Cast(Greater(Abs(x), t))), Wt)`` (+ ``Add(B)``)
-with ``Wt`` a constant ``[K, N]``, or ``Gemm`` of the same (GPT-2's Conv1D: 2-D input, no transposes, bias as C). Dense ONNX Runtime does all of that work whatever the sparsity. Two
-replacements read only the weight rows of the active inputs:
+with ``Wt`` a constant ``[K, N]``, or ``Gemm`` of the same (GPT-2's Conv1D: 2-D input, no transposes, bias as C).
+Dense ONNX Runtime does all of that work whatever the sparsity. Two replacements read only the weight rows of the
+active inputs:
 
 - ``sparse``: sparsec's custom op ``ai.sparsec::SparseLinear`` (:mod:`.kernels`, needs a C++ compiler);
 - ``gather``: standard ONNX ops only, ``If(Size(x) == K)`` (exactly one row, a decode token):
@@ -15,11 +16,14 @@ always thresholded, the other rows only by position. Such a linear takes SparseL
 
 A weight the ``quantize`` pass made (:mod:`sparsec.passes.quantize`) is no initializer but a constant subgraph:
 ``Transpose(sparsec::dequantize(q, scale))`` in standard ops (:mod:`.translations`) over int8 / uint8 and scale
-initializers. Such a linear is replaced like any other, the SparseLinear / Gather reading the float32 weight that
-subgraph computes; the file keeps the packed integers. ONNX Runtime's constant folding (on by default) computes that
-weight once, when the session is created: in the session the weight is float32, as it is for ORT's own dense MatMul
-of the same graph, so the sparse kernels lose no memory saving that dense ORT keeps (with graph optimizations off
-every run dequantizes again, on either path). Reading only the packed bytes of the active rows is the TVM backend's.
+initializers. By default the export makes such a linear ``com.microsoft.MatMulNBits`` first (:mod:`.nbits`): dense
+compute on the packed weight, which the sparse kernels do not read; a thresholded one is listed with ``"kernel":
+"matmulnbits"`` and left as it is. Exported with ``quantized_matmul="standard"``, it is replaced like any other, the
+SparseLinear / Gather reading the float32 weight that subgraph computes; the file keeps the packed integers. ONNX
+Runtime's constant folding (on by default) computes that weight once, when the session is created: in the session
+the weight is float32, as it is for ORT's own dense MatMul of the same graph, so the sparse kernels lose no memory
+saving that dense ORT keeps (with graph optimizations off every run dequantizes again, on either path). Reading only
+the packed bytes of the active rows is the TVM backend's.
 
 Per layer the choice is made by measurement: for each distinct (K, N, bias, sparsity) each formulation is timed
 at batch 1 (one decode token) on random weights with that fraction of zero inputs, and the fastest is kept when it
@@ -49,24 +53,31 @@ NO_COMPILER = ("--sparse-kernel all needs a C++ compiler (g++) to build the ONNX
 
 
 @dataclass
-class ThresholdedLinear:
-    """One ``MatMul(x * (|x| > t), Wt) [+ B]`` found in an ONNX graph (onnx_ir objects)."""
+class Linear:
+    """One float32 ``MatMul(x, Wt) [+ B]`` (or ``Gemm``) with a constant 2-D ``Wt`` found in an ONNX graph (onnx_ir
+    objects)."""
 
     matmul: Any
     add: Any  # the bias Add folded in, or None
-    x: Any
-    t: Any
-    keep: Any  # the boolean mask |x| > t
+    x: Any  # the MatMul's input (for a ThresholdedLinear: the input before thresholding)
     wt: Any
     bias: Any
-    masked: str  # name of the thresholded value (the torch node name of the sparsec::threshold call)
     layer: str  # module path of the linear
-    prefill: bool = False  # the mask is teal's prefill rule (thresholds only one-row inputs in full)
     quantized: bool = False  # Wt is computed from packed integer initializers (a constant subgraph), not stored
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(int(d) for d in self.wt.shape)
+
+
+@dataclass
+class ThresholdedLinear(Linear):
+    """One ``MatMul(x * (|x| > t), Wt) [+ B]``: a :class:`Linear` whose input is thresholded."""
+
+    t: Any = None
+    keep: Any = None  # the boolean mask |x| > t
+    masked: str = ""  # name of the thresholded value (the torch node name of the sparsec::threshold call)
+    prefill: bool = False  # the mask is teal's prefill rule (thresholds only one-row inputs in full)
 
 
 def _const(value):
@@ -80,38 +91,50 @@ _MAX_WEIGHT_NODES = 64
 _PACKED = ("INT8", "UINT8")
 
 
-def constant_weight(value) -> tuple[bool, bool]:
-    """(constant, quantized) of a weight ``value``: constant when it is an initializer / Constant or is computed by at
-    most :data:`_MAX_WEIGHT_NODES` deterministic standard-domain nodes of the main graph from initializers and
-    Constants only (no graph input, no subgraph); quantized when such a subgraph reads an int8 / uint8 initializer
-    (the ``quantize`` pass's packed values, :mod:`.translations`)."""
+def weight_initializers(value) -> list | None:
+    """The initializers a constant weight ``value`` is computed from (``[value]`` for an initializer, ``[]`` for a
+    Constant), or None when it is not constant: constant means computed by at most :data:`_MAX_WEIGHT_NODES`
+    deterministic standard-domain nodes of the main graph from initializers and Constants only (no graph input, no
+    subgraph)."""
     import onnx_ir as ir
 
-    if _const(value) is not None:
-        return True, False
-    packed = tuple(getattr(ir.DataType, name) for name in _PACKED)
-    seen, stack, quantized = set(), [value], False
+    seen, stack, found = set(), [value], []
     while stack:
         v = stack.pop()
         if v is None or id(v) in seen:
             continue
         seen.add(id(v))
         if v.is_graph_input():
-            return False, False
+            return None
         if v.is_initializer():
             if v.const_value is None:
-                return False, False
-            quantized = quantized or v.dtype in packed
+                return None
+            found.append(v)
             continue
         node = v.producer()
         if (node is None or node.domain not in ("", "ai.onnx") or len(seen) > _MAX_WEIGHT_NODES
                 or node.op_type.startswith("Random") or node.op_type == "Multinomial"
                 or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())):
-            return False, False
+            return None
         if node.op_type == "Constant":
             continue
         stack.extend(node.inputs)
-    return True, quantized
+    return found
+
+
+def constant_weight(value) -> tuple[bool, bool]:
+    """(constant, quantized) of a weight ``value``: constant when it is an initializer / Constant or a constant
+    subgraph (:func:`weight_initializers`); quantized when such a subgraph reads an int8 / uint8 initializer (the
+    ``quantize`` pass's packed values, :mod:`.translations`)."""
+    import onnx_ir as ir
+
+    if _const(value) is not None:
+        return True, False
+    inits = weight_initializers(value)
+    if inits is None:
+        return False, False
+    packed = tuple(getattr(ir.DataType, name) for name in _PACKED)
+    return True, any(v.dtype in packed for v in inits)
 
 
 def _producer(value, op_type: str):
@@ -154,9 +177,10 @@ def _threshold_of(masked):
     return None
 
 
-def thresholded_linears(model) -> list[ThresholdedLinear]:
-    """Every float32 ``MatMul(x * (|x| > t), Wt)`` (or plain ``Gemm``) with constant 2-D ``Wt`` in the main graph of
-    ``model``: an initializer, or a constant subgraph (:func:`constant_weight`; a dequantized weight)."""
+def linears(model) -> list[Linear]:
+    """Every float32 ``MatMul(x, Wt)`` (or plain ``Gemm``) with constant 2-D ``Wt`` in the main graph of ``model``
+    (an initializer, or a constant subgraph: :func:`constant_weight`; a dequantized weight), with its bias: Gemm's C,
+    or the one ``Add`` of a constant float32 ``[N]`` using the MatMul's output."""
     import onnx_ir as ir
 
     outputs = set(id(v) for v in model.graph.outputs)
@@ -168,7 +192,7 @@ def thresholded_linears(model) -> list[ThresholdedLinear]:
                                        or node.attributes.get_float("alpha", 1.0) != 1.0
                                        or node.attributes.get_float("beta", 1.0) != 1.0):
             continue
-        masked, wt, *c = node.inputs
+        x, wt, *c = node.inputs
         w = _const(wt)
         quantized = False
         if w is None:
@@ -177,10 +201,7 @@ def thresholded_linears(model) -> list[ThresholdedLinear]:
             if len(shape) != 2 or not all(isinstance(d, int) for d in shape):
                 continue
             w = wt  # the value: its dtype and static shape
-        if w.dtype != ir.DataType.FLOAT or len(w.shape) != 2 or masked.dtype != ir.DataType.FLOAT:
-            continue
-        xt = _threshold_of(masked)
-        if xt is None:
+        if w.dtype != ir.DataType.FLOAT or len(w.shape) != 2 or x.dtype != ir.DataType.FLOAT:
             continue
         add = bias = None
         users = list(node.outputs[0].uses())
@@ -196,9 +217,19 @@ def thresholded_linears(model) -> list[ThresholdedLinear]:
                 b = _const(other)
                 if b is not None and b.dtype == ir.DataType.FLOAT and list(b.shape) == [w.shape[1]]:
                     add, bias = user, other
-        x, t, keep, prefill = xt
-        found.append(ThresholdedLinear(node, add, x, t, keep, wt, bias, masked.name, _layer(node), prefill,
-                                       quantized))
+        found.append(Linear(node, add, x, wt, bias, _layer(node), quantized))
+    return found
+
+
+def thresholded_linears(model) -> list[ThresholdedLinear]:
+    """Every :func:`linears` entry whose input is ``x * (|x| > t)`` (``MatMul(x * (|x| > t), Wt)``)."""
+    found = []
+    for lin in linears(model):
+        xt = _threshold_of(lin.x)
+        if xt is not None:
+            x, t, keep, prefill = xt
+            found.append(ThresholdedLinear(lin.matmul, lin.add, x, lin.wt, lin.bias, lin.layer, lin.quantized, t,
+                                           keep, lin.x.name, prefill))
     return found
 
 
@@ -323,13 +354,24 @@ def apply_sparse_kernels(model, program, mode: str, *, threads: int | None = Non
     ``program``: the ExportedProgram the model came from (its example inputs give each layer's sparsity).
     Returns what is recorded in the metadata: ``{"mode", "library", "layers": [{layer, shape, sparsity, kernel,
     dense_us, sparse_us, gather_us}]}`` (``kernel``: dense, sparse or gather; the timings in auto mode only, on a
-    float32 weight; ``"weight": "quantized"`` on a layer whose weight is dequantized from packed integers)."""
+    float32 weight; ``"weight": "quantized"`` on a layer whose weight is dequantized from packed integers; kernel
+    ``matmulnbits``: a thresholded linear already made ``com.microsoft.MatMulNBits``, left as it is)."""
     from sparsec.backends.onnxruntime.kernels import DOMAIN, compiler, library_path
 
     if mode not in MODES:
         raise SparsecError(f"sparse kernel mode '{mode}' is not one of {', '.join(MODES)}")
     info: dict = {"mode": mode, "layers": []}
     found = thresholded_linears(model) if mode != "none" else []
+    packed = _thresholded_nbits(model) if mode != "none" else []
+    if not found and not packed:
+        return info
+    sparsity = threshold_sparsity(program)
+    for node, masked in packed:
+        s = sparsity.get(masked)
+        info["layers"].append({"layer": _layer(node), "shape": [node.attributes.get_int("K"),
+                                                                 node.attributes.get_int("N")],
+                               "sparsity": None if s is None else round(s, 4), "weight": "quantized",
+                               "kernel": "matmulnbits"})
     if not found:
         return info
     candidates = ("sparse", "gather")
@@ -340,7 +382,6 @@ def apply_sparse_kernels(model, program, mode: str, *, threads: int | None = Non
         candidates = ("gather",)
     if "sparse" in candidates and mode != "gather":
         info["library"] = f"{DOMAIN} SparseLinear ({compiler()} -march=native)"
-    sparsity = threshold_sparsity(program)
     for tl in found:
         k, n = tl.shape
         s = sparsity.get(tl.masked)
@@ -363,9 +404,16 @@ def apply_sparse_kernels(model, program, mode: str, *, threads: int | None = Non
             model.opset_imports[DOMAIN] = 1
         elif entry["kernel"] == "gather":
             _replace_gather(model, tl)
-    if any(e["kernel"] != "dense" for e in info["layers"]):
+    if any(e["kernel"] in ("sparse", "gather") for e in info["layers"]):
         _drop_unused(model)
     return info
+
+
+def _thresholded_nbits(model) -> list[tuple]:
+    """(node, name of its thresholded input) of every ``com.microsoft.MatMulNBits`` (:mod:`.nbits`) on a thresholded
+    input."""
+    return [(node, node.inputs[0].name) for node in model.graph if node.op_type == "MatMulNBits"
+            and node.domain == "com.microsoft" and _threshold_of(node.inputs[0]) is not None]
 
 
 def _drop_unused(model) -> None:
@@ -444,7 +492,7 @@ def _one_row_or_rows(tl: ThresholdedLinear, one_row: _Builder, y) -> list:
     return [*outer.nodes, node]
 
 
-def _swap(model, tl: ThresholdedLinear, nodes: list) -> None:
+def _swap(model, tl: Linear, nodes: list) -> None:
     """Put ``nodes`` (the last one's output replaces the linear's) before the MatMul; remove the MatMul (and Add)."""
     import onnx_ir as ir
 
@@ -467,12 +515,16 @@ def _swap(model, tl: ThresholdedLinear, nodes: list) -> None:
 
 def summary(info: dict) -> str:
     """One line on what :func:`apply_sparse_kernels` did, e.g. '12 of 14 thresholded linears use SparseLinear, 0 the
-    standard-op gather (mode auto)', and how many of those read a quantized weight."""
+    standard-op gather (mode auto)', how many of those read a quantized weight and how many take MatMulNBits."""
     layers = info.get("layers", [])
     sparse, gather = (sum(1 for e in layers if e["kernel"] == kind) for kind in ("sparse", "gather"))
     line = (f"{sparse} of {len(layers)} thresholded linears use SparseLinear, {gather} the standard-op gather"
             f" (mode {info['mode']})")
-    quantized = sum(1 for e in layers if e["kernel"] != "dense" and e.get("weight") == "quantized")
+    quantized = sum(1 for e in layers if e["kernel"] in ("sparse", "gather") and e.get("weight") == "quantized")
     if quantized:
         line += f"; {quantized} of them read a dequantized weight (float32 in the session, packed in the file)"
+    nbits = sum(1 for e in layers if e["kernel"] == "matmulnbits")
+    if nbits:
+        line += (f"; {nbits} take com.microsoft.MatMulNBits on the packed weight instead (dense; export with"
+                 " --quantized-matmul standard for the sparse kernels)")
     return line + (f"; {info['note']}" if info.get("note") else "")
