@@ -178,17 +178,17 @@ def _matmul_nbits(np, torch, w, bits, group):
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
+    from sparsec.backends.onnxruntime.nbits import pack
     from sparsec.passes.quantize import quantize_weight
 
     if bits == 8 and tuple(int(v) for v in ort.__version__.split(".")[:2]) < (1, 20):
         return None
     n, k = w.shape
     q, scale = quantize_weight(w.float(), bits, group, torch.float32)
-    packed = q if bits == 4 else (q.to(torch.int16) + 128).to(torch.uint8)  # int4: already value + 8, packed
-    blob = packed.reshape(n, k // group, group * bits // 8).numpy()
+    blob, scales = pack(q.numpy(), scale.numpy(), bits, group, group)  # the export's packing (int4: q as it is)
     node = helper.make_node("MatMulNBits", ["x", "wq", "scales"], ["y"], domain="com.microsoft", K=k, N=n,
                             bits=bits, block_size=group)
-    return node, [numpy_helper.from_array(blob, "wq"), numpy_helper.from_array(scale.numpy().reshape(-1), "scales")], n, k
+    return node, [numpy_helper.from_array(blob, "wq"), numpy_helper.from_array(scales, "scales")], n, k
 
 
 def _ort(np, flush, graph_node, xs, rounds, threads):
