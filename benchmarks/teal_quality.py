@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/teal_quality.py [--parts cost,minilm,gemma] [--sparsities 0.25,0.4,0.5]
         [--methods uniform,greedy,greedy-normalized,cats,rotate-uniform,rotate-greedy] [--rotate rotate{...}]
+        [--quantize "quantize{bits=8};quantize{bits=4 group=32}"]
 
 - gemma: perplexity on 16 x 512 tokens of Wikipedia articles [:60] (gensim), calibration on articles [60:]
   (16 x 512 tokens, the default), at each sparsity for each method; sparsity 0 = the dense model. greedy searches
   once, at the highest sparsity, and looks the lower ones up in that table (greedy_table=DIR, as TEAL does);
   greedy-normalized scores its steps with greedy_error=normalized; rotate-METHOD runs the --rotate pass (default
-  'rotate') before teal.
+  'rotate') before teal. Each --quantize spec (';'-separated) repeats every row on quantized weights (LM head and
+  embedding included): the spec alone at sparsity 0, else after rotate and before teal / cats (the registered order).
 - cost: the teal pass calibrating Gemma 3 270M on 4 x 512 tokens vs the dense forward over the same tokens
   (interleaved repetitions, medians), and its peak RSS above the dense forward's (sampled every 5 ms).
 - minilm: mean cosine of transformed vs dense sentence embeddings on 64 held-out Wikipedia sentences at 0.5.
@@ -36,39 +38,50 @@ def _gemma_ids(samples: int, seq_len: int = 512):
     return tokenize_windows(heldout_text(), tok, seq_len, samples)
 
 
-def _spec(method: str, p: float, table: str = "search", rotate: str = "rotate") -> str:
+def _spec(method: str, p: float, table: str = "search", rotate: str = "rotate", quantize: str = "") -> str:
+    """The pass list of `method` at sparsity `p`; `quantize` (a quantize spec, '' = none) after rotate, before teal."""
     if method.startswith("rotate-"):
-        return f"{rotate},{_spec(method[len('rotate-'):], p, table)}"
+        return f"{rotate},{_spec(method[len('rotate-'):], p, table, quantize=quantize)}"
+    q = f"{quantize}," if quantize else ""
     if method == "cats":
-        return f"cats{{sparsity={p}}}"
+        return f"{q}cats{{sparsity={p}}}"
     if method == "greedy-normalized":
-        return f"teal{{sparsity={p} allocation=greedy greedy_error=normalized greedy_table={table}}}"
-    return f"teal{{sparsity={p} allocation={method} greedy_table={table}}}"
+        return f"{q}teal{{sparsity={p} allocation=greedy greedy_error=normalized greedy_table={table}}}"
+    return f"{q}teal{{sparsity={p} allocation={method} greedy_table={table}}}"
 
 
-def gemma(sparsities, methods, rotate: str) -> None:
+def gemma(sparsities, methods, rotate: str, quantize=()) -> None:
     import sparsec
     from sparsec.evaluate import perplexity
     from sparsec.frontend import load_model
 
+    def transformed(spec: str):
+        start = time.perf_counter()
+        result = sparsec.transform("builtin:gemma3-270m", spec, measure=False, heldout_samples=0)
+        return result, time.perf_counter() - start  # seconds
+
     ids = _gemma_ids(16)
-    dense = perplexity(load_model("builtin:gemma3-270m").module.eval(), ids)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method in methods:
-            cells, table = {}, "search"
-            for p in sorted(sparsities, reverse=True):  # greedy: the search at the highest, lookups below
-                start = time.perf_counter()
-                result = sparsec.transform("builtin:gemma3-270m", _spec(method, p, table, rotate), measure=False,
-                                           heldout_samples=0)
-                seconds = time.perf_counter() - start
-                if "greedy" in method and table == "search":
-                    table = os.path.join(tmp, "greedy")
-                    sparsec.save(result, table)
-                cells[p] = f"{perplexity(result.module(), ids):.2f}"
-                print(f"  {method} {p}: ppl {cells[p]}, transform {seconds:.0f} s", flush=True)
-            rows.append(f"| {method} | {dense:.2f} | " + " | ".join(cells[p] for p in sparsities) + " |")
-    print("| method | " + " | ".join(f"{p}" for p in [0.0, *sparsities]) + " |")
+        for qspec in ["", *quantize]:
+            if qspec:
+                result, seconds = transformed(qspec)
+                dense = perplexity(result.module(), ids)
+                print(f"  {qspec}: ppl {dense:.2f}, transform {seconds:.0f} s", flush=True)
+            else:
+                dense = perplexity(load_model("builtin:gemma3-270m").module.eval(), ids)
+            for method in methods:
+                cells, table = {}, "search"
+                for p in sorted(sparsities, reverse=True):  # greedy: the search at the highest, lookups below
+                    result, seconds = transformed(_spec(method, p, table, rotate, qspec))
+                    if "greedy" in method and table == "search":
+                        table = os.path.join(tmp, f"greedy{len(rows)}")
+                        sparsec.save(result, table)
+                    cells[p] = f"{perplexity(result.module(), ids):.2f}"
+                    print(f"  {qspec} {method} {p}: ppl {cells[p]}, transform {seconds:.0f} s", flush=True)
+                label = f"{qspec} {method}".strip()
+                rows.append(f"| {label} | {dense:.2f} | " + " | ".join(cells[p] for p in sparsities) + " |")
+    print("| weights, method | " + " | ".join(f"{p}" for p in [0.0, *sparsities]) + " |")
     print("|---|" + "---|" * (len(sparsities) + 1))
     print("\n".join(rows), flush=True)
 
@@ -152,6 +165,7 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.25,0.4,0.5")
     ap.add_argument("--methods", default="uniform,greedy,cats")
     ap.add_argument("--rotate", default="rotate", help="the rotate pass of the rotate-* methods")
+    ap.add_argument("--quantize", default="", help="';'-separated quantize specs to repeat the gemma rows with")
     args = ap.parse_args()
     parts, methods = args.parts.split(","), args.methods.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {psutil.cpu_count()} CPUs")
@@ -160,7 +174,8 @@ def main() -> None:
     if "minilm" in parts:
         minilm(methods, args.rotate)
     if "gemma" in parts:
-        gemma([float(p) for p in args.sparsities.split(",")], methods, args.rotate)
+        gemma([float(p) for p in args.sparsities.split(",")], methods, args.rotate,
+              [q.strip() for q in args.quantize.split(";") if q.strip()])
 
 
 if __name__ == "__main__":
