@@ -21,8 +21,8 @@ with float32 output whose every use is a linear layer's weight (``aten.linear``,
 of dequantized rows) keep the standard ops. ONNX Runtime 1.32's CPU has a float32-compute kernel for 4 bits; for 8
 bits it has one only with int8 activations (``accuracy_level`` 4, not used: about 1e-2 relative error), so at level 0
 it dequantizes the whole weight in every call: correct, but measured 15-35x slower than the float32 MatMul of a
-4096-wide layer (``quantized_matmul="standard"`` keeps the folded float32 weight; :data:`BITS` lists the bits
-taken).
+4096-wide layer. So only 4-bit linears are taken (:data:`BITS`); 8-bit ones keep the standard ops, which the session
+folds into float32 weights (float32 speed and memory; :func:`pack` still writes the 8-bit form, for benchmarks).
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ from sparsec.backends.onnxruntime.sparse import _drop_unused, _swap, linears, we
 MODES = ("nbits", "standard")
 #: ONNX domain of ONNX Runtime's contrib ops
 DOMAIN = "com.microsoft"
-#: the weight bits made MatMulNBits (8: see the module docstring on ONNX Runtime's CPU speed)
-BITS = (4, 8)
+#: the weight bits made MatMulNBits; 8-bit layers keep the standard ops (folded to float32 weights when the session
+#: starts), since ORT's 8-bit float32-compute kernel is 15-35x slower than float32 MatMul (module docstring)
+BITS = (4,)
 #: block sizes with ONNX Runtime's fast CPU kernels (MLAS), the largest first
 BLOCKS = (256, 128, 64, 32, 16)
 #: the most elements a constant beside q and scale may have in a weight subgraph (shapes, scalars)

@@ -147,17 +147,20 @@ class _MLP(nn.Module):
 
 
 #: (pipeline, MatMulNBits block per layer: None = standard ops); ONNX Runtime's blocks are 16 to 256
-BLOCKS = [("quantize", {"a": 32, "b": None, "c": 64}),  # per channel: the largest block dividing K (96, 40, 64)
+#: (8 bits: standard ops, as ORT's 8-bit kernel is slow; per channel: the largest block dividing K = 96, 40, 64)
+BLOCKS = [("quantize{bits=4}", {"a": 32, "b": None, "c": 64}),
           ("quantize{bits=4 group=8 scale_dtype=float16}", {"a": None, "b": None, "c": None}),  # 8 < 16
           ("quantize{bits=4 group=16 scale_dtype=float16 ignore={b}}", {"a": 16, "c": 16}),
-          ("quantize{group=32 ignore={b}}", {"a": 32, "c": 32})]
+          ("quantize{bits=4 group=32 ignore={b}}", {"a": 32, "c": 32}),
+          ("quantize{group=32 ignore={b}}", {"a": None, "c": None})]
 
 
 @pytest.mark.parametrize("spec,blocks", BLOCKS)
 def test_matmulnbits_block_choice(spec, blocks, tmp_path):
-    """Each quantized linear takes MatMulNBits with the largest of ONNX Runtime's blocks dividing its group (its K
-    per channel: also when K is no power of two) and keeps the standard ops when none does, recorded in the metadata;
-    ORT's outputs equal torch's within 1e-4, in either form, on a batch and on one row."""
+    """Each 4-bit quantized linear takes MatMulNBits with the largest of ONNX Runtime's blocks dividing its group
+    (its K per channel: also when K is no power of two) and keeps the standard ops when none does, and so does every
+    8-bit one, recorded in the metadata; ORT's outputs equal torch's within 1e-4, in either form, on a batch and on
+    one row."""
     from sparsec.backends.onnxruntime import export_onnx, onnx_session
 
     x = torch.randn(2, 5, 96)
@@ -179,6 +182,8 @@ def test_matmulnbits_block_choice(spec, blocks, tmp_path):
                 ({"a": 96, "c": 64}[m], b) for m, b in taken.items())
             assert all(a["bits"] == bits and a["accuracy_level"] == 0 for a in attributes)
             assert [e["layer"] for e in meta["standard"]] == [m for m, b in blocks.items() if b is None]
+            if bits == 8:
+                assert {e["reason"] for e in meta["standard"]} == {"8-bit weights keep the standard ops"}
             assert meta["matmulnbits"] == len(taken)
         session = onnx_session(str(path))
         for feed in (x, x[:1, :1]):
@@ -370,9 +375,11 @@ def test_zoo_matrix_matches_torch(arch, spec, bits, count, tmp_path):
         assert out.verification["ok"]
         _assert_packed(path, result.program, bits)
         assert len(_nbits_nodes(path)) == out.quantized_matmul.get("matmulnbits", 0)
-        if form == "nbits":
+        if form == "nbits" and bits == 4:
             assert out.quantized_matmul["matmulnbits"] and out.quantized_matmul["standard"] == []
             assert linears(ir.load(str(path))) == []
+        elif form == "nbits":  # 8 bits: every linear keeps the standard ops
+            assert out.quantized_matmul["matmulnbits"] == 0 and out.quantized_matmul["standard"]
         session = onnx_session(str(path))
         got = session.run(None, {session.get_inputs()[0].name: feed.numpy()})[0]
         torch.testing.assert_close(torch.from_numpy(got), want, **TOL)
