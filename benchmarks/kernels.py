@@ -7,7 +7,8 @@ For each weight shape (K inputs x N outputs) and weight format, one process run 
   * ONNX Runtime MatMul (x [1, K] @ W^T [K, N] as an initializer; fp32 only: ORT's CPU MatMul has no fp16/bf16)
   * "read W": the faster of ``torch.sum`` and a TVM streaming-read kernel (one contiguous chunk per thread, 8
     independent vector accumulators) over a tensor with as many bytes as W: the machine's read bandwidth now
-For a quantized format (``int8``: per output channel, ``int8g32`` / ``int4g32``: a scale per 32 inputs; the
+For a quantized format (``int8``: per output channel, ``int8g32`` / ``int4g32``: a scale per 32 inputs, fp32, or
+fp16 with ``s16``: ``int4g32s16``; ORT's MatMulNBits takes fp32 scales of the same values; the
 ``quantize`` pass's round-to-nearest weights, sparsec's quantized kernels of :mod:`sparsec.backends.tvm.quantized`)
 the dense peers are the same-bit TVM dense kernel (every row read) and ONNX Runtime's ``MatMulNBits`` (group-wise
 formats; 4 bits, or 8 where this ORT has it), "read W" reads as many bytes as the packed weights and scales, and
@@ -69,11 +70,12 @@ def main():
 
 
 def quantized_format(dtype):
-    """``(bits, group)`` of a quantized weight format name (``int8``, ``int4g32``), None for a float dtype."""
+    """``(bits, group, scale dtype)`` of a quantized weight format name (``int8``, ``int4g32``; ``s16``: fp16 scales,
+    ``int4g32s16``), None for a float dtype."""
     import re
 
-    match = re.fullmatch(r"int([48])(?:g(\d+))?", dtype)
-    return (int(match[1]), int(match[2] or 0)) if match else None
+    match = re.fullmatch(r"int([48])(?:g(\d+))?(s16)?", dtype)
+    return (int(match[1]), int(match[2] or 0), "float16" if match[3] else "float32") if match else None
 
 
 def _kernels(tvm, target, torch, w, dtype):
@@ -89,9 +91,10 @@ def _kernels(tvm, target, torch, w, dtype):
         make = lambda sparse: linear_kernel(k, n, dtype, sparse=sparse)  # noqa: E731
         operands, xdtype = [pack_weight(w.to(getattr(torch, dtype)))], dtype
     else:
-        bits, group = fmt
-        make = lambda sparse: quantized_linear_kernel(k, n, bits, group, sparse=sparse)  # noqa: E731
-        operands, xdtype = list(pack_quantized(*quantize_weight(w, bits, group, torch.float32), bits)), "float32"
+        bits, group, scales = fmt
+        make = lambda sparse: quantized_linear_kernel(k, n, bits, group, sparse=sparse, scale_dtype=scales)  # noqa
+        q, scale = quantize_weight(w, bits, group, getattr(torch, scales))
+        operands, xdtype = list(pack_quantized(q, scale, bits)), "float32"
     sparse, dense = (tvm.compile(make(s).with_attr("global_symbol", "main"), target)["main"] for s in (True, False))
     return sparse, dense, operands, xdtype
 
@@ -129,7 +132,7 @@ def bench_one(tvm, target, np, torch, flush, k, n, dtype, rounds, threads):
     if dtype == "float32":
         ms["ORT MatMul"] = _ort(np, flush, _matmul(np, w), xs[0.0], rounds, threads)
     elif quantized_format(dtype) and quantized_format(dtype)[1]:
-        node = _matmul_nbits(np, torch, w, *quantized_format(dtype))
+        node = _matmul_nbits(np, torch, w, *quantized_format(dtype)[:2])
         if node is not None:
             ms["ORT MatMul"] = _ort(np, flush, node, xs[0.0], rounds, threads)
     return {"k": k, "n": n, "dtype": dtype, "mb": nbytes / 1e6, "ms": ms}

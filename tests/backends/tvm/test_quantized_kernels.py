@@ -12,7 +12,7 @@ import torch
 tvm = pytest.importorskip("tvm")
 
 from sparsec.backends.tvm.env import cpu_target  # noqa: E402
-from sparsec.backends.tvm.quantized import (MAX_TILE, num_tiles, pack_quantized,  # noqa: E402
+from sparsec.backends.tvm.quantized import (MAX_TILE, num_splits, num_tiles, pack_quantized,  # noqa: E402
                                             quantized_linear_kernel, tile_width)
 from sparsec.ops import DEQUANTIZE  # noqa: E402
 from sparsec.passes.quantize import quantize_weight  # noqa: E402
@@ -99,10 +99,13 @@ def test_sparse_kernel_skips_groups_of_zero_inputs(bits):
 
 
 def test_layout_and_tiles():
-    """int8 tiles of 16 columns, int4 of 32 (16 bytes a row), at most MAX_TILE wide; the int4 packing puts column i
-    in the low nibble of byte i and column 16 + i in the high one, as value + 8."""
+    """int8 tiles of 16 columns, int4 of 32 (16 bytes a row), one tile up to MAX_TILE columns (its kept rows split
+    between the threads), else a multiple of the threads; the int4 packing puts column i in the low nibble of byte i
+    and column 16 + i in the high one, as value + 8."""
     assert tile_width(300, 2, 8) == 160 and tile_width(300, 2, 4) == 160 and tile_width(100, 3, 4) == 64
-    assert num_tiles(11008, 4, threads=2) == 4 and tile_width(11008, 4, 4) <= MAX_TILE
+    assert num_tiles(11008, 4, threads=2) == 1 and num_splits(1, threads=2) == 2
+    assert num_tiles(262144, 8, threads=2) == 16 and tile_width(262144, 16, 8) <= MAX_TILE
+    assert num_splits(16, threads=2) == 1 and num_tiles(262144, 8, threads=3) == 18
     q = torch.arange(-8, 8, dtype=torch.int8).repeat(2).reshape(1, 32).repeat(32, 1)  # [N=32, K=32]
     from sparsec.ops import pack_int4
     wq, s = pack_quantized(pack_int4(q), torch.ones(32, 1), 4, tiles=1)
