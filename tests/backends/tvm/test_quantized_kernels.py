@@ -80,6 +80,27 @@ def test_matches_dequantize_then_linear(bits, group, k, n, tiles, splits, scales
                                    want / scale, **TOL)
 
 
+@pytest.mark.parametrize("bits,rows", [(4, 16), (8, 32), (4, 4)])
+def test_every_survivor_count_of_a_group(bits, rows):
+    """Group g of 32 keeps exactly g inputs (0..31), so every tail of a group-wise pass (count % R rows done in
+    passes of R/2, ..., 1) runs once, and the output equals the reference; R must be a power of two up to 32."""
+    k, n, group = 32 * 32, 64, 32
+    g = torch.Generator().manual_seed(11)
+    q, s, b = _weights(k, n, bits, group, g)
+    x = torch.randn(1, k, generator=g)
+    for grp in range(32):
+        x[0, grp * group + grp:(grp + 1) * group] = 0
+    want, scale = _reference(x, q, s, b, bits, group)
+    f = quantized_linear_kernel(k, n, bits, group, rows_per_pass=rows, splits=2)
+    kernel = tvm.compile(f.with_attr("global_symbol", "main"), cpu_target())["main"]
+    wq, sp = pack_quantized(q, s, bits)
+    y = torch.full((1, n), float("nan"))
+    kernel(x, wq, sp, torch.zeros(1), b, y)
+    torch.testing.assert_close(y / scale, want / scale, **TOL)
+    with pytest.raises(ValueError, match="^rows_per_pass 12 of a group-wise kernel is not a power of two up to 32$"):
+        quantized_linear_kernel(k, n, bits, group, rows_per_pass=12)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_sparse_kernel_skips_groups_of_zero_inputs(bits):
     """The scales of a group whose inputs are all zero (or under the threshold) are NaN: the sparse kernel's output
