@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/teal_quality.py [--parts cost,minilm,gemma] [--sparsities 0.25,0.4,0.5]
         [--methods uniform,greedy,greedy-normalized,cats,rotate-uniform,rotate-greedy] [--rotate rotate{...}]
-        [--quantize "quantize{bits=8};quantize{bits=4 group=32}"]
+        [--quantize "quantize{bits=8};quantize{bits=4 group=32 method=gptq}"]
 
 - gemma: perplexity on 16 x 512 tokens of Wikipedia articles [:60] (gensim), calibration on articles [60:]
   (16 x 512 tokens, the default), at each sparsity for each method; sparsity 0 = the dense model. greedy searches
@@ -10,6 +10,8 @@
   greedy-normalized scores its steps with greedy_error=normalized; rotate-METHOD runs the --rotate pass (default
   'rotate') before teal. Each --quantize spec (';'-separated) repeats every row on quantized weights (LM head and
   embedding included): the spec alone at sparsity 0, else after rotate and before teal / cats (the registered order).
+  A spec with method=gptq calibrates on the same data as teal (16 x 512 tokens of articles [60:]). --methods ''
+  measures the --quantize rows alone.
 - cost: the teal pass calibrating Gemma 3 270M on 4 x 512 tokens vs the dense forward over the same tokens
   (interleaved repetitions, medians), and its peak RSS above the dense forward's (sampled every 5 ms).
 - minilm: mean cosine of transformed vs dense sentence embeddings on 64 held-out Wikipedia sentences at 0.5.
@@ -55,9 +57,18 @@ def gemma(sparsities, methods, rotate: str, quantize=()) -> None:
     from sparsec.evaluate import perplexity
     from sparsec.frontend import load_model
 
+    loop = None
+
     def transformed(spec: str):
+        nonlocal loop
         start = time.perf_counter()
-        result = sparsec.transform("builtin:gemma3-270m", spec, measure=False, heldout_samples=0)
+        if "gptq" in spec and loop is None:  # quantize{method=gptq} calibrates on the teal / rotate default data
+            from sparsec.calibration import make_forward_loop
+            from sparsec.models import gemma3_270m_dir
+
+            loop = make_forward_loop(None, tokenizer_dir=str(gemma3_270m_dir()), samples=16, seq_len=512)
+        result = sparsec.transform("builtin:gemma3-270m", spec, measure=False, heldout_samples=0,
+                                   forward_loop=loop if "gptq" in spec else None)
         return result, time.perf_counter() - start  # seconds
 
     ids = _gemma_ids(16)
@@ -167,7 +178,7 @@ def main() -> None:
     ap.add_argument("--rotate", default="rotate", help="the rotate pass of the rotate-* methods")
     ap.add_argument("--quantize", default="", help="';'-separated quantize specs to repeat the gemma rows with")
     args = ap.parse_args()
-    parts, methods = args.parts.split(","), args.methods.split(",")
+    parts, methods = args.parts.split(","), [m for m in args.methods.split(",") if m]  # '' = the --quantize rows only
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {psutil.cpu_count()} CPUs")
     if "cost" in parts:
         cost()

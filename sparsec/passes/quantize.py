@@ -1,6 +1,7 @@
-"""quantize: weight-only integer quantization of linear layers and embedding tables (round to nearest, symmetric)."""
+"""quantize: weight-only integer quantization of linear layers and embedding tables (symmetric; rtn, mse or GPTQ)."""
 from __future__ import annotations
 
+import inspect
 import operator
 import re
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from sparsec.config import PassConfig, option
-from sparsec.errors import UsageError
+from sparsec.errors import SparsecError, UsageError
 from sparsec.graph import TargetMatcher, call_nodes, is_rotation, module_path, op_name, weight_layers
 from sparsec.ops import DEQUANTIZE, QUANT_BITS, pack_int4
 from sparsec.passes.base import PassContext, PassResult
@@ -29,12 +30,14 @@ _DEFINITION = ("rel_error: ||W - dequantize(quantize(W))|| / ||W|| (Frobenius) p
 
 @dataclass(frozen=True)
 class QuantizeConfig(PassConfig):
-    """Quantize the weights of linear layers and embedding tables to 8 or 4 bits (weight-only, symmetric, round to
-    nearest), computed as sparsec::dequantize(q, scale) then the original op.
+    """Quantize the weights of linear layers and embedding tables to 8 or 4 bits (weight-only, symmetric; rtn, mse or
+    GPTQ), computed as sparsec::dequantize(q, scale) then the original op.
 
     Per group of `group` consecutive weights along the input dimension (a linear's in-features, an embedding's
-    hidden size; 0 = one group per output row): scale = max|w| / (2^(bits-1) - 1), q = round(w / scale) clamped to
-    [-2^(bits-1), 2^(bits-1) - 1], stored as int8, or for 4 bits two per byte (ONNX Runtime's MatMulNBits layout). The
+    hidden size; 0 = one group per output row) one scale, and w ≈ q * scale with q in [-2^(bits-1), 2^(bits-1) - 1],
+    stored as int8, or for 4 bits two per byte (ONNX Runtime's MatMulNBits layout). method=rtn: scale = max|w| /
+    (2^(bits-1) - 1), q = round(w / scale); mse (default): the scale of least squared error among rtn's and a grid
+    (group_scales); gptq: GPTQ on the calibration data, block by block in graph order (gptq_weight, _gptq). The
     model computes with w' = q * scale, so every later pass (teal, cats: run them after this one, they calibrate on
     the quantized model) and every backend sees the quantized weights. A weight shared by several layers (a tied LM
     head and embedding) is quantized once. Run rotate, prune and fold before it: they change the weights. Reported
@@ -45,6 +48,13 @@ class QuantizeConfig(PassConfig):
     group: int = option(0, ge=0, help="weights per scale along the input dimension (32, 64, 128, …; it must divide"
                         " the input features); 0 = one scale per output row (per channel)")
     scale_dtype: Literal["float32", "float16"] = option("float32", help="dtype the scales are stored in")
+    method: Literal["rtn", "mse", "gptq"] = option(
+        "mse", help="how q and the scales are chosen: rtn = round to nearest, scale max|w| / (2^(bits-1) - 1); mse ="
+        " per group the scale of least squared error among rtn's and a grid (llama.cpp's make_qx_quants; the largest"
+        " |w| may map to -2^(bits-1)); gptq = GPTQ on the calibration data (needs a forward_loop), weights without"
+        " their own input statistics (embeddings, a head tied to one) by mse")
+    damp: float = option(0.01, gt=0.0, le=1.0, help="gptq: dampening added to the diagonal of XᵀX, as a fraction"
+                         " of its mean")
     targets: list[str] = option([], help="module paths, 're:REGEX' or class names of the linear layers and"
                                 " embeddings to quantize; empty = every linear layer (the LM head included) and"
                                 " every embedding table")
@@ -69,6 +79,7 @@ class _Weight:
     module: str  # the first layer using it, for messages
     transposed: bool = False  # the parameter is stored [in, out] (GPT-2's Conv1D)
     linears: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (linear op, the get_attr it reads)
+    inputs: list[fx.Node] = field(default_factory=list)  # the activation operand of each linear
     embeddings: list[fx.Node] = field(default_factory=list)
 
     @property
@@ -76,18 +87,130 @@ class _Weight:
         return self.nodes[0].target
 
 
-def quantize_weight(w: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype):
-    """``(q, scale)`` of ``w [N, K]`` (module docstring): q int8 ``[N, K]`` (8 bits) or uint8 ``[N, K / 2]`` (4 bits),
-    scale ``[N, K / group]`` (``[N, 1]`` for group 0) in ``scale_dtype``."""
+def _levels(bits: int) -> tuple[int, int]:
+    """The smallest and largest integer of a signed ``bits``-bit value: -2^(bits-1), 2^(bits-1) - 1."""
+    return -2 ** (bits - 1), 2 ** (bits - 1) - 1
+
+
+#: mse's candidate divisors besides rtn's: the group's largest-magnitude weight maps to -2^(bits-1) * (1 + 0.0125 i),
+#: i = -9..9 (4 bits: -8 ± 0.1 i, llama.cpp's make_qx_quants grid; i = 0 is its Q4_0 rounding), the other end of the
+#: range clipped at 2^(bits-1) - 1.
+_MSE_GRID = [1 + 0.0125 * i for i in range(-9, 10)]
+
+
+def _round(wg: torch.Tensor, s: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """round(wg / s) clamped to [lo, hi]; 0 where s is 0."""
+    return torch.where(s != 0, torch.round(wg / torch.where(s != 0, s, 1.0)), 0.0).clamp_(lo, hi)
+
+
+def group_scales(wg: torch.Tensor, bits: int, method: str, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` of the groups ``wg [..., g]`` (float32): q float ``[..., g]`` of integers, scale ``[..., 1]``
+    float32 holding values of ``scale_dtype``. rtn: scale = max|w| / (2^(bits-1) - 1), q = round(w / scale). mse: of
+    rtn's scale and the grid :data:`_MSE_GRID` (each with its rounding, then also with the least-squares scale of that
+    rounding, sum(w q) / sum(q²), and the rounding to it), the one with the least squared error of the group as
+    stored (scales rounded to ``scale_dtype``); so never a larger error than rtn's, group by group."""
+    lo, hi = _levels(bits)
+    amax, at = wg.abs().max(-1, keepdim=True)
+
+    def stored(s):
+        return s.to(scale_dtype).to(torch.float32)
+
+    s = stored(amax / hi)
+    q = _round(wg, s, lo, hi)
+    if method == "rtn":
+        return q, s
+    best = (wg - q * s).square().sum(-1, keepdim=True)
+    signed = wg.gather(-1, at)
+    for m in _MSE_GRID:
+        for refine in (False, True):
+            if refine:  # least squares scale of the rounding just tried
+                cs = stored(torch.where(qq.square().sum(-1, keepdim=True) > 0, (wg * qq).sum(-1, keepdim=True)
+                                        / qq.square().sum(-1, keepdim=True).clamp_min(1), 0.0))
+            else:
+                cs = stored(signed / (lo * m))
+            qq = _round(wg, cs, lo, hi)
+            err = (wg - qq * cs).square().sum(-1, keepdim=True)
+            better = err < best
+            best = torch.where(better, err, best)
+            s = torch.where(better, cs, s)
+            q = torch.where(better, qq, q)
+    return q, s
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype, method: str = "rtn",
+                    chunk: int = 1 << 22):
+    """``(q, scale)`` of ``w [N, K]`` (module docstring; method rtn or mse, see :func:`group_scales`): q int8
+    ``[N, K]`` (8 bits) or uint8 ``[N, K / 2]`` (4 bits), scale ``[N, K / group]`` (``[N, 1]`` for group 0) in
+    ``scale_dtype``. Rows are done ``chunk`` weights at a time (bounded memory for an embedding table)."""
     n, k = w.shape
     g = group or k
-    qmax = 2 ** (bits - 1) - 1
-    wg = w.detach().to(torch.float32).reshape(n, k // g, g)
-    scale = (wg.abs().amax(-1) / qmax).to(scale_dtype)
-    s = scale.to(torch.float32).unsqueeze(-1)
-    q = torch.where(s > 0, torch.round(wg / torch.where(s > 0, s, 1.0)), 0.0).clamp_(-qmax - 1, qmax)
-    q = q.reshape(n, k).to(torch.int8)
+    rows = max(1, chunk // k)
+    qs, scales = [], []
+    for r in range(0, n, rows):
+        wg = w[r:r + rows].detach().to(torch.float32).reshape(-1, k // g, g)
+        q, s = group_scales(wg, bits, method, scale_dtype)
+        qs.append(q.reshape(-1, k).to(torch.int8))
+        scales.append(s.squeeze(-1).to(scale_dtype))
+    q, scale = torch.cat(qs), torch.cat(scales)
     return (q if bits == 8 else pack_int4(q)), scale
+
+
+def gptq_weight(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype,
+                damp: float = 0.01, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al. 2022, arXiv 2210.17323) of ``w [N, K]`` given ``h [K, K]``, the sum of x xᵀ over the
+    calibration inputs x of the layer: ``(q, scale)`` as :func:`quantize_weight` returns them.
+
+    Columns in order (no act-order, so groups stay contiguous), in blocks of ``block`` columns with lazy updates: each
+    column is rounded with its group's scale, and its error, divided by the diagonal of the upper Cholesky factor of
+    H⁻¹, is spread over the columns not yet quantized. H gets ``damp`` times its mean diagonal added to the diagonal
+    (dampening); an input that is always zero (H's diagonal 0) gets weight 0. A group's scale is chosen (mse, see
+    :func:`group_scales`) from the updated weights when its first column comes; group 0: one scale per row, from the
+    whole row before the first column."""
+    n, k = w.shape
+    lo, hi = _levels(bits)
+    g = group or k
+    if group:
+        block = max(group, block // group * group)  # a group never straddles two blocks
+    W = w.detach().to(torch.float64).clone()
+    H = h.detach().to(torch.float64).clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    mean = float(H.diagonal().mean())
+    for attempt in range(4):  # more dampening if H is numerically not positive definite
+        chol, info = torch.linalg.cholesky_ex(H + torch.eye(k, dtype=H.dtype, device=H.device)
+                                              * damp * 10 ** attempt * mean)
+        if not info:
+            hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if not info:
+                break
+    else:
+        raise SparsecError("quantize: GPTQ's Hessian stayed singular after 1000x the dampening")
+    Q = torch.zeros_like(W)
+    scales = torch.zeros(n, k // g, dtype=torch.float32, device=w.device)
+    if not group:
+        _, s = group_scales(W.to(torch.float32).unsqueeze(1), bits, "mse", scale_dtype)
+        scales[:, 0] = s.reshape(n)
+        s = s.reshape(n).to(torch.float64)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=W.dtype, device=W.device), \
+            hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group and col % group == 0:
+                _, s = group_scales(W1[:, i:i + group].to(torch.float32).unsqueeze(1), bits, "mse", scale_dtype)
+                scales[:, col // group] = s.reshape(n)
+                s = s.reshape(n).to(torch.float64)
+            x = W1[:, i]
+            q = _round(x, s, lo, hi)
+            Q[:, col] = q
+            err = (x - q * s) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+    q = Q.to(torch.int8)
+    return (q if bits == 8 else pack_int4(q)), scales.to(scale_dtype)
 
 
 def _collect(gm: fx.GraphModule, cfg: QuantizeConfig, matcher: TargetMatcher) -> list[_Weight]:
@@ -132,6 +255,7 @@ def _collect(gm: fx.GraphModule, cfg: QuantizeConfig, matcher: TargetMatcher) ->
                              f" one of its layers (ignore={{{layer.module}}})")
         w.transposed = orientation == "in_out"
         w.linears.append((layer.node, src))
+        w.inputs.append(layer.input)
     for node in call_nodes(gm, {_EMBEDDING}):
         if isinstance(node.args[0], fx.Node) and matcher.selects(node):
             w = entry(node.args[0], node, module_path(node) or node.args[0].target)
@@ -172,6 +296,127 @@ def _drop_unused(gm: fx.GraphModule, quantized: set[int]) -> None:
             delattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
+class _Stop(Exception):
+    """Raised by the last observer of a GPTQ stage: the rest of the forward is not needed."""
+
+
+class _Hessian(nn.Module):
+    """Identity that sums x xᵀ over the tokens of its input (float64); ``stop``: then ends the forward (:class:`_Stop`)."""
+
+    def __init__(self, stop: bool):
+        super().__init__()
+        self.stop, self.sum, self.tokens = stop, None, 0
+
+    def forward(self, x):
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        xtx = (flat.T @ flat).to(torch.float64)
+        self.sum = xtx if self.sum is None else self.sum + xtx
+        self.tokens += flat.shape[0]
+        if self.stop:
+            raise _Stop
+        return x
+
+
+class _UpTo(nn.Module):
+    """``gm`` as forward_loop sees it (same signature and input spec), each call ending at a :class:`_Stop`."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+        if hasattr(gm, "_in_spec"):
+            self._in_spec = gm._in_spec
+
+        def forward(*args, **kwargs):
+            try:
+                gm(*args, **kwargs)
+            except _Stop:
+                pass
+
+        forward.__signature__ = inspect.signature(gm.forward)
+        self.forward = forward
+
+
+def _canonical(w: _Weight) -> torch.Tensor:
+    return w.param.detach().t() if w.transposed else w.param.detach()
+
+
+def _write(w: _Weight, q: torch.Tensor, scale: torch.Tensor, bits: int, group: int) -> None:
+    """Put the dequantized weight into the float parameter, so the following calibration forwards compute with it."""
+    dq = DEQUANTIZE(q, scale, bits, group, w.param.dtype)
+    with torch.no_grad():
+        w.param.copy_(dq.t() if w.transposed else dq)
+
+
+def _gptq(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext, weights: list[_Weight],
+          scale_dtype: torch.dtype) -> tuple[dict, dict]:
+    """``({id(param): (q, scale)}, stats)`` of every weight under method gptq (QuantizeConfig): the weights of one
+    linear layer each by :func:`gptq_weight`, stage by stage in graph order (a stage: the linears of one numbered
+    block, or one layer outside blocks), each stage's XᵀX gathered by one forward over the calibration data that
+    stops after the stage's last input, with every earlier weight already quantized; the others (embeddings, tied
+    weights) by mse first. The float parameters are restored before returning."""
+    from sparsec import progress
+    from sparsec.calibration import all_reduce_sum
+    from sparsec.passes.teal import block_of
+
+    if ctx.forward_loop is None:
+        raise UsageError("quantize: method=gptq needs calibration data: give forward_loop=fn in Python (the command"
+                         " line builds one only for a pipeline with a calibrating pass, e.g. rotate, teal), or use"
+                         " method=mse")
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    own = [w for w in weights if len(w.linears) == 1 and not w.embeddings]
+    originals = {id(w.param): w.param.detach().clone() for w in weights}
+    done, tokens = {}, 0
+    try:
+        for w in weights:
+            if w not in own:
+                q, scale = quantize_weight(_canonical(w), cfg.bits, cfg.group, scale_dtype, "mse")
+                _write(w, q, scale, cfg.bits, cfg.group)
+                done[id(w.param)] = q, scale
+        stages: dict[str, list[_Weight]] = {}
+        for w in sorted(own, key=lambda w: order[w.linears[0][0]]):
+            stages.setdefault(block_of(w.module) or w.module, []).append(w)
+        for stage in progress.iterate(list(stages.values()), "quantize: gptq", len(stages)):
+            readers: dict[fx.Node, list[_Weight]] = {}
+            for w in stage:
+                readers.setdefault(w.inputs[0], []).append(w)
+            xs = sorted(readers, key=order.get)
+            observers = []
+            for j, x in enumerate(xs):
+                name = f"{HOLDER}_hessian{j}"
+                gm.add_module(name, _Hessian(stop=j == len(xs) - 1))
+                with gm.graph.inserting_after(x):
+                    node = gm.graph.call_module(name, (x,))
+                x.replace_all_uses_with(node, delete_user_cb=lambda u, node=node: u is not node)
+                observers.append((node, name))
+            gm.recompile()
+            try:
+                with torch.no_grad():
+                    ctx.forward_loop(_UpTo(gm))
+            finally:
+                for node, _ in observers:
+                    node.replace_all_uses_with(node.args[0])
+                    gm.graph.erase_node(node)
+                hessians = [gm.get_submodule(name) for _, name in observers]
+                for _, name in observers:
+                    gm.delete_submodule(name)
+                gm.recompile()
+            for x, hess in zip(xs, hessians):
+                if hess.sum is None:
+                    raise SparsecError(f"quantize: the calibration data never reached layer '{readers[x][0].module}':"
+                                       " the forward_loop ran no batch through the model")
+                all_reduce_sum(hess.sum)
+                tokens = max(tokens, hess.tokens)
+                for w in readers[x]:
+                    q, scale = gptq_weight(_canonical(w), hess.sum, cfg.bits, cfg.group, scale_dtype, cfg.damp)
+                    _write(w, q, scale, cfg.bits, cfg.group)
+                    done[id(w.param)] = q, scale
+    finally:
+        with torch.no_grad():
+            for w in weights:
+                w.param.copy_(originals[id(w.param)])
+    return done, {"gptq_weights": len(own), "gptq_stages": len(stages), "calibration_tokens": tokens}
+
+
 @register_pass("quantize", QuantizeConfig, after=("rotate", "prune", "fold", "db-mlp"), before=("teal", "cats"),
                why="quantize changes weights that rotate, prune and db-mlp write; teal and cats calibrate on the"
                " quantized model")
@@ -195,9 +440,11 @@ def quantize(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) -> PassR
     graph, used, entries = gm.graph, set(), []
     totals = {"bytes_before": 0, "bytes_after": 0}
     scale_dtype = getattr(torch, cfg.scale_dtype)
+    done, extra = _gptq(gm, cfg, ctx, weights, scale_dtype) if cfg.method == "gptq" else ({}, {})
     for w in weights:
-        canonical = w.param.detach().t() if w.transposed else w.param.detach()
-        q, scale = quantize_weight(canonical, cfg.bits, cfg.group, scale_dtype)
+        canonical = _canonical(w)
+        q, scale = done[id(w.param)] if done else quantize_weight(canonical, cfg.bits, cfg.group, scale_dtype,
+                                                                   cfg.method)
         buf = re.sub(r"\W", "_", w.name)
         while buf in used:
             buf += "_"
@@ -237,14 +484,16 @@ def quantize(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) -> PassR
         after = q.numel() * q.element_size() + scale.numel() * scale.element_size()
         totals["bytes_before"] += before
         totals["bytes_after"] += after
+        method = cfg.method if cfg.method != "gptq" or (len(w.linears) == 1 and not w.embeddings) else "mse"
         entries.append({"module": w.module, "op": "quantize", "parameter": w.name, "bits": cfg.bits,
-                        "group": cfg.group, "shape": list(canonical.shape), "uses": [
+                        "group": cfg.group, "method": method, "shape": list(canonical.shape), "uses": [
                             module_path(n) for n in [*(la for la, _ in w.linears), *w.embeddings]],
                         "rel_error": round(err, 6), "bytes_before": before, "bytes_after": after})
     _drop_unused(gm, {id(w.param) for w in weights})
     graph.lint()
     gm.recompile()
-    stats = {"bits": cfg.bits, "group": cfg.group, "weights_quantized": len(entries), **totals,
+    stats = {"bits": cfg.bits, "group": cfg.group, "method": cfg.method, **extra, "weights_quantized": len(entries),
+             **totals,
              "compression": round(totals["bytes_before"] / totals["bytes_after"], 4) if entries else None,
              "definition": _DEFINITION}
     return PassResult(gm, stats, entries, "no linear layer or embedding with a floating-point weight matched the"
