@@ -11,7 +11,7 @@
   'rotate') before teal. Each --quantize spec (';'-separated) repeats every row on quantized weights (LM head and
   embedding included): the spec alone at sparsity 0, else after rotate and before teal / cats (the registered order).
   A spec with method=gptq calibrates on the same data as teal (16 x 512 tokens of articles [60:]). --methods ''
-  measures the --quantize rows alone.
+  measures the --quantize rows alone; --skip-float leaves out the unquantized rows.
 - cost: the teal pass calibrating Gemma 3 270M on 4 x 512 tokens vs the dense forward over the same tokens
   (interleaved repetitions, medians), and its peak RSS above the dense forward's (sampled every 5 ms).
 - minilm: mean cosine of transformed vs dense sentence embeddings on 64 held-out Wikipedia sentences at 0.5.
@@ -52,7 +52,7 @@ def _spec(method: str, p: float, table: str = "search", rotate: str = "rotate", 
     return f"{q}teal{{sparsity={p} allocation={method} greedy_table={table}}}"
 
 
-def gemma(sparsities, methods, rotate: str, quantize=()) -> None:
+def gemma(sparsities, methods, rotate: str, quantize=(), skip_float: bool = False) -> None:
     import sparsec
     from sparsec.evaluate import perplexity
     from sparsec.frontend import load_model
@@ -74,7 +74,7 @@ def gemma(sparsities, methods, rotate: str, quantize=()) -> None:
     ids = _gemma_ids(16)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for qspec in ["", *quantize]:
+        for qspec in [*([] if skip_float else [""]), *quantize]:
             if qspec:
                 result, seconds = transformed(qspec)
                 dense = perplexity(result.module(), ids)
@@ -92,6 +92,8 @@ def gemma(sparsities, methods, rotate: str, quantize=()) -> None:
                     print(f"  {qspec} {method} {p}: ppl {cells[p]}, transform {seconds:.0f} s", flush=True)
                 label = f"{qspec} {method}".strip()
                 rows.append(f"| {label} | {dense:.2f} | " + " | ".join(cells[p] for p in sparsities) + " |")
+            if not methods:
+                rows.append(f"| {qspec or 'float32'} | {dense:.2f} |" + " |" * len(sparsities))
     print("| weights, method | " + " | ".join(f"{p}" for p in [0.0, *sparsities]) + " |")
     print("|---|" + "---|" * (len(sparsities) + 1))
     print("\n".join(rows), flush=True)
@@ -177,6 +179,7 @@ def main() -> None:
     ap.add_argument("--methods", default="uniform,greedy,cats")
     ap.add_argument("--rotate", default="rotate", help="the rotate pass of the rotate-* methods")
     ap.add_argument("--quantize", default="", help="';'-separated quantize specs to repeat the gemma rows with")
+    ap.add_argument("--skip-float", action="store_true", help="gemma: only the --quantize rows, not the float ones")
     args = ap.parse_args()
     parts, methods = args.parts.split(","), [m for m in args.methods.split(",") if m]  # '' = the --quantize rows only
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {psutil.cpu_count()} CPUs")
@@ -186,7 +189,7 @@ def main() -> None:
         minilm(methods, args.rotate)
     if "gemma" in parts:
         gemma([float(p) for p in args.sparsities.split(",")], methods, args.rotate,
-              [q.strip() for q in args.quantize.split(";") if q.strip()])
+              [q.strip() for q in args.quantize.split(";") if q.strip()], args.skip_float)
 
 
 if __name__ == "__main__":
