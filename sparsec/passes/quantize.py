@@ -103,7 +103,8 @@ def _round(wg: torch.Tensor, s: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return torch.where(s != 0, torch.round(wg / torch.where(s != 0, s, 1.0)), 0.0).clamp_(lo, hi)
 
 
-def group_scales(wg: torch.Tensor, bits: int, method: str, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def group_scales(wg: torch.Tensor, bits: int, method: str,
+                 scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)`` of the groups ``wg [..., g]`` (float32): q float ``[..., g]`` of integers, scale ``[..., 1]``
     float32 holding values of ``scale_dtype``. rtn: scale = max|w| / (2^(bits-1) - 1), q = round(w / scale). mse: of
     rtn's scale and the grid :data:`_MSE_GRID` (each with its rounding, then also with the least-squares scale of that
@@ -301,7 +302,8 @@ class _Stop(Exception):
 
 
 class _Hessian(nn.Module):
-    """Identity that sums x xᵀ over the tokens of its input (float64); ``stop``: then ends the forward (:class:`_Stop`)."""
+    """Identity that sums x xᵀ over the tokens of its input (float64); ``stop``: then ends the forward
+    (:class:`_Stop`)."""
 
     def __init__(self, stop: bool):
         super().__init__()

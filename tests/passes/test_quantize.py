@@ -214,7 +214,8 @@ def test_gptq_weight_lowers_the_layer_output_error(bits):
             q, s = (gptq_weight(w, x.T.double() @ x.double(), bits, 32, torch.float32) if method == "gptq"
                     else quantize_weight(w, bits, 32, torch.float32, method))
             values = q if bits == 8 else unpack_int4(q)
-            assert -2 ** (bits - 1) <= int(values.min()) and int(values.max()) < 2 ** (bits - 1) and s.shape == (w.shape[0], w.shape[1] // 32)
+            assert -2 ** (bits - 1) <= int(values.min()) and int(values.max()) < 2 ** (bits - 1)
+            assert s.shape == (w.shape[0], w.shape[1] // 32)
             out[method] = float((x @ (dequantize(q, s, bits, 32, torch.float32) - w).T).norm())
         assert out["gptq"] < out["mse"] <= out["rtn"] * 1.05, (name, out)
 
