@@ -77,7 +77,7 @@ def transform(model: Any, spec: Any, *, example_inputs: Any = None, forward_loop
     pipeline = as_pipeline(spec).with_overrides(overrides)
     pipeline.validate_order()
     budget = None if max_memory is None else parse_memory(max_memory)
-    need = [n for n in pipeline.names if get_pass(n).needs_calibration]
+    need = [c.pass_name for c in pipeline.configs if get_pass(c.pass_name).calibrates(c)]
     if need and forward_loop is None and calib_data is None and not isinstance(model, (str, os.PathLike)):
         raise SparsecError(f"pass '{need[0]}' needs calibration data and none was given: pass --calib-data FILE on"
                            " the command line, or forward_loop=fn in Python")

@@ -239,7 +239,8 @@ def passes(name, as_json, plugins):
         _echo_json(data)
         return
     click.echo(f"{info.name}: {data['description']}\n")
-    click.echo(f"needs calibration data: {'yes' if info.needs_calibration else 'no'}")
+    calib = info.needs_calibration
+    click.echo(f"needs calibration data: {f'with {calib}' if isinstance(calib, str) else 'yes' if calib else 'no'}")
     if info.after or info.before:
         click.echo(f"order: runs after {', '.join(info.after) or '-'}; before {', '.join(info.before) or '-'}")
     click.echo("options:")

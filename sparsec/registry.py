@@ -25,7 +25,7 @@ class PassInfo:
     name: str
     config_cls: type[PassConfig]
     fn: Callable
-    needs_calibration: bool = False
+    needs_calibration: bool | str = False  # a str: "OPTION=VALUE", calibration only with that option value
     after: tuple[str, ...] = ()
     before: tuple[str, ...] = ()
     why: str = ""
@@ -33,6 +33,13 @@ class PassInfo:
     @property
     def summary(self) -> str:
         return self.config_cls.summary()
+
+    def calibrates(self, cfg: PassConfig) -> bool:
+        """Whether this pass, configured by ``cfg``, needs calibration data."""
+        if isinstance(self.needs_calibration, str):
+            option, _, value = self.needs_calibration.partition("=")
+            return str(getattr(cfg, option)) == value
+        return self.needs_calibration
 
     def to_json(self, detailed: bool = False) -> dict:
         d = {"name": self.name, "summary": self.summary, "needs_calibration": self.needs_calibration}
@@ -48,7 +55,7 @@ _REGISTRY: dict[str, PassInfo] = {}
 _loaded = False
 
 
-def register_pass(name: str, config_cls: type[PassConfig], *, needs_calibration: bool = False,
+def register_pass(name: str, config_cls: type[PassConfig], *, needs_calibration: bool | str = False,
                   after: tuple[str, ...] = (), before: tuple[str, ...] = (), why: str = ""):
     """Decorator registering ``fn(gm, cfg, ctx) -> PassResult`` as pass ``name`` configured by ``config_cls``."""
 

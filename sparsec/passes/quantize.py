@@ -361,9 +361,8 @@ def _gptq(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext, weights: li
     from sparsec.passes.teal import block_of
 
     if ctx.forward_loop is None:
-        raise UsageError("quantize: method=gptq needs calibration data: give forward_loop=fn in Python (the command"
-                         " line builds one only for a pipeline with a calibrating pass, e.g. rotate, teal), or use"
-                         " method=mse")
+        raise UsageError("quantize: method=gptq needs calibration data: give forward_loop=fn in Python (or"
+                         " --calib-data FILE on the command line), or use method=mse")
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     own = [w for w in weights if len(w.linears) == 1 and not w.embeddings]
     originals = {id(w.param): w.param.detach().clone() for w in weights}
@@ -419,7 +418,8 @@ def _gptq(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext, weights: li
     return done, {"gptq_weights": len(own), "gptq_stages": len(stages), "calibration_tokens": tokens}
 
 
-@register_pass("quantize", QuantizeConfig, after=("rotate", "prune", "fold", "db-mlp"), before=("teal", "cats"),
+@register_pass("quantize", QuantizeConfig, needs_calibration="method=gptq",
+               after=("rotate", "prune", "fold", "db-mlp"), before=("teal", "cats"),
                why="quantize changes weights that rotate, prune and db-mlp write; teal and cats calibrate on the"
                " quantized model")
 def quantize(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) -> PassResult:

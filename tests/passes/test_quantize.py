@@ -7,7 +7,7 @@ import sparsec
 from sparsec.calibration import token_forward_loop
 from sparsec.errors import UsageError
 from sparsec.ops import DEQUANTIZE, THRESHOLD, dequantize, pack_int4, unpack_int4
-from sparsec.passes.quantize import gptq_weight, quantize_weight
+from sparsec.passes.quantize import QuantizeConfig, gptq_weight, quantize_weight
 from tests.zoo import build
 
 
@@ -130,12 +130,19 @@ class _IntTable(nn.Module):
 def test_errors_name_the_layer_and_change_nothing():
     model, inputs = build("llama")
     ids = (inputs["input_ids"],)
+    from sparsec.errors import SparsecError
+    from sparsec.registry import get_pass
+
+    info = get_pass("quantize")  # calibration data only for gptq: the command line then builds it from --calib-data
+    assert info.calibrates(QuantizeConfig(method="gptq")) and not info.calibrates(QuantizeConfig())
+    with pytest.raises(SparsecError, match="^pass 'quantize' needs calibration data and none was given: pass"
+                                           " --calib-data FILE on the command line, or forward_loop=fn in Python$"):
+        sparsec.transform(model, "quantize{method=gptq}", example_inputs=ids, measure=False)
     cases = [
         ("quantize{bits=3}", "quantize: bits=3 is not supported; valid: bits=8 or bits=4"),
         ("quantize{method=awq}", "bad value 'awq' for option 'method' of pass 'quantize': expected one of rtn, mse,"
                                  " gptq"),
         ("quantize{method=gptq damp=0}", "bad value 0.0 for option 'damp' of pass 'quantize': expected 0.0 < damp"),
-        ("quantize{method=gptq}", "quantize: method=gptq needs calibration data: give forward_loop=fn in Python"),
         ("quantize{bits=4 group=5}", "quantize: group=5 is odd; 4-bit values are packed two per byte"),
         ("quantize{group=48}", "quantize: group=48 does not divide the 64 input features of layer"
                                " 'model.layers.0.self_attn.q_proj'; choose a group that divides 64"),
