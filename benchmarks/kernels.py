@@ -18,8 +18,11 @@ reversed every other round), each call gets a fresh x with exactly round(s*K) ze
 96 MB array is read before every timed call so W is never in the cache. ORT runs afterwards in its own block of
 calls, since its spinning thread pool would slow the others. The bound at sparsity s is (1 - s) x "read W" time.
 Threads: 2 unless --threads (TVM_NUM_THREADS, torch.set_num_threads, ORT intra_op_num_threads).
+Float kernels take the schedule ``sparsec compile --tune-seconds S`` would give them (``--tune-seconds``: the tuning
+database's entry for this CPU, else measured for about S seconds and recorded there; 0, the default: the database
+or the default schedule), the sparse kernel as a ReLU-fed layer's, the dense one as a dense layer's.
 Usage: python benchmarks/kernels.py [--rounds 31] [--threads 2] [--shapes 4096x11008,11008x4096]
-       [--dtypes float32,float16,bfloat16,int8,int4g32] [--markdown FILE]
+       [--dtypes float32,float16,bfloat16,int8,int4g32] [--tune-seconds S] [--markdown FILE]
 """
 import argparse
 import os
@@ -38,6 +41,8 @@ def main():
     ap.add_argument("--shapes", default="4096x11008,11008x4096")
     ap.add_argument("--dtypes", default="float32,float16,bfloat16", help="weight formats: float32, float16, bfloat16,"
                     " int8, int8gG, int4gG (G inputs per scale)")
+    ap.add_argument("--tune-seconds", type=float, default=0.0, metavar="S",
+                    help="float kernels' schedules as sparsec compile --tune-seconds S chooses them")
     ap.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -47,21 +52,27 @@ def main():
 
     from sparsec.backends.tvm.env import cpu_target, host_cpu, import_tvm, num_threads
 
+    from sparsec.backends.tvm.tuning import Scheduler
+
     tvm = import_tvm(args.threads)
     torch.set_num_threads(args.threads)
+    scheduler = Scheduler(args.tune_seconds, args.threads)
     target = cpu_target()
     flush = np.ones((96 << 20) // 8)
     rows, lines = [], []
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         for dtype in args.dtypes.split(","):
-            rows.append(bench_one(tvm, target, np, torch, flush, k, n, dtype, args.rounds, args.threads))
+            rows.append(bench_one(tvm, target, np, torch, flush, k, n, dtype, args.rounds, args.threads,
+                                  scheduler))
             r = rows[-1]
             print(f"{k}x{n} {dtype}: " + ", ".join(f"{name} {ms:.2f}" for name, ms in r["ms"].items()), flush=True)
     head = (f"CPU: {host_cpu()}, {os.cpu_count()} cores, TVM threads {num_threads()}, torch threads"
             f" {torch.get_num_threads()}; {args.rounds} rounds; peak RSS"
             f" {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
-    lines += [head, "", table_ms(rows), "", table_speedup(rows)]
+    schedules = "; ".join(f"{name}: rows_per_pass {c['rows_per_pass']}, tiles_per_thread {c['tiles_per_thread']}"
+                          f" ({c['source']})" for name, c in scheduler.chosen.items())
+    lines += [head, "", f"Float kernels' schedules: {schedules or '-'}", "", table_ms(rows), "", table_speedup(rows)]
     text = "\n".join(lines)
     print("\n" + text)
     if args.markdown:
@@ -78,31 +89,37 @@ def quantized_format(dtype):
     return (int(match[1]), int(match[2] or 0), "float16" if match[3] else "float32") if match else None
 
 
-def _kernels(tvm, target, torch, w, dtype):
-    """``(sparse kernel, dense kernel, weight operands, x dtype)`` for weights ``w`` (fp32 [N, K]) in format
-    ``dtype``."""
+def _kernels(tvm, target, torch, w, dtype, scheduler):
+    """``((sparse kernel, its weight operands), (dense kernel, its operands), x dtype)`` for weights ``w`` (fp32
+    [N, K]) in format ``dtype``; float kernels with ``scheduler``'s schedules (see the module docstring)."""
     from sparsec.backends.tvm.kernels import linear_kernel, pack_weight
     from sparsec.backends.tvm.quantized import pack_quantized, quantized_linear_kernel
     from sparsec.passes.quantize import quantize_weight
 
+    def build(func):
+        return tvm.compile(func.with_attr("global_symbol", "main"), target)["main"]
+
     n, k = w.shape
     fmt = quantized_format(dtype)
     if fmt is None:
-        make = lambda sparse: linear_kernel(k, n, dtype, sparse=sparse)  # noqa: E731
-        operands, xdtype = [pack_weight(w.to(getattr(torch, dtype)))], dtype
-    else:
-        bits, group, scales = fmt
-        make = lambda sparse: quantized_linear_kernel(k, n, bits, group, sparse=sparse, scale_dtype=scales)  # noqa
-        q, scale = quantize_weight(w, bits, group, getattr(torch, scales))
-        operands, xdtype = list(pack_quantized(q, scale, bits)), "float32"
-    sparse, dense = (tvm.compile(make(s).with_attr("global_symbol", "main"), target)["main"] for s in (True, False))
-    return sparse, dense, operands, xdtype
+        wt = w.to(getattr(torch, dtype))
+        kernels = []
+        for sparse, kind in ((True, "relu"), (False, "dense")):
+            args = scheduler(k, n, dtype, kind)
+            kernels.append((build(linear_kernel(k, n, dtype, sparse=sparse, **args)),
+                            [pack_weight(wt, tiles=args["tiles"])]))
+        return *kernels, dtype
+    bits, group, scales = fmt
+    q, scale = quantize_weight(w, bits, group, getattr(torch, scales))
+    operands = list(pack_quantized(q, scale, bits))
+    return *((build(quantized_linear_kernel(k, n, bits, group, sparse=s, scale_dtype=scales)), operands)
+             for s in (True, False)), "float32"
 
 
-def bench_one(tvm, target, np, torch, flush, k, n, dtype, rounds, threads):
+def bench_one(tvm, target, np, torch, flush, k, n, dtype, rounds, threads, scheduler):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=g) / k ** 0.5
-    sparse, dense, operands, xdtype = _kernels(tvm, target, torch, w, dtype)
+    (sparse, operands), (dense, dense_operands), xdtype = _kernels(tvm, target, torch, w, dtype, scheduler)
     td = getattr(torch, xdtype)
     w = w.to(td)
     bias, thr = torch.zeros(n, dtype=td), torch.zeros(1, dtype=td)
@@ -113,7 +130,7 @@ def bench_one(tvm, target, np, torch, flush, k, n, dtype, rounds, threads):
     part = torch.empty(threads * 128)
     xs = {s: [_input(torch, k, s, td, g) for _ in range(16)] for s in SPARSITIES}
     calls = {f"sparse@{s:g}": (s, lambda x: sparse(x, *operands, thr, bias, y)) for s in SPARSITIES}
-    calls.update({"tvm dense": (0.0, lambda x: dense(x, *operands, thr, bias, y)),
+    calls.update({"tvm dense": (0.0, lambda x: dense(x, *dense_operands, thr, bias, y)),
                   "torch F.linear": (0.0, lambda x: torch.nn.functional.linear(x, w)),
                   "torch sum": (0.0, lambda x: blob.sum()), "tvm read": (0.0, lambda x: read(blob, part))})
     times = {name: [] for name in calls}
