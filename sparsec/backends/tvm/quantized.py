@@ -12,24 +12,27 @@ one group of ``K``). :func:`pack_quantized` lays them out in the column tiles of
 * scales ``S [NT, G, CT]`` in the pass's scale dtype (fp32 or fp16: widened in registers, exactly).
 
 **Decode** (M = 1, sparse): the compaction pass of the float kernels, per group: the surviving inputs of each group
-are listed together and their sum ``Σx`` is kept. Each tile accumulates ``t[c] = Σ q[k, c] x[k]`` over a group's
-surviving rows, ``R`` rows per pass and the last ``count % R`` in passes of R/2, R/4, ..., 1 rows (padding them to R
-instead did up to R - 1 rows of useless work per group: 10-25 % slower at s = 0.5-0.9), converting each value to
-fp32 in registers, then ``acc[c] += S[g, c] * (t[c] - 8 Σx)`` (int4's offset; 0 for int8) once per group. With one
-group (per channel) ``t`` is ``acc``, the rows are padded to a multiple of ``R`` with the last surviving row and value
-0, and the scale is applied once at the end.
+are listed together and their sum ``Σx`` is kept. Group-wise, each tile takes a group's surviving rows ``R`` per
+pass and the last ``count % R`` in passes of R/2, R/4, ..., 1 rows (padding them to R instead did up to R - 1 rows
+of useless work per group: 10-25 % slower at s = 0.5-0.9); a pass sums, per vector of columns, its rows' products
+``u = Σ_r q[k_r, c] x[k_r]`` in registers (each value converted to fp32 there) and adds ``S[g, c] * (u - 8 Σ_r x)``
+(int4's offset; 0 for int8) to the accumulators: one read of the accumulators and scales per pass. (Summing a whole
+group into a tile-wide buffer first and scaling it once per group, the earlier design, costs two more passes over
+that buffer per group: on a 2-core Zen 5, 4096x11008 int4 g32 fp16 scales, 1.04 -> 0.78 ms at s = 0.5, 0.63 -> 0.38
+at s = 0.9.) With one group (per channel) the rows are padded to a multiple of ``R`` with the last surviving row and
+value 0, summed straight into the accumulators, and the scale is applied once at the end.
 
 Default schedule (measured on a 2-core Zen 4, 4096x11008 / 11008x4096 / 640x2048 / 2048x640 / 640x262144, s = 0.5):
 tiles as wide as possible (up to ``MAX_TILE`` columns: a kept row is one long contiguous read, which the hardware
 prefetchers follow; narrower tiles that keep ``t`` in L1 measured 1.3-2x slower), the kept rows of a single tile
 split between the threads (``splits``), and ``R`` = 16 rows per pass for group-wise layers (about the survivors of a
-32-input group at s = 0.5: one pass over ``t`` per group; R = 8 measured 1.4x slower) and 8 per channel.
+32-input group at s = 0.5; R = 8 measured 1.4x slower, R = 32 within 3 % on Zen 5) and 8 per channel.
 
 **Prefill** (M > 1): the float kernels' GEMM (:func:`~sparsec.backends.tvm.kernels.gemm_macro`), its panel copy
 dequantizing (``q * S``) into fp32 once per call; then the same register-blocked micro-kernel.
 
 Numerics: the same products as ``linear(x', dequantize(q, S))`` summed in fp32 in another order (and for int4 with
-the offset factored out of the group sum), so equal to the torch reference up to fp32 rounding.
+the offset factored out of each pass's sum), so equal to the torch reference up to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -160,7 +163,43 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
                                 T.shift_right(wq[j, idx[e + r], vb * VL + vi], T.uint8(4)), f32) * xv[e + r]
         return body
 
+    def scaled_pass(count: int):
+        """Group-wise: ``acc[c] += S[g, c] * (Σ_r q[idx[e + r], c] x'[e + r] - offset Σ_r x'[e + r])`` over ``count``
+        compacted rows of group ``g`` from entry ``e``, tile ``j``: the rows' sum of each vector stays in registers
+        and is scaled once per pass."""
+        @T.macro
+        def body(wq, s, idx, xv, acc, j, g, e):
+            xs = T.decl_buffer((1,), f32)
+            xs[0] = T.float32(0)
+            for r in T.unroll(count):
+                xs[0] = xs[0] + xv[e + r]
+            if bits == 8:
+                for vo in range(ct // VL):
+                    u = T.decl_buffer((VL,), f32)
+                    for vi in T.vectorized(VL):
+                        u[vi] = T.float32(0)
+                    for r in T.unroll(count):
+                        for vi in T.vectorized(VL):
+                            u[vi] = u[vi] + T.cast(wq[j, idx[e + r], vo * VL + vi], f32) * xv[e + r]
+                    for vi in T.vectorized(VL):
+                        acc[vo * VL + vi] = acc[vo * VL + vi] + T.cast(s[j, g, vo * VL + vi], f32) * u[vi]
+            else:
+                for vb in range(ct // 32):
+                    u = T.decl_buffer((32,), f32)
+                    for vi in T.vectorized(32):
+                        u[vi] = T.float32(0)
+                    for r in T.unroll(count):
+                        for vi in T.vectorized(VL):
+                            u[vi] = u[vi] + T.cast(wq[j, idx[e + r], vb * VL + vi] & T.uint8(15), f32) * xv[e + r]
+                            u[VL + vi] = u[VL + vi] + T.cast(
+                                T.shift_right(wq[j, idx[e + r], vb * VL + vi], T.uint8(4)), f32) * xv[e + r]
+                    for vi in T.vectorized(32):
+                        acc[vb * 32 + vi] = acc[vb * 32 + vi] + T.cast(s[j, g, vb * 32 + vi], f32) * (
+                            u[vi] - offset * xs[0])
+        return body
+
     rows = {c: rows_pass(c) for c in {R, 16, 8, 4, 2, 1} if c <= R}
+    scaled = {c: scaled_pass(c) for c in {R, 16, 8, 4, 2, 1} if c <= R}
 
     @T.prim_func(private=True)
     def f(x_h: T.handle, wq: T.Buffer((nt, k, wcols), wtype), s: T.Buffer((nt, ng, ct), scale_dtype),
@@ -198,7 +237,6 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
                 j = task // ks
                 p = task % ks
                 acc = T.decl_buffer((ct,), f32, data=accs.data, elem_offset=task * ct)
-                t = T.decl_buffer((ct,), f32)  # one group's sum (per channel: acc itself, unused)
                 for c in T.vectorized(ct):
                     acc[c] = T.float32(0)
                 for g in range(ng * p // ks if ng > 1 else 0, ng * (p + 1) // ks if ng > 1 else 1):
@@ -206,31 +244,29 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
                     passes[0] = (start[g + 1] - start[g]) // R * p // ks if ng == 1 else 0
                     passes[1] = (start[g + 1] - start[g]) // R * (p + 1) // ks if ng == 1 else (
                         start[g + 1] - start[g]) // R
-                    if ng > 1:
-                        for c in T.vectorized(ct):
-                            t[c] = T.float32(0)
-                    for jb in range(passes[0], passes[1]):
-                        rows[R](wq, idx, xv, t if ng > 1 else acc, j, start[g] + jb * R)
-                    if ng > 1:  # the group's last (start[g + 1] - start[g]) % R rows: passes of R/2, R/4, ..., 1
+                    if ng == 1:
+                        for jb in range(passes[0], passes[1]):
+                            rows[R](wq, idx, xv, acc, j, start[g] + jb * R)
+                    else:
+                        for jb in range(passes[0], passes[1]):
+                            scaled[R](wq, s, idx, xv, acc, j, g, start[g] + jb * R)
+                        # the group's last (start[g + 1] - start[g]) % R rows: passes of R/2, R/4, ..., 1
                         rest = T.decl_buffer((1,), "int32")
                         rest[0] = (start[g + 1] - start[g]) % R
                         if R >= 32:
                             if rest[0] & 16 != 0:
-                                rows[16](wq, idx, xv, t, j, start[g + 1] - rest[0])
+                                scaled[16](wq, s, idx, xv, acc, j, g, start[g + 1] - rest[0])
                         if R >= 16:
                             if rest[0] & 8 != 0:
-                                rows[8](wq, idx, xv, t, j, start[g + 1] - rest[0] + (rest[0] & 16))
+                                scaled[8](wq, s, idx, xv, acc, j, g, start[g + 1] - rest[0] + (rest[0] & 16))
                         if R >= 8:
                             if rest[0] & 4 != 0:
-                                rows[4](wq, idx, xv, t, j, start[g + 1] - rest[0] + (rest[0] & 24))
+                                scaled[4](wq, s, idx, xv, acc, j, g, start[g + 1] - rest[0] + (rest[0] & 24))
                         if R >= 4:
                             if rest[0] & 2 != 0:
-                                rows[2](wq, idx, xv, t, j, start[g + 1] - rest[0] + (rest[0] & 28))
+                                scaled[2](wq, s, idx, xv, acc, j, g, start[g + 1] - rest[0] + (rest[0] & 28))
                         if rest[0] & 1 != 0:
-                            rows[1](wq, idx, xv, t, j, start[g + 1] - 1)
-                    if ng > 1 and start[g + 1] > start[g]:  # a group without survivors reads no scale either
-                        for c in T.vectorized(ct):
-                            acc[c] = acc[c] + T.cast(s[j, g, c], f32) * (t[c] - offset * xsum[g])
+                            scaled[1](wq, s, idx, xv, acc, j, g, start[g + 1] - 1)
             for task in T.parallel(nt):  # the parts' sums, scaled (per channel), plus the bias
                 for c in range(ct):
                     if task * ct + c < n:
