@@ -13,18 +13,19 @@ one group of ``K``). :func:`pack_quantized` lays them out in the column tiles of
 
 **Decode** (M = 1, sparse): the compaction pass of the float kernels, per group: the surviving inputs of each group
 are listed together and their sum ``Σx`` is kept. Group-wise, each tile takes a group's surviving rows ``R`` per
-pass and the last ``count % R`` in passes of R/2, R/4, ..., 1 rows (padding them to R instead did up to R - 1 rows
-of useless work per group: 10-25 % slower at s = 0.5-0.9); a pass sums, per vector of columns, its rows' products
-``u = Σ_r q[k_r, c] x[k_r]`` in registers (each value converted to fp32 there) and adds ``S[g, c] * (u - 8 Σ_r x)``
-(int4's offset; 0 for int8) to the accumulators: one read of the accumulators and scales per pass. (Summing a whole
-group into a tile-wide buffer first and scaling it once per group, the earlier design, costs two more passes over
-that buffer per group: on a 2-core Zen 5, 4096x11008 int4 g32 fp16 scales, 1.04 -> 0.78 ms at s = 0.5, 0.63 -> 0.38
-at s = 0.9.) With one group (per channel) the rows are padded to a multiple of ``R`` with the last surviving row and
-value 0, summed straight into the accumulators, and the scale is applied once at the end.
+pass and the last ``count % R`` in one more pass, as chunks of 16, 8, ..., 1 rows (padding them to R instead did up
+to R - 1 rows of useless work per group: 10-25 % slower at s = 0.5-0.9; a pass per chunk, 7-12 % slower at s = 0.5
+on Zen 5); a pass sums, per block of columns, its rows' products ``u = Σ_r q[k_r, c] x[k_r]`` in registers (each
+value converted to fp32 there) and adds ``S[g, c] * (u - 8 Σ_r x)`` (int4's offset; 0 for int8) to the
+accumulators: one read of the accumulators and scales per pass. (Summing a whole group into a tile-wide buffer first
+and scaling it once per group, the earlier design, costs two more passes over that buffer per group: on a 2-core
+Zen 5, 4096x11008 int4 g32 fp16 scales, 1.04 -> 0.78 ms at s = 0.5, 0.63 -> 0.38 at s = 0.9.) With one group
+(per channel) the rows are padded to a multiple of ``R`` with the last surviving row and value 0, summed straight
+into the accumulators, and the scale is applied once at the end.
 
 Default schedule (measured on a 2-core Zen 4, 4096x11008 / 11008x4096 / 640x2048 / 2048x640 / 640x262144, s = 0.5):
 tiles as wide as possible (up to ``MAX_TILE`` columns: a kept row is one long contiguous read, which the hardware
-prefetchers follow; narrower tiles that keep ``t`` in L1 measured 1.3-2x slower), the kept rows of a single tile
+prefetchers follow; narrower tiles measured 1.3-2x slower), the kept rows of a single tile
 split between the threads (``splits``), and ``R`` = 16 rows per pass for group-wise layers (about the survivors of a
 32-input group at s = 0.5; R = 8 measured 1.4x slower, R = 32 within 3 % on Zen 5) and 8 per channel.
 
@@ -143,63 +144,79 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
 
     gemm = gemm_macro(k, n, nt, ct, nr, panel_group(k, ct, nr), dtype, keep, load)
 
-    def rows_pass(count: int):
-        """``out[c] += Σ_r q[idx[e + r], c] x'[e + r]`` over ``count`` compacted rows from entry ``e``, tile ``j``."""
-        @T.macro
-        def body(wq, idx, xv, out, j, e):
-            if bits == 8:
-                for vo in range(ct // VL):
-                    for r in T.unroll(count):
-                        for vi in T.vectorized(VL):
-                            out[vo * VL + vi] = out[vo * VL + vi] + T.cast(
-                                wq[j, idx[e + r], vo * VL + vi], f32) * xv[e + r]
-            else:
-                for vb in range(ct // 32):
-                    for r in T.unroll(count):
-                        for vi in T.vectorized(VL):
-                            out[vb * 32 + vi] = out[vb * 32 + vi] + T.cast(
-                                wq[j, idx[e + r], vb * VL + vi] & T.uint8(15), f32) * xv[e + r]
-                            out[vb * 32 + VL + vi] = out[vb * 32 + VL + vi] + T.cast(
-                                T.shift_right(wq[j, idx[e + r], vb * VL + vi], T.uint8(4)), f32) * xv[e + r]
-        return body
+    bw = VL if bits == 8 else 32  # columns per block: a vector of int8 values, 16 bytes of int4 ones
 
-    def scaled_pass(count: int):
-        """Group-wise: ``acc[c] += S[g, c] * (Σ_r q[idx[e + r], c] x'[e + r] - offset Σ_r x'[e + r])`` over ``count``
-        compacted rows of group ``g`` from entry ``e``, tile ``j``: the rows' sum of each vector stays in registers
-        and is scaled once per pass."""
+    def add_rows(count: int):
+        """``u[c] += Σ_r q[idx[e + r], vb * bw + c] x'[e + r]`` over ``count`` compacted rows from entry ``e``."""
         @T.macro
-        def body(wq, s, idx, xv, acc, j, g, e):
-            xs = T.decl_buffer((1,), f32)
-            xs[0] = T.float32(0)
+        def body(wq, idx, xv, u, j, vb, e):
             for r in T.unroll(count):
-                xs[0] = xs[0] + xv[e + r]
-            if bits == 8:
-                for vo in range(ct // VL):
-                    u = T.decl_buffer((VL,), f32)
+                if bits == 8:
                     for vi in T.vectorized(VL):
-                        u[vi] = T.float32(0)
-                    for r in T.unroll(count):
-                        for vi in T.vectorized(VL):
-                            u[vi] = u[vi] + T.cast(wq[j, idx[e + r], vo * VL + vi], f32) * xv[e + r]
+                        u[vi] = u[vi] + T.cast(wq[j, idx[e + r], vb * VL + vi], f32) * xv[e + r]
+                else:
                     for vi in T.vectorized(VL):
-                        acc[vo * VL + vi] = acc[vo * VL + vi] + T.cast(s[j, g, vo * VL + vi], f32) * u[vi]
-            else:
-                for vb in range(ct // 32):
-                    u = T.decl_buffer((32,), f32)
-                    for vi in T.vectorized(32):
-                        u[vi] = T.float32(0)
-                    for r in T.unroll(count):
-                        for vi in T.vectorized(VL):
-                            u[vi] = u[vi] + T.cast(wq[j, idx[e + r], vb * VL + vi] & T.uint8(15), f32) * xv[e + r]
-                            u[VL + vi] = u[VL + vi] + T.cast(
-                                T.shift_right(wq[j, idx[e + r], vb * VL + vi], T.uint8(4)), f32) * xv[e + r]
-                    for vi in T.vectorized(32):
-                        acc[vb * 32 + vi] = acc[vb * 32 + vi] + T.cast(s[j, g, vb * 32 + vi], f32) * (
-                            u[vi] - offset * xs[0])
+                        u[vi] = u[vi] + T.cast(wq[j, idx[e + r], vb * VL + vi] & T.uint8(15), f32) * xv[e + r]
+                        u[VL + vi] = u[VL + vi] + T.cast(
+                            T.shift_right(wq[j, idx[e + r], vb * VL + vi], T.uint8(4)), f32) * xv[e + r]
         return body
 
-    rows = {c: rows_pass(c) for c in {R, 16, 8, 4, 2, 1} if c <= R}
-    scaled = {c: scaled_pass(c) for c in {R, 16, 8, 4, 2, 1} if c <= R}
+    chunks = [c for c in (16, 8, 4, 2, 1) if c < R]  # a tail of fewer than R rows: these many rows or none
+    adds = {c: add_rows(c) for c in {R, *chunks}}
+
+    @T.macro
+    def summed_pass(wq, idx, xv, acc, j, e):
+        """Per channel: ``acc[c] += Σ_r q[idx[e + r], c] x'[e + r]`` over R compacted rows from entry ``e``."""
+        u = T.decl_buffer((bw,), f32)
+        for vb in range(ct // bw):
+            for vi in T.vectorized(bw):
+                u[vi] = acc[vb * bw + vi]
+            adds[R](wq, idx, xv, u, j, vb, e)
+            for vi in T.vectorized(bw):
+                acc[vb * bw + vi] = u[vi]
+
+    @T.macro
+    def scale_block(s, acc, u, j, g, vb, xs):
+        for vi in T.vectorized(bw):
+            acc[vb * bw + vi] = acc[vb * bw + vi] + T.cast(s[j, g, vb * bw + vi], f32) * (u[vi] - offset * xs)
+
+    @T.macro
+    def scaled_pass(wq, s, idx, xv, acc, j, g, e, count):
+        """Group-wise: ``acc[c] += S[g, c] * (Σ_r q[idx[e + r], c] x'[e + r] - offset Σ_r x'[e + r])`` over ``count``
+        (R, or fewer: then in chunks of 16, 8, ..., 1 rows) compacted rows of group ``g`` from entry ``e``, tile
+        ``j``: the rows' sum of each block of columns stays in registers and is scaled once per pass."""
+        xs = T.decl_buffer((1,), f32)
+        xs[0] = T.float32(0)
+        for r in range(count):
+            xs[0] = xs[0] + xv[e + r]
+        u = T.decl_buffer((bw,), f32)
+        if count == R:
+            for vb in range(ct // bw):
+                for vi in T.vectorized(bw):
+                    u[vi] = T.float32(0)
+                adds[R](wq, idx, xv, u, j, vb, e)
+                scale_block(s, acc, u, j, g, vb, xs[0])
+        else:
+            for vb in range(ct // bw):
+                for vi in T.vectorized(bw):
+                    u[vi] = T.float32(0)
+                if R > 16:
+                    if count & 16 != 0:
+                        adds[16](wq, idx, xv, u, j, vb, e)
+                if R > 8:
+                    if count & 8 != 0:
+                        adds[8](wq, idx, xv, u, j, vb, e + (count & 16))
+                if R > 4:
+                    if count & 4 != 0:
+                        adds[4](wq, idx, xv, u, j, vb, e + (count & 24))
+                if R > 2:
+                    if count & 2 != 0:
+                        adds[2](wq, idx, xv, u, j, vb, e + (count & 28))
+                if R > 1:
+                    if count & 1 != 0:
+                        adds[1](wq, idx, xv, u, j, vb, e + (count & 30))
+                scale_block(s, acc, u, j, g, vb, xs[0])
+
 
     @T.prim_func(private=True)
     def f(x_h: T.handle, wq: T.Buffer((nt, k, wcols), wtype), s: T.Buffer((nt, ng, ct), scale_dtype),
@@ -246,27 +263,13 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
                         start[g + 1] - start[g]) // R
                     if ng == 1:
                         for jb in range(passes[0], passes[1]):
-                            rows[R](wq, idx, xv, acc, j, start[g] + jb * R)
+                            summed_pass(wq, idx, xv, acc, j, start[g] + jb * R)
                     else:
                         for jb in range(passes[0], passes[1]):
-                            scaled[R](wq, s, idx, xv, acc, j, g, start[g] + jb * R)
-                        # the group's last (start[g + 1] - start[g]) % R rows: passes of R/2, R/4, ..., 1
-                        rest = T.decl_buffer((1,), "int32")
-                        rest[0] = (start[g + 1] - start[g]) % R
-                        if R >= 32:
-                            if rest[0] & 16 != 0:
-                                scaled[16](wq, s, idx, xv, acc, j, g, start[g + 1] - rest[0])
-                        if R >= 16:
-                            if rest[0] & 8 != 0:
-                                scaled[8](wq, s, idx, xv, acc, j, g, start[g + 1] - rest[0] + (rest[0] & 16))
-                        if R >= 8:
-                            if rest[0] & 4 != 0:
-                                scaled[4](wq, s, idx, xv, acc, j, g, start[g + 1] - rest[0] + (rest[0] & 24))
-                        if R >= 4:
-                            if rest[0] & 2 != 0:
-                                scaled[2](wq, s, idx, xv, acc, j, g, start[g + 1] - rest[0] + (rest[0] & 28))
-                        if rest[0] & 1 != 0:
-                            scaled[1](wq, s, idx, xv, acc, j, g, start[g + 1] - 1)
+                            scaled_pass(wq, s, idx, xv, acc, j, g, start[g] + jb * R, R)
+                        if (start[g + 1] - start[g]) % R != 0:  # the group's last rows: one pass
+                            scaled_pass(wq, s, idx, xv, acc, j, g, start[g + 1] - (start[g + 1] - start[g]) % R,
+                                        (start[g + 1] - start[g]) % R)
             for task in T.parallel(nt):  # the parts' sums, scaled (per channel), plus the bias
                 for c in range(ct):
                     if task * ct + c < n:
