@@ -23,6 +23,10 @@ Zen 5, 4096x11008 int4 g32 fp16 scales, 1.04 -> 0.78 ms at s = 0.5, 0.63 -> 0.38
 (per channel) the rows are padded to a multiple of ``R`` with the last surviving row and value 0, summed straight
 into the accumulators, and the scale is applied once at the end.
 
+While a pass computes, it prefetches the same block of the next R compacted rows (software prefetch: a kept row
+is a short read at an unpredictable address, which the hardware prefetchers only follow once it has begun; Zen 5,
+5632x2048 at s = 0.5, 61 interleaved rounds: int8 0.205 -> 0.148 ms, int4 g32 fp16 scales 0.218 -> 0.160).
+
 Default schedule (measured on a 2-core Zen 4, 4096x11008 / 11008x4096 / 640x2048 / 2048x640 / 640x262144, s = 0.5):
 tiles as wide as possible (up to ``MAX_TILE`` columns: a kept row is one long contiguous read, which the hardware
 prefetchers follow; narrower tiles measured 1.3-2x slower), the kept rows of a single tile
@@ -165,10 +169,19 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
     adds = {c: add_rows(c) for c in {R, *chunks}}
 
     @T.macro
+    def prefetch_rows(wq, idx, j, vb, e):
+        """Ask for block ``vb`` of the next pass's R rows (from entry ``e``) while this pass computes: a kept row is
+        a short read at an unpredictable address, which the hardware prefetchers only follow once it has begun."""
+        for r in T.unroll(R):
+            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                wq[j, idx[T.min(e + r, k + ng * R - 1)], vb * VL]), T.int32(0), T.int32(3), T.int32(1)))
+
+    @T.macro
     def summed_pass(wq, idx, xv, acc, j, e):
         """Per channel: ``acc[c] += Σ_r q[idx[e + r], c] x'[e + r]`` over R compacted rows from entry ``e``."""
         u = T.decl_buffer((bw,), f32)
         for vb in range(ct // bw):
+            prefetch_rows(wq, idx, j, vb, e + R)
             for vi in T.vectorized(bw):
                 u[vi] = acc[vb * bw + vi]
             adds[R](wq, idx, xv, u, j, vb, e)
@@ -192,12 +205,14 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
         u = T.decl_buffer((bw,), f32)
         if count == R:
             for vb in range(ct // bw):
+                prefetch_rows(wq, idx, j, vb, e + R)
                 for vi in T.vectorized(bw):
                     u[vi] = T.float32(0)
                 adds[R](wq, idx, xv, u, j, vb, e)
                 scale_block(s, acc, u, j, g, vb, xs[0])
         else:
             for vb in range(ct // bw):
+                prefetch_rows(wq, idx, j, vb, e + count)
                 for vi in T.vectorized(bw):
                     u[vi] = T.float32(0)
                 if R > 16:
