@@ -15,8 +15,9 @@ Rows (each in its own process, one at a time; protocol, models, prompts and timi
   exported to ONNX (standard ops): sparsec's own dense builds;
 - ``sparsec-tvm-q8`` / ``sparsec-tvm-q4`` (sparse, per sparsity) and ``sparsec-tvm-q8-dense`` /
   ``sparsec-tvm-q4-dense``: the same with the ``quantize`` pass first (``quantize{bits=8}``: int8 per output
-  channel; ``quantize{bits=4 group=32}``: int4, a scale per 32 inputs; every linear layer, the LM head and the
-  embedding included), compiled with sparsec's quantized kernels: beside ``llamacpp-q8_0`` / ``llamacpp-q4_0``;
+  channel; ``quantize{bits=4 group=32 scale_dtype=float16}``: int4, an fp16 scale per 32 inputs as llama.cpp's
+  Q4_0; every linear layer, the LM head and the embedding included), compiled with sparsec's quantized kernels:
+  beside ``llamacpp-q8_0`` / ``llamacpp-q4_0``;
   ``sparsec-tvm-q8r``: ``rotate`` first (Gemma's quality recipe: ``rotate,quantize{bits=8},teal``; issue 19's Gemma
   goal: >= 1.5x llama.cpp Q8_0);
 - ``hf`` and ``llamacpp-*``: the dense peers of ``benchmarks/peers.py`` (HF ``generate``; llama.cpp on GGUFs written
@@ -46,7 +47,7 @@ SPARSE_ROWS = ("sparsec-tvm", "sparsec-ort", "sparsec-accelerate", "sparsec-tvm-
 DENSE_ROWS = ("sparsec-tvm-dense", "ort-dense", "sparsec-tvm-q8-dense", "sparsec-tvm-q4-dense")
 #: the quantize pass of a row whose name carries -q8 / -q4, and the weights column it shows
 QUANTIZE = {"q8": ("quantize{bits=8}", "int8"), "q8r": ("rotate,quantize{bits=8}", "int8, rotated"),
-            "q4": ("quantize{bits=4 group=32}", "int4 g32")}
+            "q4": ("quantize{bits=4 group=32 scale_dtype=float16}", "int4 g32, fp16 scales")}
 #: issue 19's goals: a quantized sparse row over the llama.cpp peer of the same bits
 QUANTIZED_GOALS = {"sparsec-tvm-q8": ("llamacpp-q8_0", {"tinyllama": 2.0, "gemma": 1.5}),
                    "sparsec-tvm-q8r": ("llamacpp-q8_0", {"gemma": 1.5}),
