@@ -212,16 +212,34 @@ def _write_params(weights, path: str) -> list[dict]:
 
 
 def _read_params(path: str, specs: list[dict], device) -> list:
-    """The parameters of ``params.bin`` as TVM tensors on ``device`` (read through a memory map: one copy)."""
+    """The parameters of ``params.bin`` as TVM tensors on ``device``. On a CPU each is read straight into its tensor's
+    memory (one copy resident: a memory map would hold a second one, file pages, until loading ends); other devices
+    copy from a memory map."""
+    import torch
     import tvm
 
-    data = np.memmap(path, dtype=np.uint8, mode="r")
     out = []
-    for spec in specs:
-        dtype = np.dtype(_NUMPY.get(spec["dtype"], spec["dtype"]))
-        count = math.prod(spec["shape"])
-        array = data[spec["offset"]: spec["offset"] + count * dtype.itemsize].view(dtype).reshape(spec["shape"])
-        out.append(tvm.runtime.empty(spec["shape"], spec["dtype"], device).copyfrom(array))
+    if device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+        for spec in specs:
+            dtype = np.dtype(_NUMPY.get(spec["dtype"], spec["dtype"]))
+            count = math.prod(spec["shape"])
+            array = data[spec["offset"]: spec["offset"] + count * dtype.itemsize].view(dtype).reshape(spec["shape"])
+            out.append(tvm.runtime.empty(spec["shape"], spec["dtype"], device).copyfrom(array))
+        return out
+    with open(path, "rb", buffering=0) as f:
+        for spec in specs:
+            tensor = tvm.runtime.empty(spec["shape"], spec["dtype"], device)
+            buffer = torch.from_dlpack(tensor).reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes
+            f.seek(spec["offset"])
+            done = 0
+            while done < buffer.size:
+                read = f.readinto(memoryview(buffer[done:]))
+                if not read:
+                    raise SparsecError(f"'{path}' ends before parameter {len(out)} ({spec['shape']} {spec['dtype']}):"
+                                       " the build is incomplete; re-run 'sparsec compile'")
+                done += read
+            out.append(tensor)
     return out
 
 

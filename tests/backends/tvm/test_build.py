@@ -184,6 +184,39 @@ def test_calls_convert_inputs_once_and_return_outputs_the_caller_owns(tmp_path):
         compiled(x=torch.randn(3, 65))
 
 
+_PEAK_RSS_OF_LOAD = """
+import sys
+import torch, tvm
+from sparsec.backends.tvm.build import load_compiled
+
+def peak():  # VmHWM: this process's peak resident bytes (ru_maxrss would carry the parent's over exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+before = peak()
+compiled = load_compiled(sys.argv[1])
+print(peak() - before)
+"""
+
+
+@pytest.mark.filterwarnings("ignore:strip. nothing to strip")
+def test_loading_a_build_keeps_one_copy_of_its_weights(tmp_path):
+    """Loading a build raises the process's peak RSS by about its weights' bytes once (64 MiB here), not twice (a
+    memory map of params.bin copied into TVM tensors holds both until loading ends); measured in a fresh process."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 8192, bias=False)).eval()
+    result = sparsec.transform(model, "strip", example_inputs=(torch.randn(1, 2048),), measure=False)
+    sparsec.compile(result, str(tmp_path / "b"), threads=2)
+    weights = os.path.getsize(tmp_path / "b" / "params.bin")
+    assert weights >= 64 << 20
+    run = subprocess.run([sys.executable, "-c", _PEAK_RSS_OF_LOAD, str(tmp_path / "b")], capture_output=True,
+                         text=True, check=True)
+    assert int(run.stdout) < 1.35 * weights, (int(run.stdout) / weights, run.stderr)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("sparsec", "0.0.1", "was made by sparsec 0.0.1, this is sparsec"),
     ("cpu", "some-other-cpu", "was compiled for CPU 'some-other-cpu', this machine is"),
