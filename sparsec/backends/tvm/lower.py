@@ -77,6 +77,7 @@ def linear_operands(node, consts):
 
 
 _TRANSPOSES = {"aten.t.default", "aten.permute.default", "aten.transpose.int"}
+_LINEARS = {"aten.linear.default", "aten.addmm.default", "aten.mm.default"}
 
 
 def dequantized_weight(node):
@@ -169,6 +170,30 @@ class Constants:
         return value
 
 
+def _gather_packed(ids, wq, s, *, rows: int, bits: int, group: int, dtype: str):
+    """TE: the dequantized rows ``ids`` (wrapped into ``[0, rows)``, as the build's other lookups) of a quantized
+    table read from its linear kernel's packed layout (:func:`~sparsec.backends.tvm.quantized.pack_quantized`:
+    row ``r`` of the table is column ``r % CT`` of tile ``r // CT``)."""
+    from tvm import te, tirx
+
+    k, ct = int(wq.shape[1]), int(s.shape[2])
+    size = group or k
+
+    def value(*i):
+        *lead, c = i
+        r = tirx.floormod(ids[tuple(lead)].astype("int64"), rows)
+        t, p = r // ct, r % ct
+        if bits == 8:
+            v = wq[t, c, p].astype("float32")
+        else:  # each 32-column block in 16 bytes: column i in byte i's low nibble, column 16 + i in its high one
+            shift = (p // 16 % 2 * 4).astype("uint8")
+            v = (tirx.shift_right(wq[t, c, p // 32 * 16 + p % 16], shift) & tirx.const(15, "uint8")).astype(
+                "float32") - tirx.const(8.0, "float32")
+        return (v * s[t, c // size, p].astype("float32")).astype(dtype)
+
+    return te.compute([*ids.shape, k], value, name="dequantize_rows")
+
+
 def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=None):
     """The Relax IRModule of ``program`` (an ExportedProgram) with sparsec's kernels in its linear layers.
 
@@ -193,6 +218,16 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
     program = _decompose(program, keep_sdpa=target == "llvm")
     consts = Constants(program)
     funcs = {}
+    packs = {}  # (q, s) placeholders -> the packed constants, shared by a tied LM head and its embedding
+    linear_weights = {(dq.args[0], dq.args[1]) for node in program.graph.nodes if str(node.target) in _LINEARS
+                      for dq in [dequantized_weight(node)] if dq is not None} if target == "llvm" else set()
+
+    def packed(q_node, s_node, bits):
+        """The kernels' packed ``(Wq, S)`` constants of quantized weight ``(q_node, s_node)``, made once."""
+        if (q_node, s_node) not in packs:
+            packs[q_node, s_node] = [relax.const(t.numpy()) for t in pack_quantized(
+                consts.get(q_node), consts.get(s_node), bits)]
+        return packs[q_node, s_node]
 
     def linear_call(importer, x_node, b_node, n, k, kind, name, make_kernel, weights):
         """Emit ``call_tir(kernel, [x as [M, K], *weights, thr, bias]) -> [M, N]``, reshaped to x's leading dims;
@@ -222,13 +257,13 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
         else:
             x_node, b_node = node.args[0], node.args[2] if len(node.args) > 2 else None
         kind = input_kind(x_node) if sparse else "dense"
-        packed = [relax.const(t.numpy()) for t in pack_quantized(q, scale, bits)]
+        weights = packed(dq.args[0], dq.args[1], bits)
         scales = str(scale.dtype).removeprefix("torch.")
         return linear_call(importer, x_node, b_node, n, k, kind,
                            lambda dtype: quantized_kernel_name(kind, k, n, bits, group, dtype, scales),
                            lambda dtype: quantized_linear_kernel(k, n, bits, group, dtype, sparse=kind != "dense",
                                                                  threshold=kind == "threshold", scale_dtype=scales),
-                           lambda dtype: packed)
+                           lambda dtype: weights)
 
     def convert_linear(node, importer):
         dq = dequantized_weight(node) if target == "llvm" else None  # the GPU kernels take the float weight
@@ -265,6 +300,13 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
         from tvm import te, tirx
 
         bits, group, dtype = int(node.args[2]), int(node.args[3]), str(node.args[4]).removeprefix("torch.")
+        rows, scales = node.args[:2]
+        tied = all(str(getattr(a, "target", "")) == "aten.embedding.default" for a in (rows, scales)) and (
+            rows.args[1] is scales.args[1] and (rows.args[0], scales.args[0]) in linear_weights)
+        if tied:  # gather from the LM head's packed weights: the build keeps one copy of the table
+            return importer.block_builder.emit_te(_gather_packed, importer.env[rows.args[1]],
+                                                  *packed(rows.args[0], scales.args[0], bits), bits=bits,
+                                                  group=group, dtype=dtype, rows=int(consts.get(rows.args[0]).shape[0]))
 
         def compute(q, s):
             k = q.shape[-1] * (8 // bits)
@@ -282,7 +324,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
 
             return te.compute([*q.shape[:-1], k], value, name="dequantize")
 
-        return importer.block_builder.emit_te(compute, importer.env[node.args[0]], importer.env[node.args[1]])
+        return importer.block_builder.emit_te(compute, importer.env[rows], importer.env[scales])
 
     def convert_threshold(node, importer):  # a threshold whose output also feeds non-linear ops
         x = importer.env[node.args[0]]

@@ -50,12 +50,17 @@ def test_int4_teal_llama_generates_like_the_artifact(tmp_path):
     assert torch.equal(generate(out, PROMPT, max_new_tokens=NEW, ignore_eos=True), want)
 
 
-def test_int8_gemma3_tied_embedding_generates_like_the_artifact(tmp_path):
-    """Gemma 3's LM head is tied to its embedding: the head takes the int8 kernel, the embedding gathers int8 rows
-    and dequantizes them; sliding-window layers included, 32 greedy tokens equal the artifact's."""
-    art, out, manifest, floats = _build(tmp_path, "gemma3", "quantize")
-    assert _kinds(manifest) == {"sparsec_linear_int8g0_dense"}
-    assert os.path.getsize(os.path.join(out, "params.bin")) < floats / 3
+@pytest.mark.parametrize("spec,kind", [("quantize", "int8g0"), ("quantize{bits=4 group=32}", "int4g32")])
+def test_gemma3_tied_embedding_generates_like_the_artifact(tmp_path, spec, kind):
+    """Gemma 3's LM head is tied to its embedding: the head takes the quantized kernel, the embedding gathers its
+    rows from the head's packed weights (the table is stored once: no [vocab, hidden] integer parameter beside the
+    packed one) and dequantizes them; sliding-window layers included, 32 greedy tokens equal the artifact's."""
+    model, _ = build("gemma3")
+    vocab = model.config.vocab_size
+    art, out, manifest, _ = _build(tmp_path, "gemma3", spec)
+    assert _kinds(manifest) == {f"sparsec_linear_{kind}_dense"}
+    tables = [p["shape"] for p in manifest["params"] if p["dtype"] in ("int8", "uint8") and p["shape"][0] == vocab]
+    assert tables == []
     want = generate(art, PROMPT, max_new_tokens=NEW, ignore_eos=True)
     assert torch.equal(generate(out, PROMPT, max_new_tokens=NEW, ignore_eos=True), want)
 
