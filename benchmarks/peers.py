@@ -433,6 +433,12 @@ def markdown(cpu: dict, rows: list[dict], command: str = "") -> str:
         lines.append(f"| {r['model']} | {r['peer']} | {r['weights']} | {r['context']} | {r['new_tokens']} |"
                      f" {r['prefill_ms']:.0f} | {r['decode_ms']:.2f} | {r['tokens_per_s']:.1f} |"
                      f" {r['peak_rss_mib']:.0f} | {r['other_load']:.2f} |")
+    if any("rounds" in r for r in rows):
+        lines += ["", "Rounds (`--rounds`: every other pass over the rows reversed; the table holds each row's medians),"
+                  " per round:", ""]
+        lines += [f"- {r['model']} context {r['context']}, {r['peer']}: decode "
+                  + " / ".join(f"{x['decode_ms']:.2f}" for x in r["rounds"]) + " ms/token, prefill "
+                  + " / ".join(f"{x['prefill_ms']:.0f}" for x in r["rounds"]) + " ms" for r in rows if "rounds" in r]
     lines += ["", "Greedy tokens vs `hf` (leading tokens identical / generated):", ""]
     for r in rows:
         ref = next((h for h in rows if h["peer"] == "hf" and (h["model"], h["context"]) == (r["model"], r["context"])),
@@ -460,6 +466,10 @@ def add_run_arguments(p: argparse.ArgumentParser, peers: str) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--long-new-tokens", type=int, default=32, help="new tokens for contexts >= 512")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="passes over all rows, every other one in reverse order; a row reports the medians over its"
+                        " rounds (this machine's memory bandwidth drifts between minutes: rows compared across a"
+                        " single pass can differ by more than the goals they are held to)")
     p.add_argument("--llama-layers", type=int, default=22)
     p.add_argument("--wait-quiet", type=float, default=300,
                    help="before each row, wait up to this many seconds for other processes to use < --max-load cores")
@@ -489,23 +499,47 @@ def run_rows(args: argparse.Namespace, peer_names: list[str]) -> tuple[dict, lis
         return model_name(model, args.llama_layers), peer, context, new_tokens
 
     done = {(r["model"], r["peer"], r["context"], r["new_tokens"]): r for r in old["rows"] if r["reps"] == args.reps}
+    rounds: dict = {}  # key -> the rows of the later rounds
+
+    def save():
+        if args.json:
+            rows = [_over_rounds([done[key(*s)], *rounds.get(key(*s), [])]) for s in plan if key(*s) in done]
+            pathlib.Path(args.json).write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=1))
+
+    def run(spec):
+        start = time.perf_counter()
+        r = run_peer(spec[3], spec[0], spec[1], spec[2], args.reps, args.llama_layers, args.wait_quiet, args.max_load)
+        print(f"{r['model']} {r['peer']} ({r['weights']}) context {r['context']}: prefill {r['prefill_ms']:.0f} ms,"
+              f" decode {r['decode_ms']:.2f} ms/token ({r['tokens_per_s']:.1f} tokens/s), peak RSS"
+              f" {r['peak_rss_mib']:.0f} MiB, other load {r['other_load']:.2f} cores"
+              f" ({time.perf_counter() - start:.0f} s)", flush=True)
+        return r
+
     for _ in range(1 + args.retries):  # then rerun the rows other processes disturbed, keeping the less disturbed
         for spec in plan:
             if (prev := done.get(key(*spec))) is not None and prev["other_load"] < args.max_load:
                 continue
-            start = time.perf_counter()
-            r = run_peer(spec[3], spec[0], spec[1], spec[2], args.reps, args.llama_layers, args.wait_quiet,
-                         args.max_load)
-            print(f"{r['model']} {r['peer']} ({r['weights']}) context {r['context']}: prefill {r['prefill_ms']:.0f} ms,"
-                  f" decode {r['decode_ms']:.2f} ms/token ({r['tokens_per_s']:.1f} tokens/s), peak RSS"
-                  f" {r['peak_rss_mib']:.0f} MiB, other load {r['other_load']:.2f} cores"
-                  f" ({time.perf_counter() - start:.0f} s)", flush=True)
+            r = run(spec)
             if prev is None or r["other_load"] < prev["other_load"]:
                 done[key(*spec)] = r
-            if args.json:
-                rows = [done[key(*s)] for s in plan if key(*s) in done]
-                pathlib.Path(args.json).write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=1))
-    return cpu, [done[key(*s)] for s in plan]
+            save()
+    for i in range(1, args.rounds):
+        for spec in plan[::-1] if i % 2 else plan:
+            rounds.setdefault(key(*spec), []).append(run(spec))
+            save()
+    return cpu, [_over_rounds([done[key(*s)], *rounds.get(key(*s), [])]) for s in plan]
+
+
+def _over_rounds(runs: list[dict]) -> dict:
+    """One row from its rounds: median prefill and decode times, the largest peak RSS and other load; the rounds'
+    own times kept under ``rounds``."""
+    if len(runs) == 1:
+        return runs[0]
+    decode = statistics.median(r["decode_ms"] for r in runs)
+    return {**runs[0], "prefill_ms": statistics.median(r["prefill_ms"] for r in runs), "decode_ms": decode,
+            "tokens_per_s": 1000 / decode, "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+            "other_load": max(r["other_load"] for r in runs),
+            "rounds": [{k: r[k] for k in ("prefill_ms", "decode_ms", "other_load")} for r in runs]}
 
 
 def main(argv=None) -> None:

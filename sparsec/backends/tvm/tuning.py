@@ -9,7 +9,8 @@ A schedule of :func:`sparsec.backends.tvm.kernels.linear_kernel` is three number
 A :class:`Scheduler` gives the schedule of each kernel of a build (``k``, ``n``, dtype, kind: dense, relu or
 threshold): from the database when it holds one for this CPU, thread count, shape, dtype and kind; else, with a time budget,
 measured here: the default first, then the GEMV candidates at 50 % sparsity (all inputs for a dense kernel) on one
-token, then the GEMM groups on 128 tokens, keeping the fastest (medians of interleaved calls); else the default.
+token, each call after the caches are flushed (as a decode step streams its weights from memory; without the flush
+a 16-46 MB layer is partly timed from the L3 cache), then the GEMM groups on 128 tokens, keeping the fastest (medians of interleaved calls); else the default.
 Tuning never changes what a kernel computes, only how: every candidate is the same kernel family.
 
 The database is one JSON file (``SPARSEC_TUNING_DB``, default ``~/.cache/sparsec/tuning.json``):
@@ -156,14 +157,30 @@ class _Bench:
         return (lambda: f(self.x1, wp, self.thr, self.b, self.y1)), (lambda: f(self.xm, wp, self.thr, self.b, self.ym))
 
 
-def _fastest(calls: dict, seconds: float, reps: int = 15) -> dict:
-    """Median seconds of each of ``calls`` (name -> callable), interleaved, within about ``seconds``."""
+def _evict_caches():
+    """A callable that pushes the kernels' weights out of the CPU caches (reads twice the last-level cache, at least
+    96 MB): a decode step streams each layer's weights from memory, so that is how a GEMV candidate is timed."""
+    import numpy as np
+
+    try:
+        llc = os.sysconf("SC_LEVEL3_CACHE_SIZE")
+    except (ValueError, OSError):
+        llc = 0
+    block = np.ones(max(96 << 20, 2 * max(llc, 0)) // 8)
+    return block.sum
+
+
+def _fastest(calls: dict, seconds: float, reps: int = 15, before=None) -> dict:
+    """Median seconds of each of ``calls`` (name -> callable), interleaved, within about ``seconds``; ``before``
+    (untimed) runs before each call."""
     for f in calls.values():
         f()
     times = {name: [] for name in calls}
     stop = time.perf_counter() + seconds
     for i in range(reps):
         for name, f in calls.items():
+            if before is not None:
+                before()
             t = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - t)
@@ -186,7 +203,8 @@ def tune(k: int, n: int, dtype: str, kind: str, threads: int, seconds: float) ->
             if calls is not None:
                 built[(r, t)] = calls
     default_calls = bench.build(DEFAULT)
-    gemv = _fastest({"default": default_calls[0], **{key: c[0] for key, c in built.items()}}, seconds / 4)
+    gemv = _fastest({"default": default_calls[0], **{key: c[0] for key, c in built.items()}}, seconds / 4,
+                    before=_evict_caches())
     best = min(built, key=lambda key: gemv[key])
     choice = {"rows_per_pass": best[0], "tiles_per_thread": best[1]}
     groups = {}
