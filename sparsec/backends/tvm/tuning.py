@@ -7,10 +7,11 @@ A schedule of :func:`sparsec.backends.tvm.kernels.linear_kernel` is three number
 * ``group``: GEMM (prefill) panels copied per task, 1, 2 or 4.
 
 A :class:`Scheduler` gives the schedule of each kernel of a build (``k``, ``n``, dtype, kind: dense, relu or
-threshold): from the database when it holds one for this CPU, thread count, shape, dtype and kind; else, with a time budget,
-measured here: the default first, then the GEMV candidates at 50 % sparsity (all inputs for a dense kernel) on one
-token, each call after the caches are flushed (as a decode step streams its weights from memory; without the flush
-a 16-46 MB layer is partly timed from the L3 cache), then the GEMM groups on 128 tokens, keeping the fastest (medians of interleaved calls); else the default.
+threshold): from the database when it holds one for this CPU, thread count, shape, dtype and kind; else, with a time
+budget, measured here: the default first, then the GEMV candidates at 50 % sparsity (all inputs for a dense kernel)
+on one token, each call after the caches are flushed (as a decode step streams its weights from memory; without the
+flush a 16-46 MB layer is partly timed from the L3 cache), then the GEMM groups on 128 tokens, keeping the fastest
+(medians of interleaved calls); else the default.
 Tuning never changes what a kernel computes, only how: every candidate is the same kernel family.
 
 The database is one JSON file (``SPARSEC_TUNING_DB``, default ``~/.cache/sparsec/tuning.json``):
