@@ -434,8 +434,8 @@ def markdown(cpu: dict, rows: list[dict], command: str = "") -> str:
                      f" {r['prefill_ms']:.0f} | {r['decode_ms']:.2f} | {r['tokens_per_s']:.1f} |"
                      f" {r['peak_rss_mib']:.0f} | {r['other_load']:.2f} |")
     if any("rounds" in r for r in rows):
-        lines += ["", "Rounds (`--rounds`: every other pass over the rows reversed; the table holds each row's medians),"
-                  " per round:", ""]
+        lines += ["", "Rounds (`--rounds`: every other pass over the rows reversed; the table holds each row's"
+                  " medians), per round:", ""]
         lines += [f"- {r['model']} context {r['context']}, {r['peer']}: decode "
                   + " / ".join(f"{x['decode_ms']:.2f}" for x in r["rounds"]) + " ms/token, prefill "
                   + " / ".join(f"{x['prefill_ms']:.0f}" for x in r["rounds"]) + " ms" for r in rows if "rounds" in r]
