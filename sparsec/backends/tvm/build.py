@@ -170,7 +170,8 @@ def _generation_facts(inputs: list, source: str | None, generation: dict | None,
 
 def _lift_weights(mod, min_bytes: int = 1024):
     """``(mod, weights)``: every constant of ``mod['main']`` of at least ``min_bytes`` becomes a trailing parameter
-    of main (``num_input`` marks where the user inputs end); ``weights`` are their values, in parameter order."""
+    of main, one however many times it is used (``num_input`` marks where the user inputs end); ``weights`` are their
+    values, in parameter order."""
     from tvm import relax
 
     @relax.expr_functor.mutator
@@ -178,14 +179,17 @@ def _lift_weights(mod, min_bytes: int = 1024):
         def __init__(self):
             super().__init__(mod)
             self.params, self.values = [], []
+            self.lifted = {}  # a constant used twice (a tied head's packed weights) is one parameter
 
         def visit_generic_const_(self, const):
             ty, dtype = const.ty, str(const.ty.dtype)
             if math.prod(int(d) for d in ty.shape) * np.dtype(_NUMPY.get(dtype, dtype)).itemsize < min_bytes:
                 return const
-            self.params.append(relax.Var(f"w{len(self.params)}", ty))
-            self.values.append(const.value)
-            return self.params[-1]
+            if const.__chandle__() not in self.lifted:
+                self.params.append(relax.Var(f"w{len(self.params)}", ty))
+                self.values.append(const.value)
+                self.lifted[const.__chandle__()] = self.params[-1]
+            return self.lifted[const.__chandle__()]
 
     main = mod["main"]
     lift = Lift()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sparsec
+from sparsec.api import load_artifact
 from sparsec.calibration import token_forward_loop
 from sparsec.generation import generate
 from tests.zoo import build
@@ -53,14 +54,16 @@ def test_int4_teal_llama_generates_like_the_artifact(tmp_path):
 @pytest.mark.parametrize("spec,kind", [("quantize", "int8g0"), ("quantize{bits=4 group=32}", "int4g32")])
 def test_gemma3_tied_embedding_generates_like_the_artifact(tmp_path, spec, kind):
     """Gemma 3's LM head is tied to its embedding: the head takes the quantized kernel, the embedding gathers its
-    rows from the head's packed weights (the table is stored once: no [vocab, hidden] integer parameter beside the
+    rows from the head's packed weights (the table is stored once: no [vocab, hidden] integer parameter, one
     packed one) and dequantizes them; sliding-window layers included, 32 greedy tokens equal the artifact's."""
     model, _ = build("gemma3")
     vocab = model.config.vocab_size
     art, out, manifest, _ = _build(tmp_path, "gemma3", spec)
     assert _kinds(manifest) == {f"sparsec_linear_{kind}_dense"}
-    tables = [p["shape"] for p in manifest["params"] if p["dtype"] in ("int8", "uint8") and p["shape"][0] == vocab]
-    assert tables == []
+    integers = [p["shape"] for p in manifest["params"] if p["dtype"] in ("int8", "uint8")]
+    assert [s for s in integers if s[0] == vocab] == []
+    quantized = [name for name in load_artifact(art).program.state_dict if name.endswith("_q")]
+    assert len(integers) == len(quantized)  # one packed tensor per quantized weight: the tied one once
     want = generate(art, PROMPT, max_new_tokens=NEW, ignore_eos=True)
     assert torch.equal(generate(out, PROMPT, max_new_tokens=NEW, ignore_eos=True), want)
 
