@@ -168,6 +168,22 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
     chunks = [c for c in (16, 8, 4, 2, 1) if c < R]  # a tail of fewer than R rows: these many rows or none
     adds = {c: add_rows(c) for c in {R, *chunks}}
 
+    def add_tail(sizes):
+        """``add_rows`` of a tail of ``count`` < R rows: a chunk of ``sizes[0]`` rows where ``count`` has that bit
+        (after the larger chunks' rows), then the smaller chunks."""
+        size, rest = sizes[0], add_tail(sizes[1:]) if len(sizes) > 1 else None
+        done = (R - 1) & ~(2 * size - 1)  # the bits of count above this chunk's: the rows the larger chunks took
+
+        @T.macro
+        def body(wq, idx, xv, u, j, vb, e, count):
+            if count & size != 0:
+                adds[size](wq, idx, xv, u, j, vb, e + (count & done))
+            if rest is not None:
+                rest(wq, idx, xv, u, j, vb, e, count)
+        return body
+
+    tail = add_tail(chunks) if chunks else None
+
     @T.macro
     def prefetch_rows(wq, idx, j, vb, e):
         """Ask for block ``vb`` of the next pass's R rows (from entry ``e``) while this pass computes: a kept row is
@@ -215,21 +231,8 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
                 prefetch_rows(wq, idx, j, vb, e + count)
                 for vi in T.vectorized(bw):
                     u[vi] = T.float32(0)
-                if R > 16:
-                    if count & 16 != 0:
-                        adds[16](wq, idx, xv, u, j, vb, e)
-                if R > 8:
-                    if count & 8 != 0:
-                        adds[8](wq, idx, xv, u, j, vb, e + (count & 16))
-                if R > 4:
-                    if count & 4 != 0:
-                        adds[4](wq, idx, xv, u, j, vb, e + (count & 24))
-                if R > 2:
-                    if count & 2 != 0:
-                        adds[2](wq, idx, xv, u, j, vb, e + (count & 28))
-                if R > 1:
-                    if count & 1 != 0:
-                        adds[1](wq, idx, xv, u, j, vb, e + (count & 30))
+                if tail is not None:  # R = 1 has no tail
+                    tail(wq, idx, xv, u, j, vb, e, count)
                 scale_block(s, acc, u, j, g, vb, xs[0])
 
 

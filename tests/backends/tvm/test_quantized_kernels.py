@@ -80,10 +80,11 @@ def test_matches_dequantize_then_linear(bits, group, k, n, tiles, splits, scales
                                    want / scale, **TOL)
 
 
-@pytest.mark.parametrize("bits,rows", [(4, 16), (8, 32), (4, 4)])
+@pytest.mark.parametrize("bits,rows", [(4, 16), (8, 32), (4, 4), (8, 1)])
 def test_every_survivor_count_of_a_group(bits, rows):
-    """Group g of 32 keeps exactly g inputs (0..31), so every tail of a group-wise pass (count % R rows done in
-    passes of R/2, ..., 1) runs once, and the output equals the reference; R must be a power of two up to 32."""
+    """Group g of 32 keeps exactly g inputs (0..31), so every tail of a group-wise pass (count % R rows in one pass,
+    as chunks of R/2, ..., 1 rows; none with R = 1) runs once, and the output equals the reference; R must be a
+    power of two up to 32."""
     k, n, group = 32 * 32, 64, 32
     g = torch.Generator().manual_seed(11)
     q, s, b = _weights(k, n, bits, group, g)
