@@ -170,8 +170,10 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
 
     def add_tail(sizes):
         """``add_rows`` of a tail of ``count`` < R rows: a chunk of ``sizes[0]`` rows where ``count`` has that bit
-        (after the larger chunks' rows), then the smaller chunks."""
-        size, rest = sizes[0], add_tail(sizes[1:]) if len(sizes) > 1 else None
+        (after the larger chunks' rows), then the smaller chunks; None without sizes (R = 1: no tail)."""
+        if not sizes:
+            return None
+        size, rest = sizes[0], add_tail(sizes[1:])
         done = (R - 1) & ~(2 * size - 1)  # the bits of count above this chunk's: the rows the larger chunks took
 
         @T.macro
@@ -182,7 +184,7 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
                 rest(wq, idx, xv, u, j, vb, e, count)
         return body
 
-    tail = add_tail(chunks) if chunks else None
+    tail = add_tail(chunks)
 
     @T.macro
     def prefetch_rows(wq, idx, j, vb, e):
