@@ -3,7 +3,9 @@
 For each shape, a one-layer model ``Linear(K, N)`` after ``teal{sparsity=0.5 scope=all}`` is compiled; then, round-robin
 (interleaved repetitions, medians): the bare VM call on a prepared TVM tensor, ``compiled({"input": x})`` with a torch
 tensor and with a numpy array, one token (``x [1, K]``). Reported: each median, and the median of the paired
-differences call - bare (the overhead). Two regimes: a layer whose weights stay in the caches (Gemma 3 270M's
+differences call - bare (the overhead); also the floor any wrapper pays, the bare call with the input and output
+converted through DLPack (``from_dlpack`` of the torch tensor in, torch's ``from_dlpack`` of the output out). Two
+regimes: a layer whose weights stay in the caches (Gemma 3 270M's
 640x2048) and one whose 90 MB of weights flush them (4096x11008): after such a call every Python object and every
 line of code the wrapper touches comes from memory, so the same wrapper costs several times more there.
 
@@ -46,8 +48,13 @@ def measure(k: int, n: int, reps: int) -> dict:
     xn = x.numpy().copy()
     bare_input = tvm.runtime.from_dlpack(x.clone())
     main, params = compiled.vm["main"], compiled.params
-    calls = {"bare VM call": lambda: main(bare_input, *params), "torch input": lambda: compiled({"input": x}),
-             "numpy input": lambda: compiled({"input": xn})}
+    from torch.utils.dlpack import from_dlpack
+
+    def converted():
+        [from_dlpack(o.__dlpack__()) for o in main(tvm.runtime.from_dlpack(x), *params)]
+
+    calls = {"bare VM call": lambda: main(bare_input, *params), "DLPack in and out": converted,
+             "torch input": lambda: compiled({"input": x}), "numpy input": lambda: compiled({"input": xn})}
     for f in calls.values():
         f()
     times = {name: [] for name in calls}
@@ -74,11 +81,12 @@ def main(argv=None) -> None:
     import_tvm()
     rows = [measure(*map(int, s.split("x")), args.reps) for s in args.shapes.split(",")]
     lines = [f"CPU: {peers.cpu_description()['summary']}.", "",
-             "| W (K×N, fp32 MB) | bare VM call µs | torch input µs | overhead µs | numpy input µs"
-             " | overhead µs |",
-             "|---|---|---|---|---|---|"]
+             "| W (K×N, fp32 MB) | bare VM call µs | + DLPack in and out µs | torch input µs | overhead µs"
+             " | numpy input µs | overhead µs |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} ({r['MB']:.0f}) | {r['bare VM call']:.0f} | {r['torch input']:.0f} |"
+        lines.append(f"| {r['shape']} ({r['MB']:.0f}) | {r['bare VM call']:.0f} | {r['DLPack in and out overhead']:.0f} |"
+                     f" {r['torch input']:.0f} |"
                      f" {r['torch input overhead']:.0f} | {r['numpy input']:.0f} | {r['numpy input overhead']:.0f} |")
     text = "\n".join(lines)
     print(text)

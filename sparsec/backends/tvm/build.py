@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from sparsec import progress
+from sparsec.calling import (HOW_TO_PASS, Outputs, as_array, as_numpy, complete_inputs, named_inputs, positional_names,
+                             program_output_names)
 from sparsec.errors import SparsecError
 
 FORMAT = "sparsec-tvm-build"
@@ -63,7 +65,6 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     database's or the default); the manifest's ``schedules`` say which each kernel got and from where."""
     import sparsec
     from sparsec.artifact import atomic_directory, check_output_dir, copy_tokenizer, input_spec, sha256_file
-    from sparsec.calling import program_output_names
     from sparsec.backends.tvm.cuda import cuda_sources, cuda_target, nvcc_compile, require_nvcc
     from sparsec.backends.tvm.env import cpu_target, host_cpu, import_tvm
     from sparsec.backends.tvm.lower import to_relax
@@ -283,6 +284,16 @@ def read_build_manifest(path: str) -> dict:
 
 
 @dataclass
+class _Plan:
+    """How :class:`CompiledModel` calls its VM for one input signature."""
+
+    inputs: list  # per VM input: its name, and the TVM tensor that stands for it when the caller omits it, else None
+    convert: Any  # an output tensor as the caller's kind: numpy for numpy inputs, else torch
+    single: bool = False  # whether the VM returns one tensor, not an array of them (learnt at the first call)
+    copied: list | None = None  # indices of outputs that alias an input or a weight (learnt at the first call)
+
+
+@dataclass
 class CompiledModel:
     """A loaded TVM build, called as :mod:`sparsec.calling` describes: ``compiled(input_ids=ids)`` or
     ``compiled({"input_ids": ids})`` (numpy arrays or torch tensors) gives :class:`~sparsec.calling.Outputs`.
@@ -300,78 +311,93 @@ class CompiledModel:
     device: Any = None
 
     def __post_init__(self):
-        from sparsec.calling import positional_names
-
         self._main = self.vm["main"]
         self.input_names = [s["name"] for s in self.manifest["inputs"] if "dtype" in s]
         self.output_names = self.manifest.get("output_names") or positional_names(self.manifest["outputs"])
-        self._plans: dict = {}  # input signature -> [(name, fixed TVM tensor or None)], checked against the spec
+        self._plans: dict = {}  # input signature -> its _Plan, checked against the spec
         self._staging: dict = {}  # (name, dtype, shape) -> the aligned TVM tensor a copied input goes to
         self._cpu = self.device is None or self.device.dlpack_device_type() == 1  # kDLCPU
-        self._param_ptrs = {p.data_ptr() for p in self.params} if self._cpu else set()
 
     def __call__(self, inputs: dict | None = None, /, **named):
         """The outputs by name for inputs given by keyword or in one dict; numpy for numpy inputs, else torch."""
-        from sparsec import calling
-
         if inputs is None or named or type(inputs) is not dict:
-            inputs = calling.named_inputs(() if inputs is None else (inputs,), named)
-        outs = self._execute(inputs, "the call", calling.HOW_TO_PASS)
-        if not self._cpu:
-            views = [o.numpy() for o in outs]
-            return calling.outputs(views, self.output_names, numpy=calling.gave_numpy(inputs))
-        if calling.gave_numpy(inputs):
-            return calling.Outputs(zip(self.output_names, [np.from_dlpack(o) for o in outs]))
-        from torch.utils.dlpack import from_dlpack  # of a capsule: 0.6x torch.from_dlpack's time
-
-        return calling.Outputs(zip(self.output_names, [from_dlpack(o.__dlpack__()) for o in outs]))
+            inputs = named_inputs(() if inputs is None else (inputs,), named)
+        outs, convert = self._execute(inputs, "the call", HOW_TO_PASS)
+        return Outputs(zip(self.output_names, [convert(o) for o in outs]))
 
     def run(self, inputs: dict, *, source: str = "inputs", hint: str = "") -> dict:
         """``{output name: numpy array}`` for ``inputs`` (``{name: array}``; a missing ``attention_mask`` is ones),
         checked against the build's input spec; ``source`` and ``hint`` word the error about a missing input."""
-        return dict(zip(self.output_names, (o.numpy() for o in self._execute(inputs, source, hint))))
+        return dict(zip(self.output_names, [o.numpy() for o in self._execute(inputs, source, hint)[0]]))
 
-    def _execute(self, named: dict, source: str, hint: str) -> list:
-        """The VM's output tensors for the inputs ``named`` (numpy arrays or torch tensors)."""
+    def _execute(self, named: dict, source: str, hint: str) -> tuple:
+        """The VM's output tensors for the inputs ``named`` (numpy arrays, torch tensors or array-likes), and the
+        function that returns one as the caller's kind: numpy for numpy arrays, else torch."""
         try:
-            signature = tuple([(k, v.dtype, v.shape) for k, v in named.items()])  # torch.Size is a tuple
-        except AttributeError:  # lists and other array-likes
-            from sparsec.calling import as_array
-
-            named = {k: as_array(v) for k, v in named.items()}
-            signature = tuple([(k, v.dtype, v.shape) for k, v in named.items()])
-        plan = self._plans.get(signature) or self._plan(named, signature, source, hint)
-        args = [self._tvm_input(n, named[n]) if fixed is None else fixed for n, fixed in plan]
+            plan = self._plans[tuple([(k, v.dtype, v.shape) for k, v in named.items()])]  # torch.Size is a tuple
+            convert = plan.convert
+        except (KeyError, AttributeError):  # a new signature, or lists and other array-likes
+            convert = self._converter(any(isinstance(v, np.ndarray) for v in named.values()))
+            named, plan = self._plan(named, source, hint)
+        args = [self._tvm_input(n, named[n]) if fixed is None else fixed for n, fixed in plan.inputs]
         out = self._main(*args, *self.params)
-        outs = [out] if hasattr(out, "data_ptr") else list(out)
-        if self._cpu:  # an output that is an input or a weight is copied: the caller may write to it
-            taken = self._param_ptrs.union([a.data_ptr() for a in args])
-            outs = [o.copyto(self.device) if o.data_ptr() in taken else o for o in outs]
-        return outs
+        if plan.copied is None:
+            self._learn(plan, out, args)
+        outs = [out] if plan.single else list(out)
+        for i in plan.copied:
+            outs[i] = outs[i].copyto(self.device)
+        return outs, convert
 
-    def _plan(self, named: dict, signature: tuple, source: str, hint: str) -> list:
-        """Check inputs of a new ``signature`` against the build's spec; their plan: per VM input, its name and the
-        TVM tensor that stands for it when the caller does not pass it (a default ``attention_mask``), else None."""
-        from sparsec.calling import complete_inputs
+    def _converter(self, numpy: bool):
+        """An output tensor as numpy (``numpy``) or torch: a DLPack view on the CPU, else a copy to the host."""
+        if not self._cpu:
+            if numpy:
+                return lambda o: o.numpy()
+            import torch
 
-        full = complete_inputs(named, self.manifest["inputs"], source=source, what=f"build '{self.path}'", hint=hint)
-        plan = [(n, None if n in named else self._tvm_input(n, full[n], keep=False)) for n in self.input_names]
-        self._plans[signature] = plan
-        return plan
+            return lambda o: torch.from_numpy(o.numpy())
+        if numpy:
+            return np.from_dlpack
+        from torch.utils.dlpack import from_dlpack  # of a capsule: 0.6x torch.from_dlpack's time
+
+        return lambda o: from_dlpack(o.__dlpack__())
+
+    def _plan(self, named: dict, source: str, hint: str) -> tuple:
+        """``named`` as arrays or tensors, checked against the build's input spec, and its :class:`_Plan`, kept for
+        its signature (names, dtypes, shapes)."""
+        named = {k: as_array(v) for k, v in named.items()}
+        signature = tuple([(k, v.dtype, v.shape) for k, v in named.items()])
+        plan = self._plans.get(signature)
+        if plan is None:
+            full = complete_inputs(named, self.manifest["inputs"], source=source, what=f"build '{self.path}'",
+                                   hint=hint)
+            defaults = [(n, None if n in named else self._tvm_input(n, full[n], keep=False)) for n in self.input_names]
+            numpy = any(isinstance(v, np.ndarray) for v in named.values())
+            plan = self._plans[signature] = _Plan(defaults, self._converter(numpy))
+        return named, plan
+
+    def _learn(self, plan: _Plan, out, args: list) -> None:
+        """At a plan's first call: whether the VM returns one tensor, and which outputs are an input or a weight
+        (those are copied at every call: the caller may write to an output). A VM program's outputs alias the same
+        inputs at every call; a fresh output never has the address of a live input or weight."""
+        plan.single = hasattr(out, "data_ptr")
+        outs = [out] if plan.single else list(out)
+        taken = {t.data_ptr() for t in [*self.params, *args]} if self._cpu else set()
+        plan.copied = [i for i, o in enumerate(outs) if o.data_ptr() in taken]
 
     def _tvm_input(self, name: str, value, keep: bool = True):
         """``value`` (numpy array or torch tensor) as a TVM tensor on the build's device: a DLPack view when it can be
         one (and ``keep``: the caller's memory), else a copy into the buffer kept for its name, dtype and shape."""
         tvm = sys.modules["tvm"]
-        if isinstance(value, np.ndarray):
-            if keep and self._cpu and value.ctypes.data % ALIGN == 0 and value.flags.c_contiguous \
-                    and value.flags.writeable:
-                return tvm.runtime.from_dlpack(value)
-        else:
-            value = value.detach() if value.requires_grad else value
-            if keep and self._cpu and value.device.type == "cpu" and value.data_ptr() % ALIGN == 0 \
-                    and value.is_contiguous():
-                return tvm.runtime.from_dlpack(value)
+        if keep and self._cpu:
+            at = value.ctypes.data if isinstance(value, np.ndarray) else value.data_ptr() if value.is_cpu else 1
+            if at % ALIGN == 0:
+                try:  # TVM takes a C-contiguous, aligned, writeable CPU array as it is
+                    return tvm.runtime.from_dlpack(value)
+                except (RuntimeError, BufferError):  # not contiguous, or read-only
+                    pass
+        if not isinstance(value, np.ndarray):
+            value = value.detach()
         dtype = str(value.dtype).removeprefix("torch.")
         key = (name, dtype, tuple(value.shape))
         buf = self._staging.get(key) if keep else None
@@ -382,8 +408,6 @@ class CompiledModel:
         if self._cpu and isinstance(value, np.ndarray):
             np.from_dlpack(buf)[...] = value
         else:
-            from sparsec.calling import as_numpy
-
             buf.copyfrom(np.ascontiguousarray(as_numpy(value)))
         return buf
 
