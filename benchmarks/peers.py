@@ -34,6 +34,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import pathlib
 import random
@@ -298,6 +299,34 @@ def _llamacpp(gguf: str, prompt: list[int], new_tokens: int, reps: int) -> dict:
     result = _summary([run(new_tokens) for _ in range(reps)])
     return dict(result, weights=pathlib.Path(gguf).stem.split("-", 1)[1], runtime=f"llama-cpp-python"
                 f" {llama_cpp.__version__}", perf_decode_ms=statistics.median(run.perf[1:]))
+
+
+def _llamacpp_perplexity(gguf: str, ids: list[list[int]]) -> dict:
+    """llama.cpp's perplexity of ``gguf`` over the rows of ``ids``: every next token after a row's first, each row
+    evaluated alone from an empty cache (as :func:`sparsec.evaluate.perplexity` does in torch)."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(gguf, n_threads=THREADS, n_threads_batch=THREADS, n_ctx=max(map(len, ids)),
+                          n_batch=max(map(len, ids)), logits_all=True, verbose=False)
+    nll, count = 0.0, 0
+    for row in ids:
+        llm.reset()
+        llm.eval(row)
+        logits = np.asarray(llm.scores[:len(row) - 1], dtype=np.float64)
+        top = logits.max(1)
+        log_z = top + np.log(np.exp(logits - top[:, None]).sum(1))
+        nll += float((log_z - logits[np.arange(len(row) - 1), row[1:]]).sum())
+        count += len(row) - 1
+    return {"perplexity": math.exp(nll / count), "tokens": count, "runtime": f"llama-cpp-python {llama_cpp.__version__}"}
+
+
+def llamacpp_perplexity(path: pathlib.Path, gguf_type: str, ids) -> dict:
+    """llama.cpp's perplexity of the HF model in ``path`` written as ``gguf_type`` (F32, Q8_0, Q4_0, Q4_K_M; the
+    quantized files made from the F32 one by llama.cpp's own quantizer) over the rows of ``ids`` (N x L)."""
+    gguf = gguf_file(path, gguf_type)
+    result = _child(peers_python(), "_llamacpp_perplexity", True, gguf=str(gguf), ids=[list(map(int, r)) for r in ids])
+    return dict(result, file_mb=gguf.stat().st_size / 1e6)
 
 
 def _hf_peer(path: pathlib.Path, prompt, new_tokens: int, reps: int) -> dict:

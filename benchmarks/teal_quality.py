@@ -1,6 +1,6 @@
 """Quality and calibration cost of teal (uniform, greedy) and cats on the real Gemma 3 270M and MiniLM.
 
-    .venv/bin/python benchmarks/teal_quality.py [--parts cost,minilm,gemma] [--sparsities 0.25,0.4,0.5]
+    .venv/bin/python benchmarks/teal_quality.py [--parts cost,minilm,gemma,llamacpp] [--sparsities 0.25,0.4,0.5]
         [--methods uniform,greedy,greedy-normalized,cats,rotate-uniform,rotate-greedy] [--rotate rotate{...}]
         [--quantize "quantize{bits=8};quantize{bits=4 group=32 method=gptq}"]
 
@@ -12,6 +12,9 @@
   embedding included): the spec alone at sparsity 0, else after rotate and before teal / cats (the registered order).
   A spec with method=gptq calibrates on the same data as teal (16 x 512 tokens of articles [60:]). --methods ''
   measures the --quantize rows alone; --skip-float leaves out the unquantized rows.
+- llamacpp: the same perplexity of Gemma 3 270M in llama.cpp, written as GGUF F32 and quantized from it by llama.cpp
+  (``--gguf-types``, default F32,Q8_0,Q4_0,Q4_K_M; benchmarks/peers.py builds llama-cpp-python and the files): what
+  a CPU user gets at the same bits. Its F32 row checks the protocol (it should equal the torch dense row).
 - cost: the teal pass calibrating Gemma 3 270M on 4 x 512 tokens vs the dense forward over the same tokens
   (interleaved repetitions, medians), and its peak RSS above the dense forward's (sampled every 5 ms).
 - minilm: mean cosine of transformed vs dense sentence embeddings on 64 held-out Wikipedia sentences at 0.5.
@@ -172,6 +175,20 @@ def minilm(methods, rotate: str) -> None:
         print(f"| {spec} | {float(cos.mean()):.4f} |", flush=True)
 
 
+def llamacpp(gguf_types) -> None:
+    import peers
+
+    ids = _gemma_ids(16)
+    rows = []
+    for gguf_type in gguf_types:
+        r = peers.llamacpp_perplexity(peers.model_dir("gemma"), gguf_type, ids)
+        print(f"  llama.cpp {gguf_type}: ppl {r['perplexity']:.2f} ({r['tokens']} tokens)", flush=True)
+        rows.append(f"| {gguf_type} | {r['file_mb']:.0f} | {r['perplexity']:.2f} |")
+    print(f"llama.cpp ({r['runtime']}), Gemma 3 270M, {ids.shape[0]} x {ids.shape[1]} tokens of articles [:60]")
+    print("| GGUF type | file MB | perplexity |\n|---|---|---|")
+    print("\n".join(rows), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="cost,minilm,gemma")
@@ -180,6 +197,7 @@ def main() -> None:
     ap.add_argument("--rotate", default="rotate", help="the rotate pass of the rotate-* methods")
     ap.add_argument("--quantize", default="", help="';'-separated quantize specs to repeat the gemma rows with")
     ap.add_argument("--skip-float", action="store_true", help="gemma: only the --quantize rows, not the float ones")
+    ap.add_argument("--gguf-types", default="F32,Q8_0,Q4_0,Q4_K_M", help="llamacpp: the GGUF types to measure")
     args = ap.parse_args()
     parts, methods = args.parts.split(","), [m for m in args.methods.split(",") if m]  # '' = the --quantize rows only
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {psutil.cpu_count()} CPUs")
@@ -190,6 +208,8 @@ def main() -> None:
     if "gemma" in parts:
         gemma([float(p) for p in args.sparsities.split(",")], methods, args.rotate,
               [q.strip() for q in args.quantize.split(";") if q.strip()], args.skip_float)
+    if "llamacpp" in parts:
+        llamacpp(args.gguf_types.split(","))
 
 
 if __name__ == "__main__":
