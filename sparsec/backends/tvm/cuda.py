@@ -1,4 +1,4 @@
-"""The activation-sparse linear kernel for NVIDIA GPUs (TVM CUDA codegen), and what a CUDA build and run need.
+"""The activation-sparse linear kernels for NVIDIA GPUs (TVM CUDA codegen), and what a CUDA build and run need.
 
 Layout: ``Wt [Kp, Np]`` (``W.T`` padded with zero rows/columns to the tiling, packed once at build time). Grid
 ``(Np / (TX*V), KS)``: block ``(bx, ks)`` owns ``TX*V`` output columns and ``Kp / KS`` input rows; each thread keeps
@@ -7,6 +7,14 @@ never fetched (the test is uniform across the block: no divergence). The split-K
 scratch buffer that a second kernel sums (no atomics) and adds the bias. Rows of ``x`` (tokens) are processed one
 after another. With ``gpu=False`` the same index arithmetic runs as serial loops on the CPU, which is how the
 numerics are checked on machines without a GPU.
+
+Quantized weights (the ``quantize`` pass's int8 / int4, per channel or groups of ``G`` inputs) keep the same grid with
+``QTX`` = 32 threads of ``QV`` = 8 columns a block: ``Wq [Kp, Np]`` int8, or for int4 ``[Kp, Np / 2]`` uint8 (columns ``2c`` and ``2c + 1``
+in the low and high nibble of byte ``c``, stored + 8), so a thread reads 8 (int8) or 4 (int4) bytes of a kept row
+and dequantizes them in registers; scales ``S [Kp / G, Np]`` (``[1, Np]`` per channel). A block's ``Kp / KS`` rows
+are whole groups: each group's rows are summed in registers and scaled once, only when the group kept an input (a
+group of zero inputs reads neither its weights nor its scales); per channel the scale multiplies the summed
+partials once, in the second kernel.
 """
 from __future__ import annotations
 
@@ -18,6 +26,8 @@ from sparsec.errors import SparsecError
 
 KS = 16  # split-K factor
 TX = 64  # threads per block along N
+QV = 8  # output columns per thread of the quantized kernel
+QTX = 32  # its threads per block along N: 256 columns a block (a wider block pads N = 640 to 1024)
 
 
 def lanes(dtype: str) -> int:
@@ -89,6 +99,114 @@ def cuda_linear_kernel(k: int, n: int, dtype: str = "float32", *, threshold: boo
                         s[0] = s[0] + part[ks, b2 * 256 + t2]
                     if b2 * 256 + t2 < n:
                         y[row, b2 * 256 + t2] = T.cast(s[0] + T.cast(b[T.min(b2 * 256 + t2, n - 1)], f32), dtype)
+
+    return f.with_attr("tirx.is_scheduled", True) if gpu else f
+
+
+def quantized_split(k: int, group: int) -> tuple[int, int]:
+    """(blocks along K, rows per block) of the quantized kernel: a block's rows are whole groups of ``group``."""
+    if not group:
+        return KS, math.ceil(k / KS)
+    groups = math.ceil(k / group)
+    splits = min(KS, groups)
+    return splits, math.ceil(groups / splits) * group
+
+
+def pack_quantized_cuda(q, scale, bits: int, group: int):
+    """``(Wq, S)`` (module docstring) from the quantize pass's ``q`` (int8 ``[N, K]``, or for 4 bits uint8
+    ``[N, K / 2]``) and ``scale [N, G]``, zero-padded to the kernel's grid."""
+    import torch
+
+    from sparsec.ops import unpack_int4
+
+    values = q if bits == 8 else unpack_int4(q)
+    n, k = values.shape
+    splits, rows = quantized_split(k, group)
+    kp, np_ = splits * rows, math.ceil(n / (QTX * QV)) * QTX * QV
+    w = torch.zeros(kp, np_, dtype=torch.int8)
+    w[:k, :n] = values.T
+    if bits == 4:
+        u = (w.to(torch.int16) + 8).to(torch.uint8).reshape(kp, np_ // 2, 2)
+        w = u[..., 0] | (u[..., 1] << 4)
+    s = torch.zeros(kp // group if group else 1, np_, dtype=scale.dtype)
+    s[:scale.shape[1], :n] = scale.T
+    return w.contiguous(), s
+
+
+def cuda_quantized_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float32", *, threshold: bool = False,
+                          scale_dtype: str = "float32", gpu: bool = True):
+    """A PrimFunc ``(x [M, K], Wq, S, thr [1], bias [N], y [M, N])`` (``Wq``, ``S`` from :func:`pack_quantized_cuda`):
+    ``y = x' @ dequantize(q, S).T + bias`` with ``x' = x * (|x| > thr)`` when ``threshold`` else ``x``, skipping the
+    weight rows of zero ``x'`` entries (and the scales of groups without a kept one); fp32 accumulation."""
+    from tvm.script import tirx as T
+
+    splits, rows = quantized_split(k, group)
+    kp, np_ = splits * rows, math.ceil(n / (QTX * QV)) * QTX * QV
+    gs = group or rows  # rows summed before a scale (per channel: a block's rows, scaled in the second kernel)
+    grouped = group > 0
+    ng = kp // group if group else 1
+    wtype, wcols = ("int8", np_) if bits == 8 else ("uint8", np_ // 2)
+    nbx = np_ // (QTX * QV)
+    f32 = "float32"
+    zero = T.cast(0, dtype)
+    bind = T.thread_binding if gpu else (lambda extent, thread=None: T.serial(extent))
+
+    def active(xi, t):
+        return T.abs(xi) > t if threshold else xi != zero
+
+    vector = T.vectorized if bits == 8 else T.unroll  # int8: 4-byte loads (TVM's CUDA codegen has no float x 8)
+
+    def load(wq, i, c):  # the integer weight of row i, column c, as fp32
+        if bits == 8:
+            return T.cast(wq[i, c], f32)
+        return T.cast(T.shift_right(wq[i, c // 2], T.cast(c % 2 * 4, "uint8")) & T.uint8(15), f32) - T.float32(8)
+
+    @T.prim_func(private=True)
+    def f(x_h: T.handle, wq: T.Buffer((kp, wcols), wtype), s: T.Buffer((ng, np_), scale_dtype),
+          thr: T.Buffer((1,), dtype), b: T.Buffer((n,), dtype), y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), dtype)
+        y = T.match_buffer(y_h, (m, n), dtype)
+        part = T.alloc_buffer((splits, np_), f32)
+        for row in range(m):
+            for bx in bind(nbx, thread="blockIdx.x"):
+                for ks in bind(splits, thread="blockIdx.y"):
+                    for tx in bind(QTX, thread="threadIdx.x"):
+                        acc = T.decl_buffer((QV,), f32, scope="local")
+                        u = T.decl_buffer((QV,), f32, scope="local")
+                        hit = T.decl_buffer((1,), "int32", scope="local")
+                        for j in T.unroll(QV):
+                            acc[j] = T.float32(0)
+                        for gi in range(rows // gs):
+                            hit[0] = 0
+                            for j in T.unroll(QV):
+                                u[j] = T.float32(0)
+                            for ii in range(gs):
+                                i = ks * rows + gi * gs + ii
+                                xi = T.if_then_else(i < k, x[row, T.min(i, k - 1)], zero)
+                                if active(xi, thr[0]):
+                                    hit[0] = 1
+                                    for jo in T.unroll(QV // 4):
+                                        for ji in vector(4):
+                                            u[jo * 4 + ji] = u[jo * 4 + ji] + load(
+                                                wq, i, (bx * QTX + tx) * QV + jo * 4 + ji) * T.cast(xi, f32)
+                            if hit[0] == 1:
+                                for j in T.unroll(QV):
+                                    acc[j] = acc[j] + u[j] * (T.cast(s[(ks * rows) // gs + gi, (bx * QTX + tx) * QV + j],
+                                                                     f32) if grouped else T.float32(1))
+                        for j in T.unroll(QV):
+                            part[ks, (bx * QTX + tx) * QV + j] = acc[j]
+            for b2 in bind(np_ // 256, thread="blockIdx.x"):
+                for t2 in bind(256, thread="threadIdx.x"):
+                    total = T.decl_buffer((1,), f32, scope="local")
+                    total[0] = T.float32(0)
+                    for ks in range(splits):
+                        total[0] = total[0] + part[ks, b2 * 256 + t2]
+                    if b2 * 256 + t2 < n:
+                        y[row, b2 * 256 + t2] = T.cast(
+                            total[0] * (T.float32(1) if grouped else T.cast(s[0, b2 * 256 + t2], f32))
+                            + T.cast(b[T.min(b2 * 256 + t2, n - 1)], f32), dtype)
 
     return f.with_attr("tirx.is_scheduled", True) if gpu else f
 

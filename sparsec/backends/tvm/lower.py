@@ -198,7 +198,8 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
     """The Relax IRModule of ``program`` (an ExportedProgram) with sparsec's kernels in its linear layers.
 
     ``sparse=False`` uses the dense kernel for every linear layer (the "sparsec TVM dense" baseline).
-    ``target='cuda'``: the GPU kernel (:mod:`sparsec.backends.tvm.cuda`), which skips zero inputs in every layer.
+    ``target='cuda'``: the GPU kernels (:mod:`sparsec.backends.tvm.cuda`, float and quantized), which skip zero inputs
+    in every layer.
     ``schedule(k, n, dtype, kind)``: the CPU kernel's schedule arguments (:class:`sparsec.backends.tvm.tuning.
     Scheduler`); default: the kernels' own defaults.
     """
@@ -210,7 +211,8 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    from sparsec.backends.tvm.cuda import cuda_linear_kernel, pack_weight_cuda
+    from sparsec.backends.tvm.cuda import (cuda_linear_kernel, cuda_quantized_kernel, pack_quantized_cuda,
+                                           pack_weight_cuda)
     from sparsec.backends.tvm.kernels import kernel_name, linear_kernel, pack_weight
     from sparsec.backends.tvm.quantized import pack_quantized, quantized_kernel_name, quantized_linear_kernel
     from sparsec.graph import module_path
@@ -222,11 +224,12 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
     linear_weights = {(dq.args[0], dq.args[1]) for node in program.graph.nodes if str(node.target) in _LINEARS
                       for dq in [dequantized_weight(node)] if dq is not None} if target == "llvm" else set()
 
-    def packed(q_node, s_node, bits):
+    def packed(q_node, s_node, bits, group):
         """The kernels' packed ``(Wq, S)`` constants of quantized weight ``(q_node, s_node)``, made once."""
         if (q_node, s_node) not in packs:
-            packs[q_node, s_node] = [relax.const(t.numpy()) for t in pack_quantized(
-                consts.get(q_node), consts.get(s_node), bits)]
+            q, s = consts.get(q_node), consts.get(s_node)
+            made = pack_quantized_cuda(q, s, bits, group) if target == "cuda" else pack_quantized(q, s, bits)
+            packs[q_node, s_node] = [relax.const(t.numpy()) for t in made]
         return packs[q_node, s_node]
 
     def linear_call(importer, x_node, b_node, n, k, kind, name, make_kernel, weights):
@@ -257,16 +260,22 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
         else:
             x_node, b_node = node.args[0], node.args[2] if len(node.args) > 2 else None
         kind = input_kind(x_node) if sparse else "dense"
-        weights = packed(dq.args[0], dq.args[1], bits)
+        weights = packed(dq.args[0], dq.args[1], bits, group)
         scales = str(scale.dtype).removeprefix("torch.")
+
+        def make_kernel(dtype):
+            if target == "cuda":
+                return cuda_quantized_kernel(k, n, bits, group, dtype, threshold=kind == "threshold",
+                                             scale_dtype=scales)
+            return quantized_linear_kernel(k, n, bits, group, dtype, sparse=kind != "dense",
+                                           threshold=kind == "threshold", scale_dtype=scales)
+
         return linear_call(importer, x_node, b_node, n, k, kind,
-                           lambda dtype: quantized_kernel_name(kind, k, n, bits, group, dtype, scales),
-                           lambda dtype: quantized_linear_kernel(k, n, bits, group, dtype, sparse=kind != "dense",
-                                                                 threshold=kind == "threshold", scale_dtype=scales),
+                           lambda dtype: quantized_kernel_name(kind, k, n, bits, group, dtype, scales), make_kernel,
                            lambda dtype: weights)
 
     def convert_linear(node, importer):
-        dq = dequantized_weight(node) if target == "llvm" else None  # the GPU kernels take the float weight
+        dq = dequantized_weight(node)
         if dq is not None:
             return convert_quantized_linear(node, importer, dq)
         x_node, w, b_node = linear_operands(node, consts)
@@ -305,7 +314,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
             rows.args[1] is scales.args[1] and (rows.args[0], scales.args[0]) in linear_weights)
         if tied:  # gather from the LM head's packed weights: the build keeps one copy of the table
             return importer.block_builder.emit_te(_gather_packed, importer.env[rows.args[1]],
-                                                  *packed(rows.args[0], scales.args[0], bits), bits=bits,
+                                                  *packed(rows.args[0], scales.args[0], bits, group), bits=bits,
                                                   group=group, dtype=dtype, rows=int(consts.get(rows.args[0]).shape[0]))
 
         def compute(q, s):

@@ -1,5 +1,5 @@
-"""The CUDA sparse linear kernel without a GPU: CPU emulation numerics, CUDA codegen, nvcc for sm_90, and the
-errors that name what a CUDA build or run is missing."""
+"""The CUDA sparse linear kernels (float and quantized) without a GPU: CPU emulation numerics, CUDA codegen, nvcc for
+sm_90, and the errors that name what a CUDA build or run is missing."""
 import ctypes.util
 
 import pytest
@@ -7,11 +7,14 @@ import torch
 
 tvm = pytest.importorskip("tvm")
 
-from sparsec.backends.tvm.cuda import (cuda_linear_kernel, cuda_sources, cuda_target, nvcc_compile,  # noqa: E402
-                                       pack_weight_cuda, require_gpu, require_nvcc)
+from sparsec.backends.tvm.cuda import (cuda_linear_kernel, cuda_quantized_kernel, cuda_sources,  # noqa: E402
+                                       cuda_target, nvcc_compile, pack_quantized_cuda, pack_weight_cuda, require_gpu,
+                                       require_nvcc)
 from sparsec.backends.tvm.env import cpu_target  # noqa: E402
 from sparsec.backends.tvm.kernels import reference  # noqa: E402
 from sparsec.errors import SparsecError  # noqa: E402
+from sparsec.ops import DEQUANTIZE  # noqa: E402
+from sparsec.passes.quantize import quantize_weight  # noqa: E402
 
 TOL = {"float32": dict(rtol=1e-5, atol=1e-4), "float16": dict(rtol=2e-3, atol=2e-2)}
 
@@ -34,18 +37,51 @@ def test_cpu_emulation_matches_reference(dtype):
             assert torch.equal(y, b.expand(m, n))  # every input dropped: the bias alone
 
 
+@pytest.mark.parametrize("bits,group,scales", [(8, 0, torch.float32), (8, 32, torch.float16), (4, 32, torch.float16),
+                                               (4, 64, torch.float32), (4, 0, torch.float32)])
+def test_quantized_cpu_emulation_matches_reference(bits, group, scales):
+    """Against ``linear(x', dequantize(q, s))``: K = 640 is 20 groups of 32 over 16 blocks (padded groups), N = 1000
+    not a multiple of a block's 256 columns. A group whose inputs are all zero reads neither weights nor scale: its
+    scales are NaN in the kernel's copy, and the output is still the reference's."""
+    k, n = 640, 1000
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    q, s = quantize_weight(w, bits, group, scales)
+    wq, sp = pack_quantized_cuda(q, s, bits, group)
+    dropped = [3, 7] if group else []
+    for i in dropped:
+        sp[i] = float("nan")
+    f = tvm.compile(cuda_quantized_kernel(k, n, bits, group, threshold=True, scale_dtype=str(scales)[6:], gpu=False)
+                    .with_attr("global_symbol", "main"), cpu_target())["main"]
+    weight = DEQUANTIZE(q, s, bits, group, torch.float32)
+    for m, thr in [(1, 0.5), (3, 0.0), (1, 100.0)]:
+        x = torch.randn(m, k, generator=g)
+        for i in dropped:
+            x[:, i * group:(i + 1) * group] = 0
+        y = torch.full((m, n), float("nan"))
+        f(x, wq, sp, torch.tensor([thr]), b, y)
+        want = torch.nn.functional.linear(x * (x.abs() > thr), weight, b)
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        if thr == 100.0:
+            assert torch.equal(y, b.expand(m, n))  # every input dropped: the bias alone
+
+
 def test_cuda_source_compiles_with_nvcc_for_sm_90():
     try:
         require_nvcc()
     except SparsecError as exc:
         pytest.skip(str(exc))
-    mod = tvm.IRModule({f"linear_{dt}": cuda_linear_kernel(300, 1000, dt, threshold=True).with_attr(
-        "global_symbol", f"linear_{dt}") for dt in ("float32", "float16")})
-    sources = cuda_sources(tvm.compile(mod, cuda_target("sm_90")))
+    funcs = {f"linear_{dt}": cuda_linear_kernel(300, 1000, dt, threshold=True) for dt in ("float32", "float16")}
+    funcs.update({f"int{bits}g{group}": cuda_quantized_kernel(640, 1000, bits, group, threshold=True,
+                                                             scale_dtype="float16")
+                  for bits, group in [(8, 0), (4, 32)]})
+    sources = cuda_sources(tvm.compile(tvm.IRModule({name: f.with_attr("global_symbol", name)
+                                                     for name, f in funcs.items()}), cuda_target("sm_90")))
     assert len(sources) == 1
     src = sources[0]
-    assert "__global__" in src and "linear_float32" in src and "linear_float16" in src
+    assert all("void __launch_bounds__" in src and f" {name}_kernel(" in src for name in funcs)
     assert "float4" in src and "uint4" in src  # 16-byte loads of the weights, fp32 and fp16
+    assert "int v" in src and "half* __restrict__ s_ptr" in src  # int8: 4-byte loads; fp16 scales
     cubin = nvcc_compile(src, "sm_90")
     assert cubin[:4] == b"\x7fELF"
 
