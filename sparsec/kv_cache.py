@@ -28,7 +28,7 @@ from torch import nn
 from sparsec.errors import SparsecError
 
 INPUT_IDS, LOGITS_TO_KEEP = "input_ids", "logits_to_keep"
-_PAST = re.compile(r"past_(keys|values)_(\d+)$")
+PAST = re.compile(r"past_(keys|values)_(\d+)$")  # a cache input: keys or values of layer i
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def cache_layout(spec: list[dict]) -> CacheLayout | None:
     shapes: dict[tuple[str, int], tuple[int, int]] = {}
     dtype, max_context = None, None
     for s in spec:
-        m = _PAST.match(s["name"])
+        m = PAST.match(s["name"])
         if not m:
             continue
         heads, past, dim = s["shape"][1:]

@@ -65,7 +65,7 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     database's or the default); the manifest's ``schedules`` say which each kernel got and from where."""
     import sparsec
     from sparsec.artifact import atomic_directory, check_output_dir, copy_tokenizer, input_spec, sha256_file
-    from sparsec.backends.tvm.cuda import cuda_sources, cuda_target, nvcc_compile, require_nvcc
+    from sparsec.backends.tvm.cuda import cuda_pipeline, cuda_sources, cuda_target, nvcc_compile, require_nvcc
     from sparsec.backends.tvm.env import cpu_target, host_cpu, import_tvm
     from sparsec.backends.tvm.lower import to_relax
     from sparsec.backends.tvm.schedule import cpu_pipeline
@@ -100,7 +100,8 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     lowered = time.perf_counter()
     with progress.task("compile: build"):
         if target == "cuda":
-            executable = tvm.compile(mod, target=cuda_target(CUDA_ARCH))
+            machine = cuda_target(CUDA_ARCH)
+            executable = tvm.compile(mod, target=machine, relax_pipeline=cuda_pipeline(machine))
         else:
             machine = aarch64_target() if target == "aarch64" else cpu_target()
             executable = tvm.compile(mod, target=machine, relax_pipeline=cpu_pipeline(machine))

@@ -218,6 +218,28 @@ def cuda_target(arch: str = "sm_90"):
     return import_tvm().target.Target({"kind": "cuda", "arch": arch})
 
 
+def cuda_pipeline(target):
+    """The Relax pipeline for a CUDA ``target``: ``tvm.compile``'s default one for CUDA without operator fusion (TVM's
+    FuseTIR fails on a cached program's module, as on the CPU: :func:`sparsec.backends.tvm.schedule.cpu_pipeline`);
+    dlight schedules every legalized operator."""
+    import tvm
+    from tvm.relax import backend, transform as rt
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0, name="sparsec.CUDAPipeline")
+    def run(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential([
+                backend.DispatchSampling(), backend.DispatchSortScan(), rt.LegalizeOps(), rt.AnnotateTIROpPattern(),
+                rt.FoldConstant(), dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
+                rt.RewriteDataflowReshape(), rt.ToNonDataflow(), rt.RemovePurityChecking(), rt.CallTIRRewrite(),
+                rt.StaticPlanBlockMemory(), rt.RewriteCUDAGraph(), rt.LowerAllocTensor(), rt.KillAfterLastUse(),
+                rt.LowerRuntimeBuiltin(), rt.ComputePrimValue(), rt.VMShapeLower(), rt.AttachGlobalSymbol()])(mod)
+
+    return run
+
+
 def require_nvcc() -> str:
     """The path of nvcc; building for CUDA compiles the generated source with it, to catch errors at build time."""
     path = shutil.which("nvcc")

@@ -11,7 +11,8 @@ page fault per 4 KiB (measured: a 1 MiB append took 0.06 ms into an existing buf
 Each ``sparsec_cache_append`` of ``main`` becomes an in-place write of the new positions ``P .. P+S-1``
 (:func:`~sparsec.backends.tvm.attention.cache_write_kernel`) and each attention over a present tensor the capacity
 variant of its kernel, reading the first ``P + S`` positions; everything else (masks, positions) is ``main``'s own
-code, with the cache length taken from ``past_length`` (one value per symbol the export gave the past lengths). The
+code, with the cache length taken from ``past_length`` (one value per symbol of the past lengths: one, as the
+lowering names them all alike; a module lowered otherwise may have several). The
 caller owns the buffers and grows them (:class:`sparsec.backends.tvm.generate.TvmStepper`). :func:`add_decode`
 leaves the module unchanged when ``main`` uses a past or present tensor in any other way.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 
-from sparsec.kv_cache import _PAST
+from sparsec.kv_cache import PAST
 
 DECODE = "decode"
 
@@ -36,7 +37,7 @@ def add_decode(mod) -> tuple:
     main = relax.utils.copy_with_new_vars(mod["main"])  # a Relax variable is bound in one function only
     n_in = int(main.attrs["num_input"])
     params = list(main.params)
-    past = [p for p in params[:n_in] if _PAST.match(p.name)]
+    past = [p for p in params[:n_in] if PAST.match(p.name)]
     if not past or any(not isinstance(p.ty.shape[2], tirx.Var) for p in past):
         return mod, None
     bindings = [b for block in main.body.blocks for b in block.bindings]

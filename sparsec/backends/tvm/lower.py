@@ -119,7 +119,23 @@ def _decompose(program, keep_sdpa: bool = False):
         del table[torch.ops.aten.linear.default]
         if keep_sdpa:
             table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
-        return program.run_decompositions(table)
+        program = program.run_decompositions(table)
+    _one_cache_length(program)
+    return program
+
+
+def _one_cache_length(program) -> None:
+    """Give the past tensors of a cached program one length symbol. Their export shares one Dim, but torch gives each
+    input its own symbol (equal by its input checks), so TVM sees unrelated lengths: the decomposed attention of a
+    CUDA build adds scores ``[.., P_keys + S]`` to a mask ``[.., P_values + S]`` and its shape is lost."""
+    import sympy
+
+    from sparsec.kv_cache import PAST
+
+    lengths = [n.meta["val"].shape[2].node for n in program.graph.nodes if n.op == "placeholder" and PAST.match(n.name)]
+    for length in lengths[1:]:
+        if isinstance(length.expr, sympy.Symbol) and length.expr != lengths[0].expr:
+            length.shape_env._set_replacement(length.expr, lengths[0].expr, "sparsec: one cache length")
 
 
 _COPIES = {*_VIEWS, "aten.clone.default"}

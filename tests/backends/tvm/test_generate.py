@@ -53,7 +53,7 @@ def test_teal_llama_greedy_tokens_equal_the_artifact(llama_teal, monkeypatch):
     assert len(set(want[0, PROMPT.shape[1]:].tolist())) > 4  # not one token repeated
     monkeypatch.setattr(tvm_generate, "START_CAPACITY", 8)
     stepper, _ = open_stepper(out, threads=2)
-    assert stepper._lengths == 2  # decode: a past_length per symbol of the export (layer 1's keys have their own)
+    assert stepper._lengths == 1  # decode: one past_length (the lowering gives every cache length one symbol)
     assert torch.equal(run_generation(stepper, PROMPT, max_new_tokens=NEW, ignore_eos=True).tokens, want)
     assert stepper.capacity == 64 and stepper.cache_length == PROMPT.shape[1] + NEW - 1
     stepper._lengths, stepper._fn = 0, stepper.model.vm["main"]  # as a build without decode runs
@@ -65,7 +65,7 @@ def test_build_keeps_generation_facts_and_tokenizer(llama_teal):
     with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
         manifest = json.load(f)
     assert manifest["generation"] == {"eos_token_id": 2, "max_context": 2048}
-    assert manifest["decode"] == {"lengths": 2}
+    assert manifest["decode"] == {"lengths": 1}
     assert "tokenizer/tokenizer.json" in manifest["files"]
     stepper, info = open_stepper(out, threads=2)
     assert stepper.backend == "tvm" and stepper.layout.layers == 2 and stepper.layout.max_context == 2048

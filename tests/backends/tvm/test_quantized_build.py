@@ -20,11 +20,11 @@ PROMPT = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3
 NEW = 32
 
 
-def _build(tmp_path, arch, spec, target="llvm", kv_cache=True):
+def _build(tmp_path, arch, spec, target="llvm"):
     model, example = build(arch)
     loop = token_forward_loop(torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2)))
     result = sparsec.transform(model, spec, example_inputs=example, forward_loop=loop if "teal" in spec else None,
-                               measure=False, kv_cache=kv_cache)
+                               measure=False, kv_cache=True)
     art, out = str(tmp_path / "art"), str(tmp_path / "build")
     sparsec.save(result, art)
     sparsec.compile(art, out, threads=2, target=target)
@@ -78,9 +78,11 @@ def test_int8_teal_gpt2_conv1d_generates_like_the_artifact(tmp_path):
 
 
 def test_cuda_build_takes_the_quantized_kernels(tmp_path):
-    """--target cuda (built and checked by nvcc here; run only on a GPU): every linear calls the quantized GPU kernel
-    (:func:`sparsec.backends.tvm.cuda.cuda_quantized_kernel`) on packed int4 weights and fp16 scales, and the build
-    stores no float copy of a weight matrix (integers and scales only, besides 1-D parameters)."""
+    """--target cuda (built and checked by nvcc here; run only on a GPU) of a program captured with a KV cache: every
+    linear calls the quantized GPU kernel (:func:`sparsec.backends.tvm.cuda.cuda_quantized_kernel`) on packed int4
+    weights and fp16 scales, and the build stores no float copy of a weight matrix (integers and scales only,
+    besides 1-D parameters). (The cache inputs' lengths share one symbol: else the decomposed attention's scores
+    plus mask lose their shape and the build fails.)"""
     from sparsec.backends.tvm.cuda import require_nvcc
     from sparsec.errors import SparsecError
 
@@ -89,8 +91,8 @@ def test_cuda_build_takes_the_quantized_kernels(tmp_path):
     except SparsecError as exc:
         pytest.skip(str(exc))
     _, _, manifest, _ = _build(tmp_path, "llama", "quantize{bits=4 group=32 scale_dtype=float16},teal{sparsity=0.5}",
-                               target="cuda", kv_cache=False)
-    assert manifest["target"] == "cuda"
+                               target="cuda")
+    assert manifest["target"] == "cuda" and manifest["generation"]["max_context"] > 0
     assert _kinds(manifest) == {"sparsec_linear_int4g32s16_threshold", "sparsec_linear_int4g32s16_dense"}
     kinds = {(p["dtype"], len(p["shape"])) for p in manifest["params"]}
     assert kinds <= {("uint8", 2), ("float16", 2), ("float32", 1)} and ("uint8", 2) in kinds
