@@ -53,6 +53,27 @@ def pack_weight_cuda(w, dtype: str | None = None):
     return wt
 
 
+def _sum_splits(n: int, np_: int, splits: int, dtype: str, bind, scale):
+    """The second kernel, a macro ``(part, s, b, y, row)``: ``y[row, c] = scale(s, c) * Σ_ks part[ks, c] + b[c]``."""
+    from tvm.script import tirx as T
+
+    f32 = "float32"
+
+    @T.macro
+    def sum_splits(part, s, b, y, row):
+        for b2 in bind(np_ // 256, thread="blockIdx.x"):
+            for t2 in bind(256, thread="threadIdx.x"):
+                total = T.decl_buffer((1,), f32, scope="local")
+                total[0] = T.float32(0)
+                for ks in range(splits):
+                    total[0] = total[0] + part[ks, b2 * 256 + t2]
+                if b2 * 256 + t2 < n:
+                    y[row, b2 * 256 + t2] = T.cast(scale(s, b2 * 256 + t2) * total[0]
+                                                   + T.cast(b[T.min(b2 * 256 + t2, n - 1)], f32), dtype)
+
+    return sum_splits
+
+
 def cuda_linear_kernel(k: int, n: int, dtype: str = "float32", *, threshold: bool = False, gpu: bool = True):
     """A PrimFunc ``(x [M, K], Wt [Kp, Np], thr [1], bias [N], y [M, N])``: ``y = x' @ W.T + bias`` with
     ``x' = x * (|x| > thr)`` when ``threshold`` else ``x``, skipping the weight rows of zero ``x'`` entries."""
@@ -67,6 +88,8 @@ def cuda_linear_kernel(k: int, n: int, dtype: str = "float32", *, threshold: boo
 
     def active(xi, t):
         return T.abs(xi) > t if threshold else xi != zero
+
+    sum_splits = _sum_splits(n, np_, KS, dtype, bind, lambda s, c: T.float32(1))
 
     @T.prim_func(private=True)
     def f(x_h: T.handle, wt: T.Buffer((kp, np_), dtype), thr: T.Buffer((1,), dtype), b: T.Buffer((n,), dtype),
@@ -91,14 +114,7 @@ def cuda_linear_kernel(k: int, n: int, dtype: str = "float32", *, threshold: boo
                                         xi, f32)
                         for j in T.unroll(v):
                             part[ks, (bx * TX + tx) * v + j] = acc[j]
-            for b2 in bind(np_ // 256, thread="blockIdx.x"):
-                for t2 in bind(256, thread="threadIdx.x"):
-                    s = T.decl_buffer((1,), f32, scope="local")
-                    s[0] = T.float32(0)
-                    for ks in range(KS):
-                        s[0] = s[0] + part[ks, b2 * 256 + t2]
-                    if b2 * 256 + t2 < n:
-                        y[row, b2 * 256 + t2] = T.cast(s[0] + T.cast(b[T.min(b2 * 256 + t2, n - 1)], f32), dtype)
+            sum_splits(part, b, b, y, row)
 
     return f.with_attr("tirx.is_scheduled", True) if gpu else f
 
@@ -161,6 +177,9 @@ def cuda_quantized_kernel(k: int, n: int, bits: int, group: int, dtype: str = "f
             return T.cast(wq[i, c], f32)
         return T.cast(T.shift_right(wq[i, c // 2], T.cast(c % 2 * 4, "uint8")) & T.uint8(15), f32) - T.float32(8)
 
+    sum_splits = _sum_splits(n, np_, splits, dtype, bind,  # per channel: the scale multiplies the summed partials
+                             (lambda s, c: T.float32(1)) if grouped else (lambda s, c: T.cast(s[0, c], f32)))
+
     @T.prim_func(private=True)
     def f(x_h: T.handle, wq: T.Buffer((kp, wcols), wtype), s: T.Buffer((ng, np_), scale_dtype),
           thr: T.Buffer((1,), dtype), b: T.Buffer((n,), dtype), y_h: T.handle):
@@ -197,16 +216,7 @@ def cuda_quantized_kernel(k: int, n: int, bits: int, group: int, dtype: str = "f
                                                                      f32) if grouped else T.float32(1))
                         for j in T.unroll(QV):
                             part[ks, (bx * QTX + tx) * QV + j] = acc[j]
-            for b2 in bind(np_ // 256, thread="blockIdx.x"):
-                for t2 in bind(256, thread="threadIdx.x"):
-                    total = T.decl_buffer((1,), f32, scope="local")
-                    total[0] = T.float32(0)
-                    for ks in range(splits):
-                        total[0] = total[0] + part[ks, b2 * 256 + t2]
-                    if b2 * 256 + t2 < n:
-                        y[row, b2 * 256 + t2] = T.cast(
-                            total[0] * (T.float32(1) if grouped else T.cast(s[0, b2 * 256 + t2], f32))
-                            + T.cast(b[T.min(b2 * 256 + t2, n - 1)], f32), dtype)
+            sum_splits(part, s, b, y, row)
 
     return f.with_attr("tirx.is_scheduled", True) if gpu else f
 
