@@ -10,8 +10,8 @@
   greedy-normalized scores its steps with greedy_error=normalized; rotate-METHOD runs the --rotate pass (default
   'rotate') before teal. Each --quantize spec (';'-separated) repeats every row on quantized weights (LM head and
   embedding included): the spec alone at sparsity 0, else after rotate and before teal / cats (the registered order).
-  A spec with method=gptq calibrates on the same data as teal (16 x 512 tokens of articles [60:]). --methods ''
-  measures the --quantize rows alone; --skip-float leaves out the unquantized rows.
+  A spec with method=gptq calibrates on the same data as teal (--gptq-samples x 512 tokens of articles [60:], default
+  16). --methods '' measures the --quantize rows alone; --skip-float leaves out the unquantized rows.
 - llamacpp: the same perplexity of Gemma 3 270M in llama.cpp, written as GGUF F32 and quantized from it by llama.cpp
   (``--gguf-types``, default F32,Q8_0,Q4_0,Q4_K_M; benchmarks/peers.py builds llama-cpp-python and the files): what
   a CPU user gets at the same bits. Its F32 row checks the protocol (it should equal the torch dense row).
@@ -55,7 +55,7 @@ def _spec(method: str, p: float, table: str = "search", rotate: str = "rotate", 
     return f"{q}teal{{sparsity={p} allocation={method} greedy_table={table}}}"
 
 
-def gemma(sparsities, methods, rotate: str, quantize=(), skip_float: bool = False) -> None:
+def gemma(sparsities, methods, rotate: str, quantize=(), skip_float: bool = False, gptq_samples: int = 16) -> None:
     import sparsec
     from sparsec.evaluate import perplexity
     from sparsec.frontend import load_model
@@ -69,7 +69,7 @@ def gemma(sparsities, methods, rotate: str, quantize=(), skip_float: bool = Fals
             from sparsec.calibration import make_forward_loop
             from sparsec.models import gemma3_270m_dir
 
-            loop = make_forward_loop(None, tokenizer_dir=str(gemma3_270m_dir()), samples=16, seq_len=512)
+            loop = make_forward_loop(None, tokenizer_dir=str(gemma3_270m_dir()), samples=gptq_samples, seq_len=512)
         result = sparsec.transform("builtin:gemma3-270m", spec, measure=False, heldout_samples=0,
                                    forward_loop=loop if "gptq" in spec else None)
         return result, time.perf_counter() - start  # seconds
@@ -197,6 +197,8 @@ def main() -> None:
     ap.add_argument("--rotate", default="rotate", help="the rotate pass of the rotate-* methods")
     ap.add_argument("--quantize", default="", help="';'-separated quantize specs to repeat the gemma rows with")
     ap.add_argument("--skip-float", action="store_true", help="gemma: only the --quantize rows, not the float ones")
+    ap.add_argument("--gptq-samples", type=int, default=16,
+                    help="gemma: 512-token windows of articles [60:] that method=gptq calibrates on")
     ap.add_argument("--gguf-types", default="F32,Q8_0,Q4_0,Q4_K_M", help="llamacpp: the GGUF types to measure")
     args = ap.parse_args()
     parts, methods = args.parts.split(","), [m for m in args.methods.split(",") if m]  # '' = the --quantize rows only
@@ -207,7 +209,7 @@ def main() -> None:
         minilm(methods, args.rotate)
     if "gemma" in parts:
         gemma([float(p) for p in args.sparsities.split(",")], methods, args.rotate,
-              [q.strip() for q in args.quantize.split(";") if q.strip()], args.skip_float)
+              [q.strip() for q in args.quantize.split(";") if q.strip()], args.skip_float, args.gptq_samples)
     if "llamacpp" in parts:
         llamacpp(args.gguf_types.split(","))
 

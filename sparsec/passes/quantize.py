@@ -55,6 +55,9 @@ class QuantizeConfig(PassConfig):
         " their own input statistics (embeddings, a head tied to one) by mse")
     damp: float = option(0.01, gt=0.0, le=1.0, help="gptq: dampening added to the diagonal of XᵀX, as a fraction"
                          " of its mean")
+    act_order: bool = option(False, help="gptq: quantize the columns in order of decreasing XᵀX diagonal (the inputs"
+                             " of most energy first), each with its group's scale fixed beforehand from the"
+                             " original weights (static groups: the groups stay contiguous)")
     targets: list[str] = option([], help="module paths, 're:REGEX' or class names of the linear layers and"
                                 " embeddings to quantize; empty = every linear layer (the LM head included) and"
                                 " every embedding table")
@@ -65,6 +68,9 @@ class QuantizeConfig(PassConfig):
         super().__post_init__()
         if self.bits not in QUANT_BITS:
             raise UsageError(f"quantize: bits={self.bits} is not supported; valid: bits=8 or bits=4")
+        if self.act_order and self.method != "gptq":
+            raise UsageError(f"quantize: act_order=true applies to method=gptq, not method={self.method}; add"
+                             " method=gptq or drop act_order")
         if self.bits == 4 and self.group % 2:
             raise UsageError(f"quantize: group={self.group} is odd; 4-bit values are packed two per byte, so the"
                              " group must be even (32, 64, 128) or 0")
@@ -156,17 +162,32 @@ def quantize_weight(w: torch.Tensor, bits: int, group: int, scale_dtype: torch.d
     return (q if bits == 8 else pack_int4(q)), scale
 
 
+def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of ``(h + d I)⁻¹``, d = ``damp`` times the mean diagonal (x10 up to three times if
+    that is numerically not positive definite)."""
+    k, mean = h.shape[0], float(h.diagonal().mean())
+    for attempt in range(4):
+        chol, info = torch.linalg.cholesky_ex(h + torch.eye(k, dtype=h.dtype, device=h.device) * damp * 10 ** attempt
+                                              * mean)
+        if not info:
+            hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if not info:
+                return hinv
+    raise SparsecError("quantize: GPTQ's Hessian stayed singular after 1000x the dampening")
+
+
 def gptq_weight(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype,
-                damp: float = 0.01, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                damp: float = 0.01, block: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al. 2022, arXiv 2210.17323) of ``w [N, K]`` given ``h [K, K]``, the sum of x xᵀ over the
     calibration inputs x of the layer: ``(q, scale)`` as :func:`quantize_weight` returns them.
 
-    Columns in order (no act-order, so groups stay contiguous), in blocks of ``block`` columns with lazy updates: each
+    Columns in order (groups stay contiguous), in blocks of ``block`` columns with lazy updates: each
     column is rounded with its group's scale, and its error, divided by the diagonal of the upper Cholesky factor of
     H⁻¹, is spread over the columns not yet quantized. H gets ``damp`` times its mean diagonal added to the diagonal
     (dampening); an input that is always zero (H's diagonal 0) gets weight 0. A group's scale is chosen (mse, see
     :func:`group_scales`) from the updated weights when its first column comes; group 0: one scale per row, from the
-    whole row before the first column."""
+    whole row before the first column. ``act_order``: the columns in order of decreasing H diagonal instead, every
+    group's scale chosen (mse) from the weights before any column is quantized."""
     n, k = w.shape
     lo, hi = _levels(bits)
     g = group or k
@@ -177,35 +198,31 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, scale_d
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    mean = float(H.diagonal().mean())
-    for attempt in range(4):  # more dampening if H is numerically not positive definite
-        chol, info = torch.linalg.cholesky_ex(H + torch.eye(k, dtype=H.dtype, device=H.device)
-                                              * damp * 10 ** attempt * mean)
-        if not info:
-            hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if not info:
-                break
-    else:
-        raise SparsecError("quantize: GPTQ's Hessian stayed singular after 1000x the dampening")
     Q = torch.zeros_like(W)
     scales = torch.zeros(n, k // g, dtype=torch.float32, device=w.device)
-    if not group:
-        _, s = group_scales(W.to(torch.float32).unsqueeze(1), bits, "mse", scale_dtype)
-        scales[:, 0] = s.reshape(n)
-        s = s.reshape(n).to(torch.float64)
+    if not group or act_order:  # every scale before the first column
+        _, fixed = group_scales(W.to(torch.float32).reshape(n, k // g, g), bits, "mse", scale_dtype)
+        scales = fixed.reshape(n, k // g).to(torch.float32)
+        s = scales[:, 0].to(torch.float64)
+    order = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
+    if act_order:
+        W, H = W[:, order], H[order][:, order]
+    hinv = _upper_cholesky_of_inverse(H, damp)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=W.dtype, device=W.device), \
             hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if group and col % group == 0:
+            if group and act_order:
+                s = scales[:, int(order[col]) // group].to(torch.float64)
+            elif group and col % group == 0:
                 _, s = group_scales(W1[:, i:i + group].to(torch.float32).unsqueeze(1), bits, "mse", scale_dtype)
                 scales[:, col // group] = s.reshape(n)
                 s = s.reshape(n).to(torch.float64)
             x = W1[:, i]
             q = _round(x, s, lo, hi)
-            Q[:, col] = q
+            Q[:, int(order[col])] = q
             err = (x - q * s) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
@@ -408,7 +425,8 @@ def _gptq(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext, weights: li
                 all_reduce_sum(hess.sum)
                 tokens = max(tokens, hess.tokens)
                 for w in readers[x]:
-                    q, scale = gptq_weight(_canonical(w), hess.sum, cfg.bits, cfg.group, scale_dtype, cfg.damp)
+                    q, scale = gptq_weight(_canonical(w), hess.sum, cfg.bits, cfg.group, scale_dtype, cfg.damp,
+                                           act_order=cfg.act_order)
                     _write(w, q, scale, cfg.bits, cfg.group)
                     done[id(w.param)] = q, scale
     finally:
