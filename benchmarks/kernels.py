@@ -110,7 +110,7 @@ def _kernels(tvm, target, torch, w, dtype, scheduler):
                             [pack_weight(wt, tiles=args["tiles"])]))
         return *kernels, dtype
     bits, group, scales = fmt
-    q, scale = quantize_weight(w, bits, group, getattr(torch, scales))
+    q, scale, _ = quantize_weight(w, bits, group, getattr(torch, scales))
     operands = list(pack_quantized(q, scale, bits))
     return *((build(quantized_linear_kernel(k, n, bits, group, sparse=s, scale_dtype=scales)), operands)
              for s in (True, False)), "float32"
@@ -204,7 +204,7 @@ def _matmul_nbits(np, torch, w, bits, group):
     if bits == 8 and tuple(int(v) for v in ort.__version__.split(".")[:2]) < (1, 20):
         return None
     n, k = w.shape
-    q, scale = quantize_weight(w.float(), bits, group, torch.float32)
+    q, scale, _ = quantize_weight(w.float(), bits, group, torch.float32)
     blob, scales = pack(q.numpy(), scale.numpy(), bits, group, group)  # the export's packing (int4: q as it is)
     node = helper.make_node("MatMulNBits", ["x", "wq", "scales"], ["y"], domain="com.microsoft", K=k, N=n,
                             bits=bits, block_size=group)

@@ -24,10 +24,11 @@ and a backend that matches ``sparsec::threshold`` to fuse it into a sparse kerne
 Thresholded positions compute exactly ``x * (|x| > t)``, passed ones are ``x`` bit for bit. Same fake kernel and
 straight-mask gradient as ``sparsec::threshold``.
 
-``sparsec::dequantize(Tensor q, Tensor scale, int bits, int group, ScalarType dtype) -> Tensor`` is the weight of a
-layer the ``quantize`` pass quantized: ``w[..., k] = float32(q[..., k]) * float32(scale[..., k // group])`` (``group
-0``: ``scale[..., 0]``, one scale per row, i.e. per output channel of a linear weight ``[N, K]``), cast to
-``dtype``. ``bits=8``: ``q`` is int8 ``[..., K]``. ``bits=4``: ``q`` is uint8 ``[..., K / 2]``, two values per
+``sparsec::dequantize(Tensor q, Tensor scale, int bits, int group, ScalarType dtype, Tensor? offset=None) -> Tensor``
+is the weight of a layer the ``quantize`` pass quantized: ``w[..., k] = float32(q[..., k]) * float32(scale[..., k //
+group])`` (``group 0``: ``scale[..., 0]``, one scale per row, i.e. per output channel of a linear weight ``[N, K]``),
+plus ``float32(offset[..., k // group])`` when given (asymmetric quantization: ``offset`` has the shape and dtype of
+``scale``), cast to ``dtype``. ``bits=8``: ``q`` is int8 ``[..., K]``. ``bits=4``: ``q`` is uint8 ``[..., K / 2]``, two values per
 byte, the even ``k`` in the low nibble, each stored as ``value + 8`` (ONNX Runtime's ``MatMulNBits`` layout with its
 default zero point 8). A linear layer computes ``linear(x, dequantize(q, s, ...), b)``; an embedding gathers rows of
 ``q`` and ``scale`` first and dequantizes only those (:mod:`sparsec.passes.quantize`). No gradient: quantized
@@ -141,8 +142,11 @@ def pack_int4(v: Tensor) -> Tensor:
     return u[..., 0] | (u[..., 1] << 4)
 
 
-def _check_dequantize_args(q: Tensor, scale: Tensor, bits: int, group: int) -> int:
+def _check_dequantize_args(q: Tensor, scale: Tensor, bits: int, group: int, offset: Tensor | None = None) -> int:
     """K, the dequantized last dimension, after checking the arguments of ``sparsec::dequantize``."""
+    torch._check(offset is None or (offset.shape == scale.shape and offset.dtype == scale.dtype),
+                 lambda: f"sparsec::dequantize: offset must have scale's shape and dtype, got {tuple(offset.shape)}"
+                 f" {offset.dtype} for scale {tuple(scale.shape)} {scale.dtype}")
     torch._check(bits in QUANT_BITS, lambda: f"sparsec::dequantize: bits must be one of {QUANT_BITS}, got {bits}")
     torch._check(q.dtype == (torch.int8 if bits == 8 else torch.uint8),
                  lambda: f"sparsec::dequantize: {bits}-bit values are stored as {'int8' if bits == 8 else 'uint8'},"
@@ -158,21 +162,25 @@ def _check_dequantize_args(q: Tensor, scale: Tensor, bits: int, group: int) -> i
 
 
 @torch.library.custom_op("sparsec::dequantize", mutates_args=())
-def dequantize(q: Tensor, scale: Tensor, bits: int, group: int, dtype: torch.dtype) -> Tensor:
-    """``float32(q) * float32(scale)`` per group of ``group`` values along the last dimension, as ``dtype``."""
-    _check_dequantize_args(q, scale, bits, group)
+def dequantize(q: Tensor, scale: Tensor, bits: int, group: int, dtype: torch.dtype,
+               offset: Tensor | None = None) -> Tensor:
+    """``float32(q) * float32(scale) (+ float32(offset))`` per group of ``group`` values along the last dimension,
+    as ``dtype``."""
+    _check_dequantize_args(q, scale, bits, group, offset)
     v = (q if bits == 8 else unpack_int4(q)).to(torch.float32)
     s = scale.to(torch.float32)
     if group:
-        v = (v.unflatten(-1, (-1, group)) * s.unsqueeze(-1)).flatten(-2)
+        v = v.unflatten(-1, (-1, group)) * s.unsqueeze(-1)
+        v = (v if offset is None else v + offset.to(torch.float32).unsqueeze(-1)).flatten(-2)
     else:
-        v = v * s
+        v = v * s if offset is None else v * s + offset.to(torch.float32)
     return v.to(dtype)
 
 
 @dequantize.register_fake
-def _dequantize_fake(q: Tensor, scale: Tensor, bits: int, group: int, dtype: torch.dtype) -> Tensor:
-    k = _check_dequantize_args(q, scale, bits, group)
+def _dequantize_fake(q: Tensor, scale: Tensor, bits: int, group: int, dtype: torch.dtype,
+                     offset: Tensor | None = None) -> Tensor:
+    k = _check_dequantize_args(q, scale, bits, group, offset)
     return q.new_empty((*q.shape[:-1], k), dtype=dtype)
 
 

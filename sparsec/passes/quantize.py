@@ -1,4 +1,5 @@
-"""quantize: weight-only integer quantization of linear layers and embedding tables (symmetric; rtn, mse or GPTQ)."""
+"""quantize: weight-only integer quantization of linear layers and embedding tables (symmetric or with offsets;
+rtn, mse or GPTQ)."""
 from __future__ import annotations
 
 import inspect
@@ -25,17 +26,18 @@ HOLDER = "sparsec_quantize"  #: name (prefix) of the submodule holding the quant
 _EMBEDDING = aten.embedding.default
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DEFINITION = ("rel_error: ||W - dequantize(quantize(W))|| / ||W|| (Frobenius) per weight; bytes: the weight's"
-               " storage before (its dtype) and after (packed values + scales)")
+               " storage before (its dtype) and after (packed values + scales + offsets)")
 
 
 @dataclass(frozen=True)
 class QuantizeConfig(PassConfig):
-    """Quantize the weights of linear layers and embedding tables to 8 or 4 bits (weight-only, symmetric; rtn, mse or
-    GPTQ), computed as sparsec::dequantize(q, scale) then the original op.
+    """Quantize the weights of linear layers and embedding tables to 8 or 4 bits (weight-only, symmetric or with
+    offsets; rtn, mse or GPTQ), computed as sparsec::dequantize(q, scale[, offset]) then the original op.
 
     Per group of `group` consecutive weights along the input dimension (a linear's in-features, an embedding's
     hidden size; 0 = one group per output row) one scale, and w ≈ q * scale with q in [-2^(bits-1), 2^(bits-1) - 1],
-    stored as int8, or for 4 bits two per byte (ONNX Runtime's MatMulNBits layout). method=rtn: scale = max|w| /
+    stored as int8, or for 4 bits two per byte (ONNX Runtime's MatMulNBits layout); symmetric=false: also one offset
+    per group, w ≈ q * scale + offset (the 2^bits levels spread over the group's range instead of around 0). method=rtn: scale = max|w| /
     (2^(bits-1) - 1), q = round(w / scale); mse (default): the scale of least squared error among rtn's and a grid
     (group_scales); gptq: GPTQ on the calibration data, block by block in graph order (gptq_weight, _gptq). The
     model computes with w' = q * scale, so every later pass (teal, cats: run them after this one, they calibrate on
@@ -55,6 +57,9 @@ class QuantizeConfig(PassConfig):
         " their own input statistics (embeddings, a head tied to one) by mse")
     damp: float = option(0.01, gt=0.0, le=1.0, help="gptq: dampening added to the diagonal of XᵀX, as a fraction"
                          " of its mean")
+    symmetric: bool = option(True, help="false: each group also gets an offset, w ≈ q * scale + offset, its"
+                             " 2^bits levels spanning the group's (clipped) range rather than ±max|w|: less error,"
+                             " one more scale_dtype value per group")
     act_order: bool = option(False, help="gptq: quantize the columns in order of decreasing XᵀX diagonal (the inputs"
                              " of most energy first), each with its group's scale fixed beforehand from the"
                              " original weights (static groups: the groups stay contiguous)")
@@ -144,22 +149,73 @@ def group_scales(wg: torch.Tensor, bits: int, method: str,
     return q, s
 
 
+#: mse's clipping of an offset group's range [lo, hi]: each end moved inwards by these fractions of hi - lo
+_AFFINE_CLIP = (0.0, 0.02, 0.05, 0.1)
+
+
+def group_affine(wg: torch.Tensor, bits: int, method: str,
+                 scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, scale, offset)`` of the groups ``wg [..., g]`` (float32) with w ≈ q * scale + offset, q float ``[..., g]``
+    of integers in [-2^(bits-1), 2^(bits-1) - 1], scale and offset ``[..., 1]`` float32 holding values of
+    ``scale_dtype``. rtn: the 2^bits levels span [min w, max w]. mse: of the ranges with either end clipped inwards by
+    :data:`_AFFINE_CLIP` of the range (each also with the least-squares scale and offset of its rounding, and the
+    rounding to them), the one with the least squared error as stored; never more error than rtn's. A constant group
+    gets scale 0 and offset its value."""
+    lo, hi = _levels(bits)
+
+    def stored(v):
+        return v.to(scale_dtype).to(torch.float32)
+
+    def fit(s, o):
+        s, o = stored(s), stored(o)
+        q = _round(wg - o, s, lo, hi)
+        return q, s, o, (wg - q * s - o).square().sum(-1, keepdim=True)
+
+    wmin, wmax = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    span = wmax - wmin
+    best = None
+    for a in (_AFFINE_CLIP if method != "rtn" else (0.0,)):
+        for b in (_AFFINE_CLIP if method != "rtn" else (0.0,)):
+            s = span * (1 - a - b) / (hi - lo)
+            tries = [fit(s, wmin + a * span - lo * s)]
+            if method != "rtn":  # least squares (scale, offset) of that rounding
+                q, n = tries[0][0], wg.shape[-1]
+                sq, sw, sqq, sqw = (q.sum(-1, keepdim=True), wg.sum(-1, keepdim=True),
+                                    q.square().sum(-1, keepdim=True), (q * wg).sum(-1, keepdim=True))
+                det = n * sqq - sq * sq
+                ls = torch.where(det > 0, (n * sqw - sq * sw) / det.clamp_min(1e-30), tries[0][1])
+                tries.append(fit(ls, torch.where(det > 0, (sw - ls * sq) / n, tries[0][2])))
+            for cand in tries:
+                if best is None:
+                    best = list(cand)
+                    continue
+                better = cand[3] < best[3]
+                best = [torch.where(better, c, b_) for c, b_ in zip(cand, best)]
+    q, s, o, _ = best
+    return q, s, o
+
+
 def quantize_weight(w: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype, method: str = "rtn",
-                    chunk: int = 1 << 22):
-    """``(q, scale)`` of ``w [N, K]`` (module docstring; method rtn or mse, see :func:`group_scales`): q int8
-    ``[N, K]`` (8 bits) or uint8 ``[N, K / 2]`` (4 bits), scale ``[N, K / group]`` (``[N, 1]`` for group 0) in
-    ``scale_dtype``. Rows are done ``chunk`` weights at a time (bounded memory for an embedding table)."""
+                    symmetric: bool = True, chunk: int = 1 << 22):
+    """``(q, scale, offset)`` of ``w [N, K]`` (module docstring; method rtn or mse, see :func:`group_scales` and
+    :func:`group_affine`): q int8 ``[N, K]`` (8 bits) or uint8 ``[N, K / 2]`` (4 bits), scale ``[N, K / group]``
+    (``[N, 1]`` for group 0) in ``scale_dtype``, offset like scale (None when ``symmetric``). Rows are done ``chunk``
+    weights at a time (bounded memory for an embedding table)."""
     n, k = w.shape
     g = group or k
     rows = max(1, chunk // k)
-    qs, scales = [], []
+    qs, scales, offsets = [], [], []
     for r in range(0, n, rows):
         wg = w[r:r + rows].detach().to(torch.float32).reshape(-1, k // g, g)
-        q, s = group_scales(wg, bits, method, scale_dtype)
+        if symmetric:
+            q, s = group_scales(wg, bits, method, scale_dtype)
+        else:
+            q, s, o = group_affine(wg, bits, method, scale_dtype)
+            offsets.append(o.squeeze(-1).to(scale_dtype))
         qs.append(q.reshape(-1, k).to(torch.int8))
         scales.append(s.squeeze(-1).to(scale_dtype))
     q, scale = torch.cat(qs), torch.cat(scales)
-    return (q if bits == 8 else pack_int4(q)), scale
+    return (q if bits == 8 else pack_int4(q)), scale, (torch.cat(offsets) if offsets else None)
 
 
 def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -177,9 +233,9 @@ def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_weight(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype,
-                damp: float = 0.01, block: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                damp: float = 0.01, block: int = 128, act_order: bool = False, symmetric: bool = True):
     """GPTQ (Frantar et al. 2022, arXiv 2210.17323) of ``w [N, K]`` given ``h [K, K]``, the sum of x xᵀ over the
-    calibration inputs x of the layer: ``(q, scale)`` as :func:`quantize_weight` returns them.
+    calibration inputs x of the layer: ``(q, scale, offset)`` as :func:`quantize_weight` returns them.
 
     Columns in order (groups stay contiguous), in blocks of ``block`` columns with lazy updates: each
     column is rounded with its group's scale, and its error, divided by the diagonal of the upper Cholesky factor of
@@ -187,7 +243,8 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, scale_d
     (dampening); an input that is always zero (H's diagonal 0) gets weight 0. A group's scale is chosen (mse, see
     :func:`group_scales`) from the updated weights when its first column comes; group 0: one scale per row, from the
     whole row before the first column. ``act_order``: the columns in order of decreasing H diagonal instead, every
-    group's scale chosen (mse) from the weights before any column is quantized."""
+    group's scale chosen (mse) from the weights before any column is quantized. ``symmetric=False``: scale and offset
+    by :func:`group_affine` (mse) at the same points."""
     n, k = w.shape
     lo, hi = _levels(bits)
     g = group or k
@@ -199,11 +256,19 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, scale_d
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     Q = torch.zeros_like(W)
-    scales = torch.zeros(n, k // g, dtype=torch.float32, device=w.device)
+
+    def params(wg):  # (scale, offset) [rows, groups] float32 of the groups wg [rows, groups, g]; offset 0 if symmetric
+        if symmetric:
+            _, sc = group_scales(wg.to(torch.float32), bits, "mse", scale_dtype)
+            return sc.squeeze(-1), torch.zeros_like(sc.squeeze(-1))
+        _, sc, off = group_affine(wg.to(torch.float32), bits, "mse", scale_dtype)
+        return sc.squeeze(-1), off.squeeze(-1)
+
     if not group or act_order:  # every scale before the first column
-        _, fixed = group_scales(W.to(torch.float32).reshape(n, k // g, g), bits, "mse", scale_dtype)
-        scales = fixed.reshape(n, k // g).to(torch.float32)
-        s = scales[:, 0].to(torch.float64)
+        scales, offsets = params(W.reshape(n, k // g, g))
+    else:
+        scales, offsets = (torch.zeros(n, k // g, dtype=torch.float32, device=w.device) for _ in range(2))
+    s, o = scales[:, 0].to(torch.float64), offsets[:, 0].to(torch.float64)
     order = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
     if act_order:
         W, H = W[:, order], H[order][:, order]
@@ -214,21 +279,20 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, scale_d
             hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if group and act_order:
-                s = scales[:, int(order[col]) // group].to(torch.float64)
-            elif group and col % group == 0:
-                _, s = group_scales(W1[:, i:i + group].to(torch.float32).unsqueeze(1), bits, "mse", scale_dtype)
-                scales[:, col // group] = s.reshape(n)
-                s = s.reshape(n).to(torch.float64)
+            if group and (act_order or col % group == 0):
+                j = int(order[col]) // group
+                if not act_order:
+                    scales[:, j], offsets[:, j] = (v[:, 0] for v in params(W1[:, i:i + group].unsqueeze(1)))
+                s, o = scales[:, j].to(torch.float64), offsets[:, j].to(torch.float64)
             x = W1[:, i]
-            q = _round(x, s, lo, hi)
+            q = _round(x - o, s, lo, hi)
             Q[:, int(order[col])] = q
-            err = (x - q * s) / Hinv1[i, i]
+            err = (x - q * s - o) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
     q = Q.to(torch.int8)
-    return (q if bits == 8 else pack_int4(q)), scales.to(scale_dtype)
+    return (q if bits == 8 else pack_int4(q)), scales.to(scale_dtype), None if symmetric else offsets.to(scale_dtype)
 
 
 def _collect(gm: fx.GraphModule, cfg: QuantizeConfig, matcher: TargetMatcher) -> list[_Weight]:
@@ -359,16 +423,18 @@ def _canonical(w: _Weight) -> torch.Tensor:
     return w.param.detach().t() if w.transposed else w.param.detach()
 
 
-def _write(w: _Weight, q: torch.Tensor, scale: torch.Tensor, bits: int, group: int) -> None:
-    """Put the dequantized weight into the float parameter, so the following calibration forwards compute with it."""
-    dq = DEQUANTIZE(q, scale, bits, group, w.param.dtype)
+def _write(w: _Weight, quantized: tuple, bits: int, group: int) -> None:
+    """Put the dequantized weight (``quantized``: q, scale, offset) into the float parameter, so the following
+    calibration forwards compute with it."""
+    q, scale, offset = quantized
+    dq = DEQUANTIZE(q, scale, bits, group, w.param.dtype, offset)
     with torch.no_grad():
         w.param.copy_(dq.t() if w.transposed else dq)
 
 
 def _gptq(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext, weights: list[_Weight],
           scale_dtype: torch.dtype) -> tuple[dict, dict]:
-    """``({id(param): (q, scale)}, stats)`` of every weight under method gptq (QuantizeConfig): the weights of one
+    """``({id(param): (q, scale, offset)}, stats)`` of every weight under method gptq (QuantizeConfig): the weights of one
     linear layer each by :func:`gptq_weight`, stage by stage in graph order (a stage: the linears of one numbered
     block, or one layer outside blocks), each stage's XᵀX gathered by one forward over the calibration data that
     stops after the stage's last input, with every earlier weight already quantized; the others (embeddings, tied
@@ -387,9 +453,9 @@ def _gptq(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext, weights: li
     try:
         for w in weights:
             if w not in own:
-                q, scale = quantize_weight(_canonical(w), cfg.bits, cfg.group, scale_dtype, "mse")
-                _write(w, q, scale, cfg.bits, cfg.group)
-                done[id(w.param)] = q, scale
+                done[id(w.param)] = quantize_weight(_canonical(w), cfg.bits, cfg.group, scale_dtype, "mse",
+                                                    cfg.symmetric)
+                _write(w, done[id(w.param)], cfg.bits, cfg.group)
         stages: dict[str, list[_Weight]] = {}
         for w in sorted(own, key=lambda w: order[w.linears[0][0]]):
             stages.setdefault(block_of(w.module) or w.module, []).append(w)
@@ -425,10 +491,9 @@ def _gptq(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext, weights: li
                 all_reduce_sum(hess.sum)
                 tokens = max(tokens, hess.tokens)
                 for w in readers[x]:
-                    q, scale = gptq_weight(_canonical(w), hess.sum, cfg.bits, cfg.group, scale_dtype, cfg.damp,
-                                           act_order=cfg.act_order)
-                    _write(w, q, scale, cfg.bits, cfg.group)
-                    done[id(w.param)] = q, scale
+                    done[id(w.param)] = gptq_weight(_canonical(w), hess.sum, cfg.bits, cfg.group, scale_dtype,
+                                                    cfg.damp, act_order=cfg.act_order, symmetric=cfg.symmetric)
+                    _write(w, done[id(w.param)], cfg.bits, cfg.group)
     finally:
         with torch.no_grad():
             for w in weights:
@@ -463,8 +528,8 @@ def quantize(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) -> PassR
     done, extra = _gptq(gm, cfg, ctx, weights, scale_dtype) if cfg.method == "gptq" else ({}, {})
     for w in weights:
         canonical = _canonical(w)
-        q, scale = done[id(w.param)] if done else quantize_weight(canonical, cfg.bits, cfg.group, scale_dtype,
-                                                                   cfg.method)
+        q, scale, offset = done[id(w.param)] if done else quantize_weight(canonical, cfg.bits, cfg.group,
+                                                                           scale_dtype, cfg.method, cfg.symmetric)
         buf = re.sub(r"\W", "_", w.name)
         while buf in used:
             buf += "_"
@@ -476,11 +541,17 @@ def quantize(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) -> PassR
             qn = graph.get_attr(f"{holder_name}.{buf}_q")
         with graph.inserting_after(qn):
             sn = graph.get_attr(f"{holder_name}.{buf}_scale")
-        for node in (qn, sn):
-            _meta_from(node, w.linears[0][0] if w.linears else w.embeddings[0])
-        if w.linears:
+        on = None
+        if offset is not None:
+            holder.register_buffer(f"{buf}_offset", offset)
             with graph.inserting_after(sn):
-                value = graph.call_function(DEQUANTIZE, (qn, sn, *args))
+                on = graph.get_attr(f"{holder_name}.{buf}_offset")
+        for node in (qn, sn, on):
+            if node is not None:
+                _meta_from(node, w.linears[0][0] if w.linears else w.embeddings[0])
+        if w.linears:
+            with graph.inserting_after(on or sn):
+                value = graph.call_function(DEQUANTIZE, (qn, sn, *args, *([on] if on else [])))
             _meta_from(value, w.linears[0][0])
             if w.transposed:
                 with graph.inserting_after(value):
@@ -493,26 +564,27 @@ def quantize(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) -> PassR
             with graph.inserting_before(emb):
                 gq = graph.call_function(_EMBEDDING, (qn, emb.args[1], *rest))
                 gs = graph.call_function(_EMBEDDING, (sn, emb.args[1], *rest))
-                value = graph.call_function(DEQUANTIZE, (gq, gs, *args))
-            for node in (gq, gs, value):
+                go = [graph.call_function(_EMBEDDING, (on, emb.args[1], *rest))] if on else []
+                value = graph.call_function(DEQUANTIZE, (gq, gs, *args, *go))
+            for node in (gq, gs, *go, value):
                 _meta_from(node, emb)
             emb.replace_all_uses_with(value)
             graph.erase_node(emb)
-        dq = DEQUANTIZE(q, scale, *args)
+        dq = DEQUANTIZE(q, scale, *args, offset)
         err = float((dq.double() - canonical.double()).norm() / canonical.double().norm().clamp_min(1e-300))
         before = w.param.numel() * w.param.element_size()
-        after = q.numel() * q.element_size() + scale.numel() * scale.element_size()
+        after = sum(t.numel() * t.element_size() for t in (q, scale, offset) if t is not None)
         totals["bytes_before"] += before
         totals["bytes_after"] += after
         method = cfg.method if cfg.method != "gptq" or (len(w.linears) == 1 and not w.embeddings) else "mse"
         entries.append({"module": w.module, "op": "quantize", "parameter": w.name, "bits": cfg.bits,
-                        "group": cfg.group, "method": method, "shape": list(canonical.shape), "uses": [
+                        "group": cfg.group, "symmetric": cfg.symmetric, "method": method, "shape": list(canonical.shape), "uses": [
                             module_path(n) for n in [*(la for la, _ in w.linears), *w.embeddings]],
                         "rel_error": round(err, 6), "bytes_before": before, "bytes_after": after})
     _drop_unused(gm, {id(w.param) for w in weights})
     graph.lint()
     gm.recompile()
-    stats = {"bits": cfg.bits, "group": cfg.group, "method": cfg.method, **extra, "weights_quantized": len(entries),
+    stats = {"bits": cfg.bits, "group": cfg.group, "symmetric": cfg.symmetric, "method": cfg.method, **extra, "weights_quantized": len(entries),
              **totals,
              "compression": round(totals["bytes_before"] / totals["bytes_after"], 4) if entries else None,
              "definition": _DEFINITION}

@@ -24,7 +24,7 @@ def test_quantize_weight_rounds_to_nearest(bits, group):
     torch.manual_seed(1)
     w = torch.randn(24, 64) * torch.rand(24, 1)
     w[3] = 0.0  # an all-zero row: scale 0, values 0
-    q, scale = quantize_weight(w, bits, group, torch.float32)
+    q, scale, _ = quantize_weight(w, bits, group, torch.float32)
     assert q.dtype == (torch.int8 if bits == 8 else torch.uint8)
     assert q.shape == (24, 64 if bits == 8 else 32) and scale.shape == (24, 64 // group if group else 1)
     values = q if bits == 8 else unpack_int4(q)
@@ -46,7 +46,7 @@ def test_int4_packing_is_the_matmulnbits_layout():
 
 def test_fp16_scales():
     w = torch.randn(8, 64)
-    q, scale = quantize_weight(w, 8, 32, torch.float16)
+    q, scale, _ = quantize_weight(w, 8, 32, torch.float16)
     assert scale.dtype == torch.float16
     assert torch.allclose(dequantize(q, scale, 8, 32, torch.float32), w, atol=float(scale.max()) / 2 * 1.01)
 
@@ -183,7 +183,7 @@ def test_mse_never_worse_than_rtn(bits, group, scale_dtype):
         g = group or w.shape[1]
         err = {}
         for method in ("rtn", "mse"):
-            q, scale = quantize_weight(w, bits, group, scale_dtype, method)
+            q, scale, _ = quantize_weight(w, bits, group, scale_dtype, method)
             values = q if bits == 8 else unpack_int4(q)
             assert int(values.min()) >= lo and int(values.max()) <= hi
             if method == "mse" and bits == 4:
@@ -220,7 +220,7 @@ def test_gptq_weight_lowers_the_layer_output_error(bits):
         w, x = model.get_submodule(name).weight.detach(), xs[name]
         out = {}
         for method in ("rtn", "mse", "gptq"):
-            q, s = (gptq_weight(w, x.T.double() @ x.double(), bits, 32, torch.float32) if method == "gptq"
+            q, s, _ = (gptq_weight(w, x.T.double() @ x.double(), bits, 32, torch.float32) if method == "gptq"
                     else quantize_weight(w, bits, 32, torch.float32, method))
             values = q if bits == 8 else unpack_int4(q)
             assert -2 ** (bits - 1) <= int(values.min()) and int(values.max()) < 2 ** (bits - 1)
@@ -241,7 +241,7 @@ def test_gptq_act_order_lowers_the_error_on_skewed_inputs(bits, group):
     h = x.T.double() @ x.double()
     errors = {}
     for act_order in (False, True):
-        q, s = gptq_weight(w, h, bits, group, torch.float32, act_order=act_order)
+        q, s, _ = gptq_weight(w, h, bits, group, torch.float32, act_order=act_order)
         assert s.shape == (n, k // (group or k))
         errors[act_order] = float((x @ (dequantize(q, s, bits, group, torch.float32) - w).T).norm())
     assert errors[True] < 0.995 * errors[False], errors
@@ -252,11 +252,11 @@ def test_gptq_weight_with_a_dead_input_and_per_channel_scales():
     torch.manual_seed(0)
     w, x = torch.randn(16, 64), torch.randn(256, 64)
     x[:, 5] = 0.0
-    q, s = gptq_weight(w, x.T @ x, 4, 0, torch.float32)
+    q, s, _ = gptq_weight(w, x.T @ x, 4, 0, torch.float32)
     assert s.shape == (16, 1)
     w2 = dequantize(q, s, 4, 0, torch.float32)
     assert torch.equal(w2[:, 5], torch.zeros(16))
-    assert float((x @ (w2 - w).T).norm()) < float((x @ (dequantize(*quantize_weight(w, 4, 0, torch.float32, "mse"),
+    assert float((x @ (w2 - w).T).norm()) < float((x @ (dequantize(*quantize_weight(w, 4, 0, torch.float32, "mse")[:2],
                                                                       4, 0, torch.float32) - w).T).norm())
 
 

@@ -83,8 +83,8 @@ _LINEARS = {"aten.linear.default", "aten.addmm.default", "aten.mm.default"}
 def dequantized_weight(node):
     """The ``sparsec::dequantize`` node (the ``quantize`` pass) that computes the weight of linear layer ``node``:
     ``linear(x, dequantize(q, s))``, or through a transpose ``addmm(b, x, t(dequantize(q, s)))`` /
-    ``mm(x, t(dequantize(q, s)))`` (GPT-2's Conv1D); None when the weight is anything else or ``q`` / ``s`` are not
-    tensors of the model (parameters, buffers or constants)."""
+    ``mm(x, t(dequantize(q, s)))`` (GPT-2's Conv1D); None when the weight is anything else or ``q`` / ``s`` (/ the
+    offset) are not tensors of the model (parameters, buffers or constants)."""
     from sparsec.graph import is_dequantize
 
     name = str(node.target)
@@ -93,9 +93,16 @@ def dequantized_weight(node):
         if getattr(w, "op", None) != "call_function" or str(w.target) not in _TRANSPOSES:
             return None
         w = w.args[0]
-    if not is_dequantize(w) or any(getattr(a, "op", None) != "placeholder" for a in w.args[:2]):
+    if not is_dequantize(w) or any(getattr(a, "op", None) != "placeholder" for a in _dequantize_tensors(w)
+                                     if a is not None):
         return None
     return w
+
+
+def _dequantize_tensors(dq) -> tuple:
+    """``(q, scale, offset)`` nodes of a ``sparsec::dequantize`` node (offset None when it has none)."""
+    offset = dq.args[5] if len(dq.args) > 5 else dq.kwargs.get("offset")
+    return dq.args[0], dq.args[1], offset
 
 
 def _decompose(program, keep_sdpa: bool = False):
@@ -186,10 +193,11 @@ class Constants:
         return value
 
 
-def _gather_packed(ids, wq, s, *, rows: int, bits: int, group: int, dtype: str):
+def _gather_packed(ids, wq, s, *, rows: int, bits: int, group: int, dtype: str, offsets: bool):
     """TE: the dequantized rows ``ids`` (wrapped into ``[0, rows)``, as the build's other lookups) of a quantized
     table read from its linear kernel's packed layout (:func:`~sparsec.backends.tvm.quantized.pack_quantized`:
-    row ``r`` of the table is column ``r % CT`` of tile ``r // CT``)."""
+    row ``r`` of the table is column ``r % CT`` of tile ``r // CT``; with ``offsets`` a group's scale and offset in
+    rows ``2g``, ``2g + 1`` of ``s``)."""
     from tvm import te, tirx
 
     k, ct = int(wq.shape[1]), int(s.shape[2])
@@ -205,6 +213,9 @@ def _gather_packed(ids, wq, s, *, rows: int, bits: int, group: int, dtype: str):
             shift = (p // 16 % 2 * 4).astype("uint8")
             v = (tirx.shift_right(wq[t, c, p // 32 * 16 + p % 16], shift) & tirx.const(15, "uint8")).astype(
                 "float32") - tirx.const(8.0, "float32")
+        if offsets:
+            return (v * s[t, c // size * 2, p].astype("float32") + s[t, c // size * 2 + 1, p].astype(
+                "float32")).astype(dtype)
         return (v * s[t, c // size, p].astype("float32")).astype(dtype)
 
     return te.compute([*ids.shape, k], value, name="dequantize_rows")
@@ -236,17 +247,24 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
     program = _decompose(program, keep_sdpa=target == "llvm")
     consts = Constants(program)
     funcs = {}
-    packs = {}  # (q, s) placeholders -> the packed constants, shared by a tied LM head and its embedding
-    linear_weights = {(dq.args[0], dq.args[1]) for node in program.graph.nodes if str(node.target) in _LINEARS
+    packs = {}  # (q, s, offset) placeholders -> the packed constants, shared by a tied LM head and its embedding
+    linear_weights = {_dequantize_tensors(dq) for node in program.graph.nodes if str(node.target) in _LINEARS
                       for dq in [dequantized_weight(node)] if dq is not None} if target == "llvm" else set()
 
-    def packed(q_node, s_node, bits, group):
-        """The kernels' packed ``(Wq, S)`` constants of quantized weight ``(q_node, s_node)``, made once."""
-        if (q_node, s_node) not in packs:
-            q, s = consts.get(q_node), consts.get(s_node)
-            made = pack_quantized_cuda(q, s, bits, group) if target == "cuda" else pack_quantized(q, s, bits)
-            packs[q_node, s_node] = [relax.const(t.numpy()) for t in made]
-        return packs[q_node, s_node]
+    def packed(tensors, bits, group):
+        """The kernels' packed ``(Wq, S)`` constants of quantized weight ``tensors`` (q, scale, offset nodes), made
+        once."""
+        if tensors not in packs:
+            q, s, o = (None if t is None else consts.get(t) for t in tensors)
+            if target == "cuda":
+                if o is not None:
+                    raise SparsecError("a layer quantized with offsets (quantize{symmetric=false}) has no CUDA kernel"
+                                       " yet; build it for the CPU (--target llvm) or quantize with symmetric=true")
+                made = pack_quantized_cuda(q, s, bits, group)
+            else:
+                made = pack_quantized(q, s, bits, offset=o)
+            packs[tensors] = [relax.const(t.numpy()) for t in made]
+        return packs[tensors]
 
     def linear_call(importer, x_node, b_node, n, k, kind, name, make_kernel, weights):
         """Emit ``call_tir(kernel, [x as [M, K], *weights, thr, bias]) -> [M, N]``, reshaped to x's leading dims;
@@ -276,7 +294,8 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
         else:
             x_node, b_node = node.args[0], node.args[2] if len(node.args) > 2 else None
         kind = input_kind(x_node) if sparse else "dense"
-        weights = packed(dq.args[0], dq.args[1], bits, group)
+        tensors = _dequantize_tensors(dq)
+        weights, offsets = packed(tensors, bits, group), tensors[2] is not None
         scales = str(scale.dtype).removeprefix("torch.")
 
         def make_kernel(dtype):
@@ -284,11 +303,11 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
                 return cuda_quantized_kernel(k, n, bits, group, dtype, threshold=kind == "threshold",
                                              scale_dtype=scales)
             return quantized_linear_kernel(k, n, bits, group, dtype, sparse=kind != "dense",
-                                           threshold=kind == "threshold", scale_dtype=scales)
+                                           threshold=kind == "threshold", scale_dtype=scales, offsets=offsets)
 
         return linear_call(importer, x_node, b_node, n, k, kind,
-                           lambda dtype: quantized_kernel_name(kind, k, n, bits, group, dtype, scales), make_kernel,
-                           lambda dtype: weights)
+                           lambda dtype: quantized_kernel_name(kind, k, n, bits, group, dtype, scales, offsets),
+                           make_kernel, lambda dtype: weights)
 
     def convert_linear(node, importer):
         dq = dequantized_weight(node)
@@ -325,15 +344,17 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
         from tvm import te, tirx
 
         bits, group, dtype = int(node.args[2]), int(node.args[3]), str(node.args[4]).removeprefix("torch.")
-        rows, scales = node.args[:2]
-        tied = all(str(getattr(a, "target", "")) == "aten.embedding.default" for a in (rows, scales)) and (
-            rows.args[1] is scales.args[1] and (rows.args[0], scales.args[0]) in linear_weights)
-        if tied:  # gather from the LM head's packed weights: the build keeps one copy of the table
-            return importer.block_builder.emit_te(_gather_packed, importer.env[rows.args[1]],
-                                                  *packed(rows.args[0], scales.args[0], bits, group), bits=bits,
-                                                  group=group, dtype=dtype, rows=int(consts.get(rows.args[0]).shape[0]))
+        gathered = [t for t in _dequantize_tensors(node) if t is not None]  # q's, scale's (, offset's) rows
+        tied = all(str(getattr(a, "target", "")) == "aten.embedding.default" and a.args[1] is gathered[0].args[1]
+                   for a in gathered)
+        tables = (*(a.args[0] for a in gathered), None)[:3] if tied else None
+        if tied and tables in linear_weights:  # gather from the LM head's packed weights: one copy of the table
+            return importer.block_builder.emit_te(_gather_packed, importer.env[gathered[0].args[1]],
+                                                  *packed(tables, bits, group), bits=bits, group=group, dtype=dtype,
+                                                  rows=int(consts.get(tables[0]).shape[0]),
+                                                  offsets=tables[2] is not None)
 
-        def compute(q, s):
+        def compute(q, s, o=None):
             k = q.shape[-1] * (8 // bits)
             size = group or k
 
@@ -345,11 +366,12 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
                     shift = (c % 2 * 4).astype("uint8")
                     v = (tirx.shift_right(q[(*lead, c // 2)], shift) & tirx.const(15, "uint8")).astype(
                         "float32") - tirx.const(8.0, "float32")
-                return (v * s[(*lead, c // size)].astype("float32")).astype(dtype)
+                v = v * s[(*lead, c // size)].astype("float32")
+                return (v if o is None else v + o[(*lead, c // size)].astype("float32")).astype(dtype)
 
             return te.compute([*q.shape[:-1], k], value, name="dequantize")
 
-        return importer.block_builder.emit_te(compute, importer.env[rows], importer.env[scales])
+        return importer.block_builder.emit_te(compute, *(importer.env[t] for t in gathered))
 
     def convert_threshold(node, importer):  # a threshold whose output also feeds non-linear ops
         x = importer.env[node.args[0]]

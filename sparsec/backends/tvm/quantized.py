@@ -9,15 +9,17 @@ one group of ``K``). :func:`pack_quantized` lays them out in the column tiles of
 * int4: ``Wq [NT, K, CT / 2]`` uint8, each 32-column block of a row in 16 bytes: byte ``i`` holds column ``i`` in its
   low nibble and column ``16 + i`` in its high one, as ``value + 8`` (one load, two 16-lane vectors: ``& 15`` and
   ``>> 4``);
-* scales ``S [NT, G, CT]`` in the pass's scale dtype (fp32 or fp16: widened in registers, exactly).
+* scales ``S [NT, G, CT]`` in the pass's scale dtype (fp32 or fp16: widened in registers, exactly); with offsets
+  (``quantize{symmetric=false}``: ``w = q * scale + offset``) ``S [NT, 2G, CT]``, group ``g``'s scales in row ``2g``
+  and its offsets in row ``2g + 1`` (read together).
 
 **Decode** (M = 1, sparse): the compaction pass of the float kernels, per group: the surviving inputs of each group
 are listed together and their sum ``Σx`` is kept. Group-wise, each tile takes a group's surviving rows ``R`` per
 pass and the last ``count % R`` in one more pass, as chunks of 16, 8, ..., 1 rows (padding them to R instead did up
 to R - 1 rows of useless work per group: 10-25 % slower at s = 0.5-0.9; a pass per chunk, 7-12 % slower at s = 0.5
 on Zen 5); a pass sums, per block of columns, its rows' products ``u = Σ_r q[k_r, c] x[k_r]`` in registers (each
-value converted to fp32 there) and adds ``S[g, c] * (u - 8 Σ_r x)`` (int4's offset; 0 for int8) to the
-accumulators: one read of the accumulators and scales per pass. (Summing a whole group into a tile-wide buffer first
+value converted to fp32 there) and adds ``S[g, c] * (u - 8 Σ_r x)`` (int4's stored + 8; 0 for int8), and with offsets
+``O[g, c] Σ_r x``, to the accumulators: one read of the accumulators and scales per pass. (Summing a whole group into a tile-wide buffer first
 and scaling it once per group, the earlier design, costs two more passes over that buffer per group: on a 2-core
 Zen 5, 4096x11008 int4 g32 fp16 scales, 1.04 -> 0.78 ms at s = 0.5, 0.63 -> 0.38 at s = 0.9.) With one group
 (per channel) the rows are padded to a multiple of ``R`` with the last surviving row and value 0, summed straight
@@ -81,9 +83,10 @@ def tile_width(n: int, tiles: int, bits: int) -> int:
     return math.ceil(n / tiles / a) * a
 
 
-def pack_quantized(q, scale, bits: int, *, tiles: int | None = None):
+def pack_quantized(q, scale, bits: int, *, offset=None, tiles: int | None = None):
     """``(Wq, S)`` (module docstring) from the quantize pass's ``q`` (int8 ``[N, K]``, or for 4 bits uint8
-    ``[N, K / 2]``) and ``scale [N, G]``; ``tiles``: NT (default :func:`num_tiles`), the kernel's too."""
+    ``[N, K / 2]``), ``scale [N, G]`` and ``offset [N, G]`` (or None); ``tiles``: NT (default :func:`num_tiles`), the
+    kernel's too."""
     import torch
 
     from sparsec.ops import unpack_int4
@@ -98,6 +101,8 @@ def pack_quantized(q, scale, bits: int, *, tiles: int | None = None):
     if bits == 4:
         u = (w.to(torch.int16) + 8).to(torch.uint8).reshape(nt, k, ct // 32, 2, 16)
         w = (u[:, :, :, 0] | (u[:, :, :, 1] << 4)).reshape(nt, k, ct // 2)
+    if offset is not None:  # [N, G] x 2 -> [N, 2G]: each group's scale, then its offset
+        scale = torch.stack([scale, offset], dim=-1).flatten(-2)
     s = torch.zeros(nt * ct, scale.shape[1], dtype=scale.dtype)
     s[:n] = scale
     return w.contiguous(), s.reshape(nt, ct, -1).permute(0, 2, 1).contiguous()
@@ -105,13 +110,14 @@ def pack_quantized(q, scale, bits: int, *, tiles: int | None = None):
 
 def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float32", *, sparse: bool = True,
                             threshold: bool = False, tiles: int | None = None, rows_per_pass: int | None = None,
-                            splits: int | None = None, scale_dtype: str = "float32"):
+                            splits: int | None = None, scale_dtype: str = "float32", offsets: bool = False):
     """A PrimFunc ``(x [M, K], Wq, S [NT, G, CT], thr [1], bias [N], y [M, N])``, ``M`` symbolic, computing
     ``y = x' @ dequantize(q, S).T + bias``, ``x' = x * (|x| > thr)`` when ``threshold`` else ``x``. ``group``: inputs
     per scale (0: per output channel). ``sparse``: skip the weight rows of zero (or dropped) inputs in decode.
     Schedule (defaults: module docstring): ``tiles`` (NT, as given to :func:`pack_quantized`), ``rows_per_pass`` (R),
     ``splits`` (the decode's kept rows split between that many tasks per tile: per channel its passes, group-wise its
-    groups; each task sums into its own accumulators, added up at the end). ``scale_dtype``: float32 or float16."""
+    groups; each task sums into its own accumulators, added up at the end). ``scale_dtype``: float32 or float16.
+    ``offsets``: the weights have offsets (``S`` holds scale and offset rows, :func:`pack_quantized`)."""
     from tvm.script import tirx as T
 
     if dtype not in DTYPES:
@@ -133,6 +139,10 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
     zero = T.cast(0, dtype)
     offset = T.float32(8 if bits == 4 else 0)
     wtype, wcols = ("int8", ct) if bits == 8 else ("uint8", ct // 2)
+    so = 2 if offsets else 1  # rows of S per group
+
+    def off(s, j, g, c):  # the fp32 offset of group g, column c of tile j (only with offsets)
+        return T.cast(s[j, g * so + 1, c], f32)
 
     def keep(v, t):
         return T.abs(v) > t if threshold else v != zero
@@ -142,9 +152,11 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
 
     def load(w, s, j, i, c, vi):  # the fp32 weight of row i, column c + vi of tile j (c a multiple of VL)
         if bits == 8:
-            return T.cast(w[j, i, c + vi], f32) * T.cast(s[j, i // gs, c + vi], f32)
-        nibble = T.shift_right(w[j, i, c // 32 * 16 + vi], T.cast(c // 16 % 2 * 4, "uint8")) & T.uint8(15)
-        return (T.cast(nibble, f32) - T.float32(8)) * T.cast(s[j, i // gs, c + vi], f32)
+            v = T.cast(w[j, i, c + vi], f32) * T.cast(s[j, i // gs * so, c + vi], f32)
+        else:
+            nibble = T.shift_right(w[j, i, c // 32 * 16 + vi], T.cast(c // 16 % 2 * 4, "uint8")) & T.uint8(15)
+            v = (T.cast(nibble, f32) - T.float32(8)) * T.cast(s[j, i // gs * so, c + vi], f32)
+        return v + off(s, j, i // gs, c + vi) if offsets else v
 
     gemm = gemm_macro(k, n, nt, ct, nr, panel_group(k, ct, nr), dtype, keep, load)
 
@@ -208,12 +220,18 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
 
     @T.macro
     def scale_block(s, acc, u, j, g, vb, xs):
-        for vi in T.vectorized(bw):
-            acc[vb * bw + vi] = acc[vb * bw + vi] + T.cast(s[j, g, vb * bw + vi], f32) * (u[vi] - offset * xs)
+        if offsets:
+            for vi in T.vectorized(bw):
+                acc[vb * bw + vi] = acc[vb * bw + vi] + T.cast(s[j, g * so, vb * bw + vi], f32) * (
+                    u[vi] - offset * xs) + off(s, j, g, vb * bw + vi) * xs
+        else:
+            for vi in T.vectorized(bw):
+                acc[vb * bw + vi] = acc[vb * bw + vi] + T.cast(s[j, g, vb * bw + vi], f32) * (u[vi] - offset * xs)
 
     @T.macro
     def scaled_pass(wq, s, idx, xv, acc, j, g, e, count):
-        """Group-wise: ``acc[c] += S[g, c] * (Σ_r q[idx[e + r], c] x'[e + r] - offset Σ_r x'[e + r])`` over ``count``
+        """Group-wise: ``acc[c] += S[g, c] * (Σ_r q[idx[e + r], c] x'[e + r] - offset Σ_r x'[e + r]) (+ O[g, c] Σ_r
+        x'[e + r])`` over ``count``
         (R, or fewer: then in chunks of 16, 8, ..., 1 rows) compacted rows of group ``g`` from entry ``e``, tile
         ``j``: the rows' sum of each block of columns stays in registers and is scaled once per pass."""
         xs = T.decl_buffer((1,), f32)
@@ -239,7 +257,7 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
 
 
     @T.prim_func(private=True)
-    def f(x_h: T.handle, wq: T.Buffer((nt, k, wcols), wtype), s: T.Buffer((nt, ng, ct), scale_dtype),
+    def f(x_h: T.handle, wq: T.Buffer((nt, k, wcols), wtype), s: T.Buffer((nt, ng * so, ct), scale_dtype),
           thr: T.Buffer((1,), dtype), b: T.Buffer((n,), dtype), y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
@@ -299,6 +317,10 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
                             total[0] = total[0] + accs[(task * ks + q) * ct + c]
                         if ng > 1:
                             y[0, task * ct + c] = T.cast(total[0] + T.cast(b[task * ct + c], f32), dtype)
+                        elif offsets:
+                            y[0, task * ct + c] = T.cast(T.cast(s[task, 0, c], f32) * (total[0] - offset * xsum[0])
+                                                         + off(s, task, 0, c) * xsum[0] + T.cast(b[task * ct + c], f32),
+                                                         dtype)
                         else:
                             y[0, task * ct + c] = T.cast(T.cast(s[task, 0, c], f32) * (total[0] - offset * xsum[0])
                                                          + T.cast(b[task * ct + c], f32), dtype)
@@ -309,8 +331,8 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
 
 
 def quantized_kernel_name(kind: str, k: int, n: int, bits: int, group: int, dtype: str,
-                          scale_dtype: str = "float32") -> str:
+                          scale_dtype: str = "float32", offsets: bool = False) -> str:
     """The module-level name of the quantized linear kernel of ``kind`` (dense, sparse or threshold); fp16 scales
-    add ``s16`` to the format (``int4g32s16``)."""
-    scales = "s16" if scale_dtype == "float16" else ""
+    add ``s16`` to the format (``int4g32s16``), offsets ``o`` (``int4g32s16o``)."""
+    scales = ("s16" if scale_dtype == "float16" else "") + ("o" if offsets else "")
     return f"sparsec_linear_int{bits}g{group}{scales}_{kind}_{k}_{n}_{dtype}"

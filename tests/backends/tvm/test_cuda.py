@@ -46,7 +46,7 @@ def test_quantized_cpu_emulation_matches_reference(bits, group, scales):
     k, n = 640, 1000
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-    q, s = quantize_weight(w, bits, group, scales)
+    q, s, _ = quantize_weight(w, bits, group, scales)
     wq, sp = pack_quantized_cuda(q, s, bits, group)
     dropped = [3, 7] if group else []
     for i in dropped:

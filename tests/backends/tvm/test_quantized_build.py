@@ -39,19 +39,22 @@ def _kinds(manifest):
     return {name.rsplit("_", 3)[0] for name in manifest["kernels"]}
 
 
-def test_int4_teal_llama_generates_like_the_artifact(tmp_path):
-    """Every linear takes the int4 kernel with fp16 scales (the thresholded ones fused, the LM head dense), the
-    weights file is under a quarter of the float32 weights, and 32 greedy tokens equal the artifact's."""
-    art, out, manifest, floats = _build(tmp_path, "llama",
-                                        "quantize{bits=4 group=32 scale_dtype=float16},teal{sparsity=0.5}")
-    assert _kinds(manifest) == {"sparsec_linear_int4g32s16_threshold", "sparsec_linear_int4g32s16_dense"}
+@pytest.mark.parametrize("symmetric,fmt", [("true", "int4g32s16"), ("false", "int4g32s16o")])
+def test_int4_teal_llama_generates_like_the_artifact(tmp_path, symmetric, fmt):
+    """Every linear takes the int4 kernel with fp16 scales (and offsets: symmetric=false; the thresholded ones fused,
+    the LM head dense), the weights file is under a quarter of the float32 weights, and 32 greedy tokens equal the
+    artifact's."""
+    art, out, manifest, floats = _build(tmp_path, "llama", f"quantize{{bits=4 group=32 scale_dtype=float16"
+                                        f" symmetric={symmetric}}},teal{{sparsity=0.5}}")
+    assert _kinds(manifest) == {f"sparsec_linear_{fmt}_threshold", f"sparsec_linear_{fmt}_dense"}
     assert os.path.getsize(os.path.join(out, "params.bin")) < floats / 4
     want = generate(art, PROMPT, max_new_tokens=NEW, ignore_eos=True)
     assert len(set(want[0, PROMPT.shape[1]:].tolist())) > 4  # not one token repeated
     assert torch.equal(generate(out, PROMPT, max_new_tokens=NEW, ignore_eos=True), want)
 
 
-@pytest.mark.parametrize("spec,kind", [("quantize", "int8g0"), ("quantize{bits=4 group=32}", "int4g32")])
+@pytest.mark.parametrize("spec,kind", [("quantize", "int8g0"), ("quantize{bits=4 group=32}", "int4g32"),
+                                       ("quantize{bits=4 group=32 symmetric=false}", "int4g32o")])
 def test_gemma3_tied_embedding_generates_like_the_artifact(tmp_path, spec, kind):
     """Gemma 3's LM head is tied to its embedding: the head takes the quantized kernel, the embedding gathers its
     rows from the head's packed weights (the table is stored once: no [vocab, hidden] integer parameter, one

@@ -21,19 +21,21 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 _CACHE = {}
 
 
-def _kernel(k, n, bits, group, sparse, threshold, tiles=None, splits=1, scale_dtype="float32"):
-    key = (k, n, bits, group, sparse, threshold, tiles, splits, scale_dtype)
+def _kernel(k, n, bits, group, sparse, threshold, tiles=None, splits=1, scale_dtype="float32", offsets=False):
+    key = (k, n, bits, group, sparse, threshold, tiles, splits, scale_dtype, offsets)
     if key not in _CACHE:
         f = quantized_linear_kernel(k, n, bits, group, sparse=sparse, threshold=threshold, tiles=tiles,
-                                    splits=splits, scale_dtype=scale_dtype)
+                                    splits=splits, scale_dtype=scale_dtype, offsets=offsets)
         _CACHE[key] = tvm.compile(f.with_attr("global_symbol", "main"), cpu_target())["main"]
     return _CACHE[key]
 
 
-def _weights(k, n, bits, group, g, scale_dtype=torch.float32):
-    w = torch.randn(n, k, generator=g)
-    q, s = quantize_weight(w, bits, group, scale_dtype)
-    return q, s, torch.randn(n, generator=g)
+def _weights(k, n, bits, group, g, scale_dtype=torch.float32, symmetric=True):
+    """(q, scale, bias, offset): offset None when ``symmetric``; else the weights lie around 0.3, not 0, so the
+    offsets matter."""
+    w = torch.randn(n, k, generator=g) + (0.0 if symmetric else 0.3)
+    q, s, o = quantize_weight(w, bits, group, scale_dtype, symmetric=symmetric)
+    return q, s, torch.randn(n, generator=g), o
 
 
 def _input(m, k, sparsity, g):
@@ -43,41 +45,44 @@ def _input(m, k, sparsity, g):
     return x
 
 
-def _run(x, q, s, b, bits, group, sparse, thr=None, tiles=None, splits=1):
+def _run(x, q, s, b, bits, group, sparse, thr=None, tiles=None, splits=1, o=None):
     n = q.shape[0]
     k = x.shape[1]
-    wq, sp = pack_quantized(q, s, bits, tiles=tiles)
+    wq, sp = pack_quantized(q, s, bits, offset=o, tiles=tiles)
     y = torch.full((x.shape[0], n), float("nan"))
-    kernel = _kernel(k, n, bits, group, sparse, thr is not None, tiles, splits, str(s.dtype).removeprefix("torch."))
+    kernel = _kernel(k, n, bits, group, sparse, thr is not None, tiles, splits, str(s.dtype).removeprefix("torch."),
+                     o is not None)
     kernel(x, wq, sp, torch.tensor([thr or 0.0]), b, y)
     return y
 
 
-def _reference(x, q, s, b, bits, group, thr=None):
+def _reference(x, q, s, b, bits, group, thr=None, o=None):
     xt = x * (x.abs() > thr) if thr is not None else x
-    y = torch.nn.functional.linear(xt, DEQUANTIZE(q, s, bits, group, torch.float32), b)
+    y = torch.nn.functional.linear(xt, DEQUANTIZE(q, s, bits, group, torch.float32, o), b)
     return y, y.abs().max()
 
 
-@pytest.mark.parametrize("bits,group,k,n,tiles,splits,scales", [
-    (8, 0, 96, 300, None, 1, "float32"), (8, 32, 128, 200, None, 2, "float16"), (4, 32, 128, 300, None, 1, "float32"),
-    (4, 16, 64, 100, 3, 3, "float16"), (4, 0, 96, 64, 1, 2, "float32"), (8, 16, 64, 300, 4, 1, "float32"),
-    (8, 0, 200, 300, 1, 2, "float16")])
-def test_matches_dequantize_then_linear(bits, group, k, n, tiles, splits, scales):
+@pytest.mark.parametrize("bits,group,k,n,tiles,splits,scales,symmetric", [
+    (8, 0, 96, 300, None, 1, "float32", True), (8, 32, 128, 200, None, 2, "float16", True),
+    (4, 32, 128, 300, None, 1, "float32", True), (4, 16, 64, 100, 3, 3, "float16", True),
+    (4, 0, 96, 64, 1, 2, "float32", True), (8, 16, 64, 300, 4, 1, "float32", True),
+    (8, 0, 200, 300, 1, 2, "float16", True), (4, 32, 128, 300, None, 2, "float16", False),
+    (4, 0, 96, 64, 1, 2, "float32", False), (8, 16, 64, 300, 4, 1, "float32", False)])
+def test_matches_dequantize_then_linear(bits, group, k, n, tiles, splits, scales, symmetric):
     """Every path (M = 1 sparse / threshold / dense, M = 3, M = 20) equals the torch reference to fp32 rounding,
     relative to the output's scale; with the rows split between tasks too (``splits``: per channel the row passes,
-    group-wise the groups, 3 parts of 4 groups unevenly), fp32 and fp16 scales."""
+    group-wise the groups, 3 parts of 4 groups unevenly), fp32 and fp16 scales, with and without offsets."""
     g = torch.Generator().manual_seed(bits * 100 + group)
-    q, s, b = _weights(k, n, bits, group, g, getattr(torch, scales))
+    q, s, b, o = _weights(k, n, bits, group, g, getattr(torch, scales), symmetric)
     for m, sparsity in [(1, 0.0), (1, 0.5), (1, 0.9), (1, 1.0), (3, 0.5), (20, 0.5)]:
         x = _input(m, k, sparsity, g)
-        want, scale = _reference(x, q, s, b, bits, group)
+        want, scale = _reference(x, q, s, b, bits, group, o=o)
         for sparse in (True, False):
-            torch.testing.assert_close(_run(x, q, s, b, bits, group, sparse, tiles=tiles, splits=splits) / scale,
+            torch.testing.assert_close(_run(x, q, s, b, bits, group, sparse, tiles=tiles, splits=splits, o=o) / scale,
                                        want / scale, **TOL)
-        want, scale = _reference(x, q, s, b, bits, group, thr=0.5)
-        torch.testing.assert_close(_run(x, q, s, b, bits, group, True, thr=0.5, tiles=tiles, splits=splits) / scale,
-                                   want / scale, **TOL)
+        want, scale = _reference(x, q, s, b, bits, group, thr=0.5, o=o)
+        torch.testing.assert_close(_run(x, q, s, b, bits, group, True, thr=0.5, tiles=tiles, splits=splits, o=o)
+                                   / scale, want / scale, **TOL)
 
 
 @pytest.mark.parametrize("bits,rows", [(4, 16), (8, 32), (4, 4), (8, 1)])
@@ -87,7 +92,7 @@ def test_every_survivor_count_of_a_group(bits, rows):
     power of two up to 32."""
     k, n, group = 32 * 32, 64, 32
     g = torch.Generator().manual_seed(11)
-    q, s, b = _weights(k, n, bits, group, g)
+    q, s, b, _ = _weights(k, n, bits, group, g)
     x = torch.randn(1, k, generator=g)
     for grp in range(32):
         x[0, grp * group + grp:(grp + 1) * group] = 0
@@ -109,7 +114,7 @@ def test_sparse_kernel_skips_groups_of_zero_inputs(bits):
     (Integer weights cannot be NaN, so skipped rows of a per-channel layer cannot be told apart by their output.)"""
     k, n, group = 128, 96, 32
     g = torch.Generator().manual_seed(7)
-    q, s, b = _weights(k, n, bits, group, g)
+    q, s, b, _ = _weights(k, n, bits, group, g)
     x = _input(1, k, 0.0, g)
     x[0, 32:64] = 0
     x[0, 96:128] = 0.25
