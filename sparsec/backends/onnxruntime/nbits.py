@@ -11,6 +11,10 @@ holds the packed weight and any ONNX Runtime with the contrib ops (CPU, CUDA, Di
   zero point 128). q itself stays only where an embedding still gathers it (a tied LM head's table: stored twice);
 - ``scales``: float32 ``[N * K / block]`` (float16 scales cast, exactly), each group's scale repeated over its
   blocks;
+- ``zero_points`` (weights with offsets, ``quantize{symmetric=false}``: ``w = q * scale + offset``): float32 like
+  ``scales``, ``8 - offset / scale`` (MatMulNBits computes ``(stored - zero_point) * scale``): equal to the torch
+  weights within float32 rounding, not bit for bit. A layer with a scale 0 beside a nonzero offset (a constant group)
+  cannot be written so and keeps the standard ops;
 - ``block_size``: the largest of :data:`BLOCKS` (ONNX Runtime's fast CPU block sizes) dividing the group (K with
   one scale per row); the same weights, bit for bit. When none divides, the layer keeps the standard ops;
 - ``accuracy_level`` 0: float32 compute; outputs match torch within float32 summation order (1e-4).
@@ -47,11 +51,13 @@ _SMALL = 16
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """The ``sparsec::dequantize`` of a linear layer's weight: q's initializer is the key, ``scale`` the scale's."""
+    """The ``sparsec::dequantize`` of a linear layer's weight: q's initializer is the key, ``scale`` the scale's,
+    ``offset`` the offset's (None without)."""
 
     scale: str
     bits: int
     group: int
+    offset: str | None = None
 
 
 def block_size(group: int, k: int) -> int | None:
@@ -59,16 +65,26 @@ def block_size(group: int, k: int) -> int | None:
     return next((b for b in BLOCKS if (group or k) % b == 0), None)
 
 
-def pack(q: np.ndarray, scale: np.ndarray, bits: int, group: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(B, scales)`` of MatMulNBits computing ``dequantize(q, scale, bits, group)`` (:mod:`sparsec.ops`) in blocks
-    of ``block`` (a divisor of the group): B uint8 ``[N, K / block, block * bits / 8]``, scales float32
-    ``[N * K / block]``."""
+def pack(q: np.ndarray, scale: np.ndarray, bits: int, group: int, block: int,
+         offset: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """``(B, scales)``, with ``offset`` ``(B, scales, zero_points)``, of MatMulNBits computing ``dequantize(q, scale,
+    bits, group, offset)`` (:mod:`sparsec.ops`) in blocks of ``block`` (a divisor of the group): B uint8 ``[N, K /
+    block, block * bits / 8]``, scales and zero points float32 ``[N * K / block]``."""
     n = q.shape[0]
     k = q.shape[1] * 8 // bits
     data = q.view(np.uint8) ^ 0x80 if bits == 8 else q  # int8 v -> uint8 v + 128
+
+    def per_block(v):
+        return np.repeat(v, (group or k) // block, axis=1).reshape(-1)
+
     b = np.ascontiguousarray(data, dtype=np.uint8).reshape(n, k // block, block * bits // 8)
-    scales = np.repeat(scale.astype(np.float32), (group or k) // block, axis=1).reshape(-1)
-    return b, scales
+    scale = scale.astype(np.float32)
+    if offset is None:
+        return b, per_block(scale)
+    zero = 2.0 ** (bits - 1)  # the stored value of q = 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        points = np.where(scale != 0, zero - offset.astype(np.float32) / scale, zero).astype(np.float32)
+    return b, per_block(scale), per_block(points)
 
 
 def quantized_weights(program) -> dict[str, QuantizedWeight]:
@@ -83,12 +99,13 @@ def quantized_weights(program) -> dict[str, QuantizedWeight]:
     names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
     found = {}
     for node in program.graph.nodes:
-        if node.op != "call_function" or node.target is not DEQUANTIZE or len(node.args) != 5:
+        if node.op != "call_function" or node.target is not DEQUANTIZE or node.kwargs:
             continue
-        q, scale, bits, group, dtype = node.args
+        q, scale, bits, group, dtype, offset = (*node.args, None)[:6]
         if (dtype == torch.float32 and node.users and all(_weight_use(u, node) for u in node.users)
-                and getattr(q, "name", None) in names and getattr(scale, "name", None) in names):
-            found[names[q.name]] = QuantizedWeight(names[scale.name], bits, group)
+                and all(getattr(t, "name", None) in names for t in (q, scale, offset) if t is not None)):
+            found[names[q.name]] = QuantizedWeight(names[scale.name], bits, group,
+                                                   names[offset.name] if offset is not None else None)
     return found
 
 
@@ -125,9 +142,10 @@ def apply_matmul_nbits(model, program) -> dict:
         qs = [v for v in reads if v.name in weights]
         w = weights[qs[0].name] if len(qs) == 1 else None
         scale = model.graph.initializers.get(w.scale) if w else None
+        offset = model.graph.initializers.get(w.offset) if w and w.offset else None
         k, n = lin.shape
-        if (w is None or scale is None or scale not in reads
-                or any(v.const_value.size > _SMALL for v in reads if v is not qs[0] and v is not scale)
+        if (w is None or scale is None or scale not in reads or (w.offset and offset not in reads)
+                or any(v.const_value.size > _SMALL for v in reads if v not in (qs[0], scale, offset))
                 or list(qs[0].shape) != [n, k * w.bits // 8]
                 or list(scale.shape) != [n, k // w.group if w.group else 1]):
             info["standard"].append({"layer": lin.layer, "reason": "its weight is not one dequantize of a linear"})
@@ -140,12 +158,19 @@ def apply_matmul_nbits(model, program) -> dict:
             info["standard"].append({"layer": lin.layer, "reason": f"no block of {', '.join(map(str, BLOCKS))}"
                                      f" divides its {'group of ' + str(w.group) if w.group else str(k) + ' inputs'}"})
             continue
+        if offset is not None and bool(((scale.const_value.numpy() == 0) & (offset.const_value.numpy() != 0)).any()):
+            info["standard"].append({"layer": lin.layer, "reason": "a group of equal weights (scale 0, offset not 0)"
+                                     " has no MatMulNBits zero point"})
+            continue
         q = qs[0]
         if q.name not in made:
-            b, s = pack(q.const_value.numpy(), scale.const_value.numpy(), w.bits, w.group, block)
-            made[q.name] = tuple(_initializer(model, f"{v.name}_nbits", a) for v, a in ((q, b), (scale, s)))
-        b, s = made[q.name]
-        inputs = [lin.x, b, s] + ([None, None, lin.bias] if lin.bias is not None else [])
+            arrays = pack(q.const_value.numpy(), scale.const_value.numpy(), w.bits, w.group, block,
+                          None if offset is None else offset.const_value.numpy())
+            made[q.name] = tuple(_initializer(model, f"{v.name}_nbits", a) for v, a in zip((q, scale, offset), arrays))
+        b, s, *zero_points = made[q.name]
+        inputs = [lin.x, b, s, *zero_points]
+        if lin.bias is not None:
+            inputs += [None] * (5 - len(inputs)) + [lin.bias]
         attributes = ir.convenience.convert_attributes(dict(K=k, N=n, bits=w.bits, block_size=block,
                                                             accuracy_level=0))
         node = ir.Node(DOMAIN, "MatMulNBits", inputs, attributes, name=f"{lin.matmul.name}_nbits", num_outputs=1)

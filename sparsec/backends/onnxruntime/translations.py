@@ -102,9 +102,9 @@ def _threshold_prefill():
 
 @register_translation("sparsec::dequantize")
 def _dequantize():
-    """``float32(q) * float32(scale)`` per group along the last axis, cast to ``dtype`` (:mod:`sparsec.ops`), in
-    standard opset-18 ops; bit-identical with the torch kernel (exact integer values, one float32 multiply per weight,
-    then the same rounding cast). 4 bits: ``BitwiseAnd(q, 15)`` (even k) and ``BitShift(q, 4)`` (odd k) interleaved
+    """``float32(q) * float32(scale) (+ float32(offset))`` per group along the last axis, cast to ``dtype``
+    (:mod:`sparsec.ops`), in standard opset-18 ops; bit-identical with the torch kernel (exact integer values, one
+    float32 multiply (and add) per weight, then the same rounding cast). 4 bits: ``BitwiseAnd(q, 15)`` (even k) and ``BitShift(q, 4)`` (odd k) interleaved
     by ``Concat`` / ``Reshape``, minus 8. A group of ``group`` weights shares a scale through a ``Reshape`` to
     ``[..., K / group, group]`` (the scale ``Unsqueeze``d to ``[..., K / group, 1]``) and back. Leading dimensions may
     be anything, dynamic too: a constant weight ``[N, K]`` or gathered embedding rows ``[B, S, K]``; every target
@@ -114,7 +114,7 @@ def _dequantize():
     optimizer from folding it into a float32 initializer (the .onnx file stores the packed integers)."""
     from onnxscript import opset18 as op
 
-    def dequantize(q, scale, bits: int, group: int, dtype: int):
+    def dequantize(q, scale, bits: int, group: int, dtype: int, offset=None):
         leading = op.Shape(q, end=-1)
         last = op.Shape(q, start=-1)  # K (8 bits) or K / 2 (4 bits)
         if bits == 4:
@@ -128,13 +128,18 @@ def _dequantize():
         else:
             values = op.Cast(q, to=1)  # FLOAT
         s = op.Cast(scale, to=1)
+        o = None if offset is None else op.Cast(offset, to=1)
         if group:
             grouped = op.Reshape(values, op.Concat(leading, op.Shape(scale, start=-1),
                                                    op.Constant(value_ints=[group]), axis=0))
-            w = op.Reshape(op.Mul(grouped, op.Unsqueeze(s, op.Constant(value_ints=[-1]))),
-                           op.Concat(leading, last, axis=0))
+            w = op.Mul(grouped, op.Unsqueeze(s, op.Constant(value_ints=[-1])))
+            if o is not None:
+                w = op.Add(w, op.Unsqueeze(o, op.Constant(value_ints=[-1])))
+            w = op.Reshape(w, op.Concat(leading, last, axis=0))
         else:
             w = op.Mul(values, s)  # s [..., 1] broadcasts over each row
+            if o is not None:
+                w = op.Add(w, o)
         return op.Cast(w, to=dtype)
 
     return dequantize

@@ -34,10 +34,11 @@ INT4 = "quantize{bits=4 group=32}"
 PROMPT = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(1))
 NEW = 32
 
-#: (bits, group, scale dtype, output dtype) of the translation test
-CASES = [(8, 0, torch.float32, torch.float32), (8, 32, torch.float16, torch.float32),
-         (4, 32, torch.float32, torch.float32), (4, 0, torch.float16, torch.float32),
-         (8, 16, torch.float32, torch.float16), (4, 16, torch.float16, torch.float16)]
+#: (bits, group, scale dtype, output dtype, offsets) of the translation test
+CASES = [(8, 0, torch.float32, torch.float32, False), (8, 32, torch.float16, torch.float32, False),
+         (4, 32, torch.float32, torch.float32, False), (4, 0, torch.float16, torch.float32, False),
+         (8, 16, torch.float32, torch.float16, False), (4, 16, torch.float16, torch.float16, False),
+         (4, 32, torch.float16, torch.float32, True), (8, 0, torch.float32, torch.float32, True)]
 
 
 class _Dequantized(nn.Module):
@@ -47,22 +48,23 @@ class _Dequantized(nn.Module):
     def __init__(self):
         super().__init__()
         g = torch.Generator().manual_seed(3)
-        for i, (bits, group, scale_dtype, _) in enumerate(CASES):
+        for i, (bits, group, scale_dtype, _, offsets) in enumerate(CASES):
             if bits == 8:
                 q = torch.randint(-128, 128, (10, 64), generator=g, dtype=torch.int8)
             else:
                 q = torch.randint(0, 256, (10, 32), generator=g).to(torch.uint8)
             self.register_buffer(f"q{i}", q)
-            self.register_buffer(f"s{i}", (torch.randn(10, 64 // group if group else 1, generator=g) * 0.05)
-                                 .to(scale_dtype))
+            for name in ("s", "o") if offsets else ("s",):
+                self.register_buffer(f"{name}{i}", (torch.randn(10, 64 // group if group else 1, generator=g)
+                                                    * 0.05).to(scale_dtype))
 
     def forward(self, ids):
         out = []
-        for i, (bits, group, _, dtype) in enumerate(CASES):
-            q, s = getattr(self, f"q{i}"), getattr(self, f"s{i}")
-            out.append(DEQUANTIZE(q, s, bits, group, dtype))
-            rows = nn.functional.embedding(ids, q), nn.functional.embedding(ids, s)
-            out.append(DEQUANTIZE(*rows, bits, group, dtype))
+        for i, (bits, group, _, dtype, offsets) in enumerate(CASES):
+            tensors = [getattr(self, f"{name}{i}") for name in (("q", "s", "o") if offsets else ("q", "s"))]
+            out.append(DEQUANTIZE(*tensors[:2], bits, group, dtype, *tensors[2:]))
+            rows = [nn.functional.embedding(ids, t) for t in tensors]
+            out.append(DEQUANTIZE(*rows[:2], bits, group, dtype, *rows[2:]))
         return tuple(out)
 
 
@@ -110,7 +112,7 @@ def _logits(out):
 def test_translation_is_bit_exact(tmp_path):
     """ORT's dequantized weights equal the torch op's bit for bit (float32 and float16 outputs, float32 / float16
     scales, int8 / int4, per channel / group), for a constant weight and for gathered rows of dynamic shape (empty
-    too); the file keeps q as int8 / uint8 and stores no dequantized copy."""
+    too), with and without offsets; the file keeps q as int8 / uint8 and stores no dequantized copy."""
     from sparsec.backends.onnxruntime import export_onnx, onnx_session
 
     module = _Dequantized()
@@ -120,11 +122,11 @@ def test_translation_is_bit_exact(tmp_path):
     path = tmp_path / "dq.onnx"
     export_onnx(program, path)
     inits = _initializers(path)
-    for i, (bits, group, scale_dtype, _) in enumerate(CASES):
+    for i, (bits, group, *_) in enumerate(CASES):
         assert inits[f"q{i}"] == (("INT8", [10, 64]) if bits == 8 else ("UINT8", [10, 32]))
     assert not [n for n, (t, d) in inits.items() if int(np.prod(d)) >= 10 * 64 and t not in ("INT8", "UINT8")]
     ops = _ops(path)
-    assert ops["BitwiseAnd"] == ops["BitShift"] == 6  # 3 int4 cases, a weight and gathered rows each
+    assert ops["BitwiseAnd"] == ops["BitShift"] == 8  # 4 int4 cases, a weight and gathered rows each
     session = onnx_session(str(path))
     name = session.get_inputs()[0].name
     for x in (ids, torch.randint(0, 10, (1, 5)), torch.zeros(1, 0, dtype=torch.long)):
@@ -152,14 +154,16 @@ BLOCKS = [("quantize{bits=4}", {"a": 32, "b": None, "c": 64}),
           ("quantize{bits=4 group=8 scale_dtype=float16}", {"a": None, "b": None, "c": None}),  # 8 < 16
           ("quantize{bits=4 group=16 scale_dtype=float16 ignore={b}}", {"a": 16, "c": 16}),
           ("quantize{bits=4 group=32 ignore={b}}", {"a": 32, "c": 32}),
+          ("quantize{bits=4 group=32 symmetric=false ignore={b}}", {"a": 32, "c": 32}),  # float zero points
+          ("quantize{bits=4 symmetric=false ignore={b}}", {"a": 32, "c": 64}),
           ("quantize{group=32 ignore={b}}", {"a": None, "c": None})]
 
 
 @pytest.mark.parametrize("spec,blocks", BLOCKS)
 def test_matmulnbits_block_choice(spec, blocks, tmp_path):
     """Each 4-bit quantized linear takes MatMulNBits with the largest of ONNX Runtime's blocks dividing its group
-    (its K per channel: also when K is no power of two) and keeps the standard ops when none does, and so does every
-    8-bit one, recorded in the metadata; ORT's outputs equal torch's within 1e-4, in either form, on a batch and on
+    (its K per channel: also when K is no power of two; with offsets, float zero points) and keeps the standard ops
+    when none does, and so does every 8-bit one, recorded in the metadata; ORT's outputs equal torch's within 1e-4, in either form, on a batch and on
     one row."""
     from sparsec.backends.onnxruntime import export_onnx, onnx_session
 
@@ -181,6 +185,8 @@ def test_matmulnbits_block_choice(spec, blocks, tmp_path):
             assert sorted((a["K"], a["block_size"]) for a in attributes) == sorted(
                 ({"a": 96, "c": 64}[m], b) for m, b in taken.items())
             assert all(a["bits"] == bits and a["accuracy_level"] == 0 for a in attributes)
+            zero_points = [len(n.input) > 3 and bool(n.input[3]) for n in nodes]  # offsets: float zero points
+            assert zero_points == [("symmetric=false" in spec)] * len(nodes)
             assert [e["layer"] for e in meta["standard"]] == [m for m, b in blocks.items() if b is None]
             if bits == 8:
                 assert {e["reason"] for e in meta["standard"]} == {"8-bit weights keep the standard ops"}
