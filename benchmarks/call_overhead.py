@@ -85,8 +85,8 @@ def main(argv=None) -> None:
              " | numpy input µs | overhead µs |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} ({r['MB']:.0f}) | {r['bare VM call']:.0f} | {r['DLPack in and out overhead']:.0f} |"
-                     f" {r['torch input']:.0f} |"
+        lines.append(f"| {r['shape']} ({r['MB']:.0f}) | {r['bare VM call']:.0f} |"
+                     f" {r['DLPack in and out overhead']:.0f} | {r['torch input']:.0f} |"
                      f" {r['torch input overhead']:.0f} | {r['numpy input']:.0f} | {r['numpy input overhead']:.0f} |")
     text = "\n".join(lines)
     print(text)

@@ -8,8 +8,9 @@ For each weight shape (K inputs x N outputs) and weight format, one process run 
   * "read W": the faster of ``torch.sum`` and a TVM streaming-read kernel (one contiguous chunk per thread, 8
     independent vector accumulators) over a tensor with as many bytes as W: the machine's read bandwidth now
 For a quantized format (``int8``: per output channel, ``int8g32`` / ``int4g32``: a scale per 32 inputs, fp32, or
-fp16 with ``s16``: ``int4g32s16``; ORT's MatMulNBits takes fp32 scales of the same values; the
-``quantize`` pass's round-to-nearest weights, sparsec's quantized kernels of :mod:`sparsec.backends.tvm.quantized`)
+fp16 with ``s16``: ``int4g32s16``; ``o``: an offset per group too, ``int4g32s16o``, ``quantize{symmetric=false}``;
+ORT's MatMulNBits takes fp32 scales (and zero points) of the same values; the ``quantize`` pass's round-to-nearest
+weights, sparsec's quantized kernels of :mod:`sparsec.backends.tvm.quantized`)
 the dense peers are the same-bit TVM dense kernel (every row read) and ONNX Runtime's ``MatMulNBits`` (group-wise
 formats; 4 bits, or 8 where this ORT has it), "read W" reads as many bytes as the packed weights and scales, and
 the ``torch F.linear`` column is the float32 layer's (the cost of not quantizing).
@@ -81,12 +82,12 @@ def main():
 
 
 def quantized_format(dtype):
-    """``(bits, group, scale dtype)`` of a quantized weight format name (``int8``, ``int4g32``; ``s16``: fp16 scales,
-    ``int4g32s16``), None for a float dtype."""
+    """``(bits, group, scale dtype, offsets)`` of a quantized weight format name (``int8``, ``int4g32``; ``s16``: fp16
+    scales, ``int4g32s16``; ``o``: offsets, ``int4g32s16o``), None for a float dtype."""
     import re
 
-    match = re.fullmatch(r"int([48])(?:g(\d+))?(s16)?", dtype)
-    return (int(match[1]), int(match[2] or 0), "float16" if match[3] else "float32") if match else None
+    match = re.fullmatch(r"int([48])(?:g(\d+))?(s16)?(o)?", dtype)
+    return (int(match[1]), int(match[2] or 0), "float16" if match[3] else "float32", bool(match[4])) if match else None
 
 
 def _kernels(tvm, target, torch, w, dtype, scheduler):
@@ -109,11 +110,11 @@ def _kernels(tvm, target, torch, w, dtype, scheduler):
             kernels.append((build(linear_kernel(k, n, dtype, sparse=sparse, **args)),
                             [pack_weight(wt, tiles=args["tiles"])]))
         return *kernels, dtype
-    bits, group, scales = fmt
-    q, scale, _ = quantize_weight(w, bits, group, getattr(torch, scales))
-    operands = list(pack_quantized(q, scale, bits))
-    return *((build(quantized_linear_kernel(k, n, bits, group, sparse=s, scale_dtype=scales)), operands)
-             for s in (True, False)), "float32"
+    bits, group, scales, offsets = fmt
+    q, scale, offset = quantize_weight(w, bits, group, getattr(torch, scales), symmetric=not offsets)
+    operands = list(pack_quantized(q, scale, bits, offset=offset))
+    return *((build(quantized_linear_kernel(k, n, bits, group, sparse=s, scale_dtype=scales, offsets=offsets)),
+              operands) for s in (True, False)), "float32"
 
 
 def bench_one(tvm, target, np, torch, flush, k, n, dtype, rounds, threads, scheduler):
@@ -149,7 +150,8 @@ def bench_one(tvm, target, np, torch, flush, k, n, dtype, rounds, threads, sched
     if dtype == "float32":
         ms["ORT MatMul"] = _ort(np, flush, _matmul(np, w), xs[0.0], rounds, threads)
     elif quantized_format(dtype) and quantized_format(dtype)[1]:
-        node = _matmul_nbits(np, torch, w, *quantized_format(dtype)[:2])
+        bits, group, _, offsets = quantized_format(dtype)
+        node = _matmul_nbits(np, torch, w, bits, group, offsets)
         if node is not None:
             ms["ORT MatMul"] = _ort(np, flush, node, xs[0.0], rounds, threads)
     return {"k": k, "n": n, "dtype": dtype, "mb": nbytes / 1e6, "ms": ms}
@@ -192,9 +194,10 @@ def _matmul(np, w):
             [numpy_helper.from_array(np.ascontiguousarray(w.float().numpy().T), "wt")], *w.shape)
 
 
-def _matmul_nbits(np, torch, w, bits, group):
+def _matmul_nbits(np, torch, w, bits, group, offsets=False):
     """``com.microsoft.MatMulNBits`` of the same round-to-nearest weights (zero point 2^(bits-1), ORT's default: the
-    ``quantize`` pass's symmetric values + 2^(bits-1)), or None when this ONNX Runtime has no such kernel."""
+    ``quantize`` pass's symmetric values + 2^(bits-1); with ``offsets`` float zero points as the export writes them),
+    or None when this ONNX Runtime has no such kernel."""
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
@@ -204,11 +207,12 @@ def _matmul_nbits(np, torch, w, bits, group):
     if bits == 8 and tuple(int(v) for v in ort.__version__.split(".")[:2]) < (1, 20):
         return None
     n, k = w.shape
-    q, scale, _ = quantize_weight(w.float(), bits, group, torch.float32)
-    blob, scales = pack(q.numpy(), scale.numpy(), bits, group, group)  # the export's packing (int4: q as it is)
-    node = helper.make_node("MatMulNBits", ["x", "wq", "scales"], ["y"], domain="com.microsoft", K=k, N=n,
-                            bits=bits, block_size=group)
-    return node, [numpy_helper.from_array(blob, "wq"), numpy_helper.from_array(scales, "scales")], n, k
+    q, scale, offset = quantize_weight(w.float(), bits, group, torch.float32, symmetric=not offsets)
+    arrays = pack(q.numpy(), scale.numpy(), bits, group, group, None if offset is None else offset.numpy())
+    names = ["wq", "scales", "zero_points"][:len(arrays)]  # the export's packing (int4: q as it is)
+    node = helper.make_node("MatMulNBits", ["x", *names], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=group)
+    return node, [numpy_helper.from_array(a, name) for name, a in zip(names, arrays)], n, k
 
 
 def _ort(np, flush, graph_node, xs, rounds, threads):

@@ -318,7 +318,8 @@ def _llamacpp_perplexity(gguf: str, ids: list[list[int]]) -> dict:
         log_z = top + np.log(np.exp(logits - top[:, None]).sum(1))
         nll += float((log_z - logits[np.arange(len(row) - 1), row[1:]]).sum())
         count += len(row) - 1
-    return {"perplexity": math.exp(nll / count), "tokens": count, "runtime": f"llama-cpp-python {llama_cpp.__version__}"}
+    return {"perplexity": math.exp(nll / count), "tokens": count,
+            "runtime": f"llama-cpp-python {llama_cpp.__version__}"}
 
 
 def llamacpp_perplexity(path: pathlib.Path, gguf_type: str, ids) -> dict:

@@ -24,14 +24,14 @@ and a backend that matches ``sparsec::threshold`` to fuse it into a sparse kerne
 Thresholded positions compute exactly ``x * (|x| > t)``, passed ones are ``x`` bit for bit. Same fake kernel and
 straight-mask gradient as ``sparsec::threshold``.
 
-``sparsec::dequantize(Tensor q, Tensor scale, int bits, int group, ScalarType dtype, Tensor? offset=None) -> Tensor``
-is the weight of a layer the ``quantize`` pass quantized: ``w[..., k] = float32(q[..., k]) * float32(scale[..., k //
+``sparsec::dequantize(Tensor q, Tensor scale, int bits, int group, ScalarType dtype, Tensor? offset=None) -> Tensor`` is
+the weight of a layer the ``quantize`` pass quantized: ``w[..., k] = float32(q[..., k]) * float32(scale[..., k //
 group])`` (``group 0``: ``scale[..., 0]``, one scale per row, i.e. per output channel of a linear weight ``[N, K]``),
 plus ``float32(offset[..., k // group])`` when given (asymmetric quantization: ``offset`` has the shape and dtype of
-``scale``), cast to ``dtype``. ``bits=8``: ``q`` is int8 ``[..., K]``. ``bits=4``: ``q`` is uint8 ``[..., K / 2]``, two values per
-byte, the even ``k`` in the low nibble, each stored as ``value + 8`` (ONNX Runtime's ``MatMulNBits`` layout with its
-default zero point 8). A linear layer computes ``linear(x, dequantize(q, s, ...), b)``; an embedding gathers rows of
-``q`` and ``scale`` first and dequantizes only those (:mod:`sparsec.passes.quantize`). No gradient: quantized
+``scale``), cast to ``dtype``. ``bits=8``: ``q`` is int8 ``[..., K]``. ``bits=4``: ``q`` is uint8 ``[..., K / 2]``, two
+values per byte, the even ``k`` in the low nibble, each stored as ``value + 8`` (ONNX Runtime's ``MatMulNBits`` layout
+with its default zero point 8). A linear layer computes ``linear(x, dequantize(q, s, ...), b)``; an embedding gathers
+rows of ``q`` and ``scale`` first and dequantizes only those (:mod:`sparsec.passes.quantize`). No gradient: quantized
 weights are frozen.
 """
 from __future__ import annotations

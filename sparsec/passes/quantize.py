@@ -34,16 +34,16 @@ class QuantizeConfig(PassConfig):
     """Quantize the weights of linear layers and embedding tables to 8 or 4 bits (weight-only, symmetric or with
     offsets; rtn, mse or GPTQ), computed as sparsec::dequantize(q, scale[, offset]) then the original op.
 
-    Per group of `group` consecutive weights along the input dimension (a linear's in-features, an embedding's
-    hidden size; 0 = one group per output row) one scale, and w ≈ q * scale with q in [-2^(bits-1), 2^(bits-1) - 1],
-    stored as int8, or for 4 bits two per byte (ONNX Runtime's MatMulNBits layout); symmetric=false: also one offset
-    per group, w ≈ q * scale + offset (the 2^bits levels spread over the group's range instead of around 0). method=rtn: scale = max|w| /
-    (2^(bits-1) - 1), q = round(w / scale); mse (default): the scale of least squared error among rtn's and a grid
-    (group_scales); gptq: GPTQ on the calibration data, block by block in graph order (gptq_weight, _gptq). The
-    model computes with w' = q * scale, so every later pass (teal, cats: run them after this one, they calibrate on
-    the quantized model) and every backend sees the quantized weights. A weight shared by several layers (a tied LM
-    head and embedding) is quantized once. Run rotate, prune and fold before it: they change the weights. Reported
-    per weight: the relative error ||W - w'|| / ||W|| and the bytes before and after.
+    Per group of `group` consecutive weights along the input dimension (a linear's in-features, an embedding's hidden
+    size; 0 = one group per output row) one scale, and w ≈ q * scale with q in [-2^(bits-1), 2^(bits-1) - 1], stored as
+    int8, or for 4 bits two per byte (ONNX Runtime's MatMulNBits layout); symmetric=false: also one offset per group, w
+    ≈ q * scale + offset (the 2^bits levels spread over the group's range instead of around 0). method=rtn: scale =
+    max|w| / (2^(bits-1) - 1), q = round(w / scale); mse (default): the scale of least squared error among rtn's and a
+    grid (group_scales); gptq: GPTQ on the calibration data, block by block in graph order (gptq_weight, _gptq). The
+    model computes with w' = q * scale, so every later pass (teal, cats: run them after this one, they calibrate on the
+    quantized model) and every backend sees the quantized weights. A weight shared by several layers (a tied LM head and
+    embedding) is quantized once. Run rotate, prune and fold before it: they change the weights. Reported per weight:
+    the relative error ||W - w'|| / ||W|| and the bytes before and after.
     """
 
     bits: int = option(8, help="bits per weight: 8 or 4")
@@ -433,8 +433,8 @@ def _write(w: _Weight, quantized: tuple, bits: int, group: int) -> None:
 
 
 def _gptq(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext, weights: list[_Weight],
-          scale_dtype: torch.dtype) -> tuple[dict, dict]:
-    """``({id(param): (q, scale, offset)}, stats)`` of every weight under method gptq (QuantizeConfig): the weights of one
+          scale_dtype: torch.dtype) -> tuple[dict, dict]: """``({id(param): (q, scale, offset)}, stats)`` of every
+          weight under method gptq (QuantizeConfig): the weights of one
     linear layer each by :func:`gptq_weight`, stage by stage in graph order (a stage: the linears of one numbered
     block, or one layer outside blocks), each stage's XᵀX gathered by one forward over the calibration data that
     stops after the stage's last input, with every earlier weight already quantized; the others (embeddings, tied
@@ -578,13 +578,15 @@ def quantize(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) -> PassR
         totals["bytes_after"] += after
         method = cfg.method if cfg.method != "gptq" or (len(w.linears) == 1 and not w.embeddings) else "mse"
         entries.append({"module": w.module, "op": "quantize", "parameter": w.name, "bits": cfg.bits,
-                        "group": cfg.group, "symmetric": cfg.symmetric, "method": method, "shape": list(canonical.shape), "uses": [
-                            module_path(n) for n in [*(la for la, _ in w.linears), *w.embeddings]],
+                        "group": cfg.group, "symmetric": cfg.symmetric, "method": method,
+                        "shape": list(canonical.shape),
+                        "uses": [module_path(n) for n in [*(la for la, _ in w.linears), *w.embeddings]],
                         "rel_error": round(err, 6), "bytes_before": before, "bytes_after": after})
     _drop_unused(gm, {id(w.param) for w in weights})
     graph.lint()
     gm.recompile()
-    stats = {"bits": cfg.bits, "group": cfg.group, "symmetric": cfg.symmetric, "method": cfg.method, **extra, "weights_quantized": len(entries),
+    stats = {"bits": cfg.bits, "group": cfg.group, "symmetric": cfg.symmetric, "method": cfg.method, **extra,
+             "weights_quantized": len(entries),
              **totals,
              "compression": round(totals["bytes_before"] / totals["bytes_after"], 4) if entries else None,
              "definition": _DEFINITION}

@@ -104,11 +104,11 @@ def _threshold_prefill():
 def _dequantize():
     """``float32(q) * float32(scale) (+ float32(offset))`` per group along the last axis, cast to ``dtype``
     (:mod:`sparsec.ops`), in standard opset-18 ops; bit-identical with the torch kernel (exact integer values, one
-    float32 multiply (and add) per weight, then the same rounding cast). 4 bits: ``BitwiseAnd(q, 15)`` (even k) and ``BitShift(q, 4)`` (odd k) interleaved
-    by ``Concat`` / ``Reshape``, minus 8. A group of ``group`` weights shares a scale through a ``Reshape`` to
-    ``[..., K / group, group]`` (the scale ``Unsqueeze``d to ``[..., K / group, 1]``) and back. Leading dimensions may
-    be anything, dynamic too: a constant weight ``[N, K]`` or gathered embedding rows ``[B, S, K]``; every target
-    shape is built from ``Shape``s (no -1, so an empty leading dimension reshapes too).
+    float32 multiply (and add) per weight, then the same rounding cast). 4 bits: ``BitwiseAnd(q, 15)`` (even k) and
+    ``BitShift(q, 4)`` (odd k) interleaved by ``Concat`` / ``Reshape``, minus 8. A group of ``group`` weights shares a
+    scale through a ``Reshape`` to ``[..., K / group, group]`` (the scale ``Unsqueeze``d to ``[..., K / group, 1]``) and
+    back. Leading dimensions may be anything, dynamic too: a constant weight ``[N, K]`` or gathered embedding rows ``[B,
+    S, K]``; every target shape is built from ``Shape``s (no -1, so an empty leading dimension reshapes too).
 
     A weight dequantized from initializers is a constant subgraph; :func:`.export.keep_packed` keeps the exporter's
     optimizer from folding it into a float32 initializer (the .onnx file stores the packed integers)."""

@@ -395,7 +395,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
 
         return importer.block_builder.emit_te(compute, x)
 
-    def convert_slice(node, importer):  # slice(x, dim, start, end[, step]) with a symbolic end that torch proved inbound
+    def convert_slice(node, importer):  # slice(x, dim, start, end[, step]), a symbolic end torch proved in bounds
         dim, start, end = (list(node.args[1:4]) + [None] * 3)[:3]
         step = node.args[4] if len(node.args) > 4 else 1
         if (not isinstance(end, torch.fx.Node) or not isinstance(start, int) or not isinstance(step, int)

@@ -13,17 +13,17 @@ one group of ``K``). :func:`pack_quantized` lays them out in the column tiles of
   (``quantize{symmetric=false}``: ``w = q * scale + offset``) ``S [NT, 2G, CT]``, group ``g``'s scales in row ``2g``
   and its offsets in row ``2g + 1`` (read together).
 
-**Decode** (M = 1, sparse): the compaction pass of the float kernels, per group: the surviving inputs of each group
-are listed together and their sum ``Σx`` is kept. Group-wise, each tile takes a group's surviving rows ``R`` per
-pass and the last ``count % R`` in one more pass, as chunks of 16, 8, ..., 1 rows (padding them to R instead did up
-to R - 1 rows of useless work per group: 10-25 % slower at s = 0.5-0.9; a pass per chunk, 7-12 % slower at s = 0.5
-on Zen 5); a pass sums, per block of columns, its rows' products ``u = Σ_r q[k_r, c] x[k_r]`` in registers (each
-value converted to fp32 there) and adds ``S[g, c] * (u - 8 Σ_r x)`` (int4's stored + 8; 0 for int8), and with offsets
-``O[g, c] Σ_r x``, to the accumulators: one read of the accumulators and scales per pass. (Summing a whole group into a tile-wide buffer first
-and scaling it once per group, the earlier design, costs two more passes over that buffer per group: on a 2-core
-Zen 5, 4096x11008 int4 g32 fp16 scales, 1.04 -> 0.78 ms at s = 0.5, 0.63 -> 0.38 at s = 0.9.) With one group
-(per channel) the rows are padded to a multiple of ``R`` with the last surviving row and value 0, summed straight
-into the accumulators, and the scale is applied once at the end.
+**Decode** (M = 1, sparse): the compaction pass of the float kernels, per group: the surviving inputs of each group are
+listed together and their sum ``Σx`` is kept. Group-wise, each tile takes a group's surviving rows ``R`` per pass and
+the last ``count % R`` in one more pass, as chunks of 16, 8, ..., 1 rows (padding them to R instead did up to R - 1 rows
+of useless work per group: 10-25 % slower at s = 0.5-0.9; a pass per chunk, 7-12 % slower at s = 0.5 on Zen 5); a pass
+sums, per block of columns, its rows' products ``u = Σ_r q[k_r, c] x[k_r]`` in registers (each value converted to fp32
+there) and adds ``S[g, c] * (u - 8 Σ_r x)`` (int4's stored + 8; 0 for int8), and with offsets ``O[g, c] Σ_r x``, to the
+accumulators: one read of the accumulators and scales per pass. (Summing a whole group into a tile-wide buffer first and
+scaling it once per group, the earlier design, costs two more passes over that buffer per group: on a 2-core Zen 5,
+4096x11008 int4 g32 fp16 scales, 1.04 -> 0.78 ms at s = 0.5, 0.63 -> 0.38 at s = 0.9.) With one group (per channel) the
+rows are padded to a multiple of ``R`` with the last surviving row and value 0, summed straight into the accumulators,
+and the scale is applied once at the end.
 
 While a pass computes, it prefetches the same block of the next R compacted rows (software prefetch: a kept row
 is a short read at an unpredictable address, which the hardware prefetchers only follow once it has begun; Zen 5,

@@ -163,8 +163,8 @@ BLOCKS = [("quantize{bits=4}", {"a": 32, "b": None, "c": 64}),
 def test_matmulnbits_block_choice(spec, blocks, tmp_path):
     """Each 4-bit quantized linear takes MatMulNBits with the largest of ONNX Runtime's blocks dividing its group
     (its K per channel: also when K is no power of two; with offsets, float zero points) and keeps the standard ops
-    when none does, and so does every 8-bit one, recorded in the metadata; ORT's outputs equal torch's within 1e-4, in either form, on a batch and on
-    one row."""
+    when none does, and so does every 8-bit one, recorded in the metadata; ORT's outputs equal torch's within 1e-4, in
+    either form, on a batch and on one row."""
     from sparsec.backends.onnxruntime import export_onnx, onnx_session
 
     x = torch.randn(2, 5, 96)
