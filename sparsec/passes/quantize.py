@@ -433,12 +433,12 @@ def _write(w: _Weight, quantized: tuple, bits: int, group: int) -> None:
 
 
 def _gptq(gm: fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext, weights: list[_Weight],
-          scale_dtype: torch.dtype) -> tuple[dict, dict]: """``({id(param): (q, scale, offset)}, stats)`` of every
-          weight under method gptq (QuantizeConfig): the weights of one
-    linear layer each by :func:`gptq_weight`, stage by stage in graph order (a stage: the linears of one numbered
-    block, or one layer outside blocks), each stage's XᵀX gathered by one forward over the calibration data that
-    stops after the stage's last input, with every earlier weight already quantized; the others (embeddings, tied
-    weights) by mse first. The float parameters are restored before returning."""
+          scale_dtype: torch.dtype) -> tuple[dict, dict]:
+    """``({id(param): (q, scale, offset)}, stats)`` of every weight under method gptq (QuantizeConfig): the weights of
+    one linear layer each by :func:`gptq_weight`, stage by stage in graph order (a stage: the linears of one numbered
+    block, or one layer outside blocks), each stage's XᵀX gathered by one forward over the calibration data that stops
+    after the stage's last input, with every earlier weight already quantized; the others (embeddings, tied weights) by
+    mse first. The float parameters are restored before returning."""
     from sparsec import progress
     from sparsec.calibration import all_reduce_sum
     from sparsec.passes.teal import block_of
