@@ -9,12 +9,15 @@ after another. With ``gpu=False`` the same index arithmetic runs as serial loops
 numerics are checked on machines without a GPU.
 
 Quantized weights (the ``quantize`` pass's int8 / int4, per channel or groups of ``G`` inputs) keep the same grid with
-``QTX`` = 32 threads of ``QV`` = 8 columns a block: ``Wq [Kp, Np]`` int8, or for int4 ``[Kp, Np / 2]`` uint8 (columns ``2c`` and ``2c + 1``
-in the low and high nibble of byte ``c``, stored + 8), so a thread reads 8 (int8) or 4 (int4) bytes of a kept row
-and dequantizes them in registers; scales ``S [Kp / G, Np]`` (``[1, Np]`` per channel). A block's ``Kp / KS`` rows
-are whole groups: each group's rows are summed in registers and scaled once, only when the group kept an input (a
-group of zero inputs reads neither its weights nor its scales); per channel the scale multiplies the summed
-partials once, in the second kernel.
+``QTX`` = 32 threads of ``QV`` = 8 columns a block: ``Wq [Kp, Np]`` int8, or for int4 ``[Kp, Np / 2]`` uint8
+(columns ``2c`` and ``2c + 1`` in the low and high nibble of byte ``c``, stored + 8), so a thread reads 8 (int8) or
+4 (int4) bytes of a kept row and dequantizes them in registers; scales ``S [Kp / G, Np]`` (``[1, Np]`` per channel),
+or with offsets (``quantize{symmetric=false}``: ``w = q * scale + offset``) ``S [2 Kp / G, Np]`` (``[2, Np]``),
+group ``g``'s scales in row ``2g`` and its offsets in row ``2g + 1``. A block's ``Kp / KS`` rows are whole groups:
+each group's rows are summed in registers and scaled once, only when the group kept an input (a group of zero inputs
+reads neither its weights nor its scales); with offsets that adds ``S[2g, c] Σ q x' + S[2g + 1, c] Σ x'``, the
+sums over the group's kept inputs. Per channel the scale multiplies the summed partials once, in the second kernel;
+with offsets each block scales its own rows as one group instead (``S[0, c] Σ q x' + S[1, c] Σ x'``).
 """
 from __future__ import annotations
 
@@ -128,9 +131,10 @@ def quantized_split(k: int, group: int) -> tuple[int, int]:
     return splits, math.ceil(groups / splits) * group
 
 
-def pack_quantized_cuda(q, scale, bits: int, group: int):
+def pack_quantized_cuda(q, scale, bits: int, group: int, offset=None):
     """``(Wq, S)`` (module docstring) from the quantize pass's ``q`` (int8 ``[N, K]``, or for 4 bits uint8
-    ``[N, K / 2]``) and ``scale [N, G]``, zero-padded to the kernel's grid."""
+    ``[N, K / 2]``), ``scale [N, G]`` and ``offset [N, G]`` (or None: then ``S`` holds no offset rows), zero-padded to
+    the kernel's grid."""
     import torch
 
     from sparsec.ops import unpack_int4
@@ -144,23 +148,33 @@ def pack_quantized_cuda(q, scale, bits: int, group: int):
     if bits == 4:
         u = (w.to(torch.int16) + 8).to(torch.uint8).reshape(kp, np_ // 2, 2)
         w = u[..., 0] | (u[..., 1] << 4)
-    s = torch.zeros(kp // group if group else 1, np_, dtype=scale.dtype)
-    s[:scale.shape[1], :n] = scale.T
+    ng = kp // group if group else 1
+    if offset is None:
+        s = torch.zeros(ng, np_, dtype=scale.dtype)
+        s[:scale.shape[1], :n] = scale.T
+    else:  # group g's scales in row 2g, its offsets in row 2g + 1
+        s = torch.zeros(ng, 2, np_, dtype=scale.dtype)
+        s[:scale.shape[1], 0, :n] = scale.T
+        s[:offset.shape[1], 1, :n] = offset.T
+        s = s.reshape(2 * ng, np_)
     return w.contiguous(), s
 
 
 def cuda_quantized_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float32", *, threshold: bool = False,
-                          scale_dtype: str = "float32", gpu: bool = True):
+                          scale_dtype: str = "float32", offsets: bool = False, gpu: bool = True):
     """A PrimFunc ``(x [M, K], Wq, S, thr [1], bias [N], y [M, N])`` (``Wq``, ``S`` from :func:`pack_quantized_cuda`):
     ``y = x' @ dequantize(q, S).T + bias`` with ``x' = x * (|x| > thr)`` when ``threshold`` else ``x``, skipping the
-    weight rows of zero ``x'`` entries (and the scales of groups without a kept one); fp32 accumulation."""
+    weight rows of zero ``x'`` entries (and the scales of groups without a kept one); fp32 accumulation. ``offsets``:
+    the weights have offsets (``S`` holds scale and offset rows: :func:`pack_quantized_cuda` with ``offset``)."""
     from tvm.script import tirx as T
 
     splits, rows = quantized_split(k, group)
     kp, np_ = splits * rows, math.ceil(n / (QTX * QV)) * QTX * QV
-    gs = group or rows  # rows summed before a scale (per channel: a block's rows, scaled in the second kernel)
+    gs = group or rows  # rows summed before a scale (per channel: a block's rows)
     grouped = group > 0
     ng = kp // group if group else 1
+    so = 2 if offsets else 1  # rows of S per group
+    early = grouped or offsets  # the first kernel scales (else per channel: the second one, the summed partials)
     wtype, wcols = ("int8", np_) if bits == 8 else ("uint8", np_ // 2)
     nbx = np_ // (QTX * QV)
     f32 = "float32"
@@ -178,10 +192,13 @@ def cuda_quantized_kernel(k: int, n: int, bits: int, group: int, dtype: str = "f
         return T.cast(T.shift_right(wq[i, c // 2], T.cast(c % 2 * 4, "uint8")) & T.uint8(15), f32) - T.float32(8)
 
     sum_splits = _sum_splits(n, np_, splits, dtype, bind,  # per channel: the scale multiplies the summed partials
-                             (lambda s, c: T.float32(1)) if grouped else (lambda s, c: T.cast(s[0, c], f32)))
+                             (lambda s, c: T.float32(1)) if early else (lambda s, c: T.cast(s[0, c], f32)))
+
+    def scale(s, ks, gi, c, r=0):  # block ks's group gi's scale (r = 0) or offset (r = 1) of column c, as fp32
+        return T.cast(s[((ks * rows) // gs + gi if grouped else 0) * so + r, c], f32)
 
     @T.prim_func(private=True)
-    def f(x_h: T.handle, wq: T.Buffer((kp, wcols), wtype), s: T.Buffer((ng, np_), scale_dtype),
+    def f(x_h: T.handle, wq: T.Buffer((kp, wcols), wtype), s: T.Buffer((ng * so, np_), scale_dtype),
           thr: T.Buffer((1,), dtype), b: T.Buffer((n,), dtype), y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
@@ -195,10 +212,14 @@ def cuda_quantized_kernel(k: int, n: int, bits: int, group: int, dtype: str = "f
                         acc = T.decl_buffer((QV,), f32, scope="local")
                         u = T.decl_buffer((QV,), f32, scope="local")
                         hit = T.decl_buffer((1,), "int32", scope="local")
+                        if offsets:
+                            xs = T.decl_buffer((1,), f32, scope="local")  # Σ x' over the group's kept inputs
                         for j in T.unroll(QV):
                             acc[j] = T.float32(0)
                         for gi in range(rows // gs):
                             hit[0] = 0
+                            if offsets:
+                                xs[0] = T.float32(0)
                             for j in T.unroll(QV):
                                 u[j] = T.float32(0)
                             for ii in range(gs):
@@ -206,14 +227,22 @@ def cuda_quantized_kernel(k: int, n: int, bits: int, group: int, dtype: str = "f
                                 xi = T.if_then_else(i < k, x[row, T.min(i, k - 1)], zero)
                                 if active(xi, thr[0]):
                                     hit[0] = 1
+                                    if offsets:
+                                        xs[0] = xs[0] + T.cast(xi, f32)
                                     for jo in T.unroll(QV // 4):
                                         for ji in vector(4):
                                             u[jo * 4 + ji] = u[jo * 4 + ji] + load(
                                                 wq, i, (bx * QTX + tx) * QV + jo * 4 + ji) * T.cast(xi, f32)
                             if hit[0] == 1:
-                                for j in T.unroll(QV):
-                                    acc[j] = acc[j] + u[j] * (T.cast(s[(ks * rows) // gs + gi, (bx * QTX + tx) * QV + j],
-                                                                     f32) if grouped else T.float32(1))
+                                if offsets:  # S[g] Σ q x' + O[g] Σ x' (per channel: group 0, in every block)
+                                    for j in T.unroll(QV):
+                                        acc[j] = acc[j] + u[j] * scale(s, ks, gi, (bx * QTX + tx) * QV + j) + scale(
+                                            s, ks, gi, (bx * QTX + tx) * QV + j, 1) * xs[0]
+                                else:
+                                    for j in T.unroll(QV):
+                                        acc[j] = acc[j] + u[j] * (T.cast(s[(ks * rows) // gs + gi,
+                                                                           (bx * QTX + tx) * QV + j], f32)
+                                                                  if grouped else T.float32(1))
                         for j in T.unroll(QV):
                             part[ks, (bx * QTX + tx) * QV + j] = acc[j]
             sum_splits(part, s, b, y, row)

@@ -257,10 +257,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
         if tensors not in packs:
             q, s, o = (None if t is None else consts.get(t) for t in tensors)
             if target == "cuda":
-                if o is not None:
-                    raise SparsecError("a layer quantized with offsets (quantize{symmetric=false}) has no CUDA kernel"
-                                       " yet; build it for the CPU (--target llvm) or quantize with symmetric=true")
-                made = pack_quantized_cuda(q, s, bits, group)
+                made = pack_quantized_cuda(q, s, bits, group, offset=o)
             else:
                 made = pack_quantized(q, s, bits, offset=o)
             packs[tensors] = [relax.const(t.numpy()) for t in made]
@@ -301,7 +298,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
         def make_kernel(dtype):
             if target == "cuda":
                 return cuda_quantized_kernel(k, n, bits, group, dtype, threshold=kind == "threshold",
-                                             scale_dtype=scales)
+                                             scale_dtype=scales, offsets=offsets)
             return quantized_linear_kernel(k, n, bits, group, dtype, sparse=kind != "dense",
                                            threshold=kind == "threshold", scale_dtype=scales, offsets=offsets)
 

@@ -37,23 +37,32 @@ def test_cpu_emulation_matches_reference(dtype):
             assert torch.equal(y, b.expand(m, n))  # every input dropped: the bias alone
 
 
-@pytest.mark.parametrize("bits,group,scales", [(8, 0, torch.float32), (8, 32, torch.float16), (4, 32, torch.float16),
-                                               (4, 64, torch.float32), (4, 0, torch.float32)])
-def test_quantized_cpu_emulation_matches_reference(bits, group, scales):
-    """Against ``linear(x', dequantize(q, s))``: K = 640 is 20 groups of 32 over 16 blocks (padded groups), N = 1000
-    not a multiple of a block's 256 columns. A group whose inputs are all zero reads neither weights nor scale: its
-    scales are NaN in the kernel's copy, and the output is still the reference's."""
+@pytest.mark.parametrize("bits,group,scales,offsets", [
+    (8, 0, torch.float32, False), (8, 32, torch.float16, False), (4, 32, torch.float16, False),
+    (4, 64, torch.float32, False), (4, 0, torch.float32, False),
+    (8, 0, torch.float32, True), (8, 32, torch.float32, True), (4, 32, torch.float16, True),
+    (4, 0, torch.float16, True)])
+def test_quantized_cpu_emulation_matches_reference(bits, group, scales, offsets):
+    """Against ``linear(x', dequantize(q, s, offset=o))`` (``o`` with offsets: ``quantize{symmetric=false}``, else
+    none): K = 640 is 20 groups of 32 over 16 blocks (padded groups), N = 1000 not a multiple of a block's 256
+    columns. A group whose inputs are all zero reads neither weights nor scale (nor offset): its scales (and offsets)
+    are NaN in the kernel's copy, and the output is still the reference's."""
     k, n = 640, 1000
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-    q, s, _ = quantize_weight(w, bits, group, scales)
-    wq, sp = pack_quantized_cuda(q, s, bits, group)
-    dropped = [3, 7] if group else []
+    if offsets:
+        w += 0.5  # off-centre weights: the offsets' term is large
+    q, s, o = quantize_weight(w, bits, group, scales, symmetric=not offsets)
+    assert (o is not None) == offsets
+    wq, sp = pack_quantized_cuda(q, s, bits, group, offset=o)
+    assert sp.shape[0] == (2 if offsets else 1) * (wq.shape[0] // group if group else 1)
+    dropped, rows = [3, 7] if group else [], 2 if offsets else 1  # rows of S per group
     for i in dropped:
-        sp[i] = float("nan")
-    f = tvm.compile(cuda_quantized_kernel(k, n, bits, group, threshold=True, scale_dtype=str(scales)[6:], gpu=False)
-                    .with_attr("global_symbol", "main"), cpu_target())["main"]
-    weight = DEQUANTIZE(q, s, bits, group, torch.float32)
+        sp[i * rows:(i + 1) * rows] = float("nan")
+    f = tvm.compile(cuda_quantized_kernel(k, n, bits, group, threshold=True, scale_dtype=str(scales)[6:],
+                                          offsets=offsets, gpu=False).with_attr("global_symbol", "main"),
+                    cpu_target())["main"]
+    weight = DEQUANTIZE(q, s, bits, group, torch.float32, o)
     for m, thr in [(1, 0.5), (3, 0.0), (1, 100.0)]:
         x = torch.randn(m, k, generator=g)
         for i in dropped:
@@ -72,9 +81,9 @@ def test_cuda_source_compiles_with_nvcc_for_sm_90():
     except SparsecError as exc:
         pytest.skip(str(exc))
     funcs = {f"linear_{dt}": cuda_linear_kernel(300, 1000, dt, threshold=True) for dt in ("float32", "float16")}
-    funcs.update({f"int{bits}g{group}": cuda_quantized_kernel(640, 1000, bits, group, threshold=True,
-                                                             scale_dtype="float16")
-                  for bits, group in [(8, 0), (4, 32)]})
+    funcs.update({f"int{bits}g{group}{'o' if offsets else ''}": cuda_quantized_kernel(
+        640, 1000, bits, group, threshold=True, scale_dtype="float16", offsets=offsets)
+        for bits, group, offsets in [(8, 0, False), (4, 32, False), (4, 32, True), (8, 0, True)]})
     sources = cuda_sources(tvm.compile(tvm.IRModule({name: f.with_attr("global_symbol", name)
                                                      for name, f in funcs.items()}), cuda_target("sm_90")))
     assert len(sources) == 1

@@ -80,12 +80,14 @@ def test_int8_teal_gpt2_conv1d_generates_like_the_artifact(tmp_path):
     assert torch.equal(generate(out, PROMPT, max_new_tokens=NEW, ignore_eos=True), want)
 
 
-def test_cuda_build_takes_the_quantized_kernels(tmp_path):
+@pytest.mark.parametrize("symmetric,fmt", [("true", "int4g32s16"),
+                                           pytest.param("false", "int4g32s16o", marks=pytest.mark.slow)])
+def test_cuda_build_takes_the_quantized_kernels(tmp_path, symmetric, fmt):
     """--target cuda (built and checked by nvcc here; run only on a GPU) of a program captured with a KV cache: every
     linear calls the quantized GPU kernel (:func:`sparsec.backends.tvm.cuda.cuda_quantized_kernel`) on packed int4
-    weights and fp16 scales, and the build stores no float copy of a weight matrix (integers and scales only,
-    besides 1-D parameters). (The cache inputs' lengths share one symbol: else the decomposed attention's scores
-    plus mask lose their shape and the build fails.)"""
+    weights and fp16 scales (and offsets: symmetric=false), and the build stores no float copy of a weight matrix
+    (integers and scales only, besides 1-D parameters). (The cache inputs' lengths share one symbol: else the
+    decomposed attention's scores plus mask lose their shape and the build fails.)"""
     from sparsec.backends.tvm.cuda import require_nvcc
     from sparsec.errors import SparsecError
 
@@ -93,9 +95,9 @@ def test_cuda_build_takes_the_quantized_kernels(tmp_path):
         require_nvcc()
     except SparsecError as exc:
         pytest.skip(str(exc))
-    _, _, manifest, _ = _build(tmp_path, "llama", "quantize{bits=4 group=32 scale_dtype=float16},teal{sparsity=0.5}",
-                               target="cuda")
+    _, _, manifest, _ = _build(tmp_path, "llama", f"quantize{{bits=4 group=32 scale_dtype=float16"
+                               f" symmetric={symmetric}}},teal{{sparsity=0.5}}", target="cuda")
     assert manifest["target"] == "cuda" and manifest["generation"]["max_context"] > 0
-    assert _kinds(manifest) == {"sparsec_linear_int4g32s16_threshold", "sparsec_linear_int4g32s16_dense"}
+    assert _kinds(manifest) == {f"sparsec_linear_{fmt}_threshold", f"sparsec_linear_{fmt}_dense"}
     kinds = {(p["dtype"], len(p["shape"])) for p in manifest["params"]}
     assert kinds <= {("uint8", 2), ("float16", 2), ("float32", 1)} and ("uint8", 2) in kinds
