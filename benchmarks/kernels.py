@@ -187,17 +187,17 @@ def _input(torch, k, s, td, g):
 
 
 def _matmul(np, w):
-    """``(node, initializers, N, K)``: ONNX MatMul of x by W^T."""
+    """``([node], initializers, N, K)``: ONNX MatMul of x by W^T."""
     from onnx import helper, numpy_helper
 
-    return (helper.make_node("MatMul", ["x", "wt"], ["y"]),
+    return ([helper.make_node("MatMul", ["x", "wt"], ["y"])],
             [numpy_helper.from_array(np.ascontiguousarray(w.float().numpy().T), "wt")], *w.shape)
 
 
 def _matmul_nbits(np, torch, w, bits, group, offsets=False):
     """``com.microsoft.MatMulNBits`` of the same round-to-nearest weights (zero point 2^(bits-1), ORT's default: the
-    ``quantize`` pass's symmetric values + 2^(bits-1); with ``offsets`` float zero points as the export writes them),
-    or None when this ONNX Runtime has no such kernel."""
+    ``quantize`` pass's symmetric values + 2^(bits-1); with ``offsets``, plus the offsets' term as the export writes
+    it: x's group sums times the transposed offsets), or None when this ONNX Runtime has no such kernel."""
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
@@ -208,19 +208,26 @@ def _matmul_nbits(np, torch, w, bits, group, offsets=False):
         return None
     n, k = w.shape
     q, scale, offset = quantize_weight(w.float(), bits, group, torch.float32, symmetric=not offsets)
-    arrays = pack(q.numpy(), scale.numpy(), bits, group, group, None if offset is None else offset.numpy())
-    names = ["wq", "scales", "zero_points"][:len(arrays)]  # the export's packing (int4: q as it is)
-    node = helper.make_node("MatMulNBits", ["x", *names], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=group)
-    return node, [numpy_helper.from_array(a, name) for name, a in zip(names, arrays)], n, k
+    blob, scales = pack(q.numpy(), scale.numpy(), bits, group, group)  # the export's packing (int4: q as it is)
+    inits = [numpy_helper.from_array(blob, "wq"), numpy_helper.from_array(scales, "scales")]
+    nodes = [helper.make_node("MatMulNBits", ["x", "wq", "scales"], ["y0" if offsets else "y"], domain="com.microsoft",
+                              K=k, N=n, bits=bits, block_size=group)]
+    if offsets:
+        inits += [numpy_helper.from_array(np.array([1, k // group, group], dtype=np.int64), "groups"),
+                  numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes"),
+                  numpy_helper.from_array(np.ascontiguousarray(offset.numpy().T), "offsets_t")]
+        nodes += [helper.make_node("Reshape", ["x", "groups"], ["xg"]),
+                  helper.make_node("ReduceSum", ["xg", "axes"], ["xs"], keepdims=0),
+                  helper.make_node("MatMul", ["xs", "offsets_t"], ["yo"]), helper.make_node("Add", ["y0", "yo"], ["y"])]
+    return nodes, inits, n, k
 
 
 def _ort(np, flush, graph_node, xs, rounds, threads):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    node, initializers, n, k = graph_node
-    graph = helper.make_graph([node], "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+    nodes, initializers, n, k = graph_node
+    graph = helper.make_graph(nodes, "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(
         "com.microsoft", 1)])

@@ -11,10 +11,11 @@ holds the packed weight and any ONNX Runtime with the contrib ops (CPU, CUDA, Di
   zero point 128). q itself stays only where an embedding still gathers it (a tied LM head's table: stored twice);
 - ``scales``: float32 ``[N * K / block]`` (float16 scales cast, exactly), each group's scale repeated over its
   blocks;
-- ``zero_points`` (weights with offsets, ``quantize{symmetric=false}``: ``w = q * scale + offset``): float32 like
-  ``scales``, ``8 - offset / scale`` (MatMulNBits computes ``(stored - zero_point) * scale``): equal to the torch
-  weights within float32 rounding, not bit for bit. A layer with a scale 0 beside a nonzero offset (a constant group)
-  cannot be written so and keeps the standard ops;
+- weights with offsets (``quantize{symmetric=false}``: ``w = q * scale + offset``): MatMulNBits of ``q * scale``
+  plus the offsets' share ``Σ_g(x) @ offsetᵀ`` in standard ops (``ReduceSum`` of x's groups, a ``MatMul`` by the
+  float32 ``[K / group, N]`` transposed offsets, ``Add``): MatMulNBits's float zero points (``8 - offset / scale``)
+  would compute the same, but ONNX Runtime 1.32's CPU has no fast kernel for them (4096x11008: 106 ms against 2.8 ms
+  without, benchmarks/kernels.py), while integer zero points cannot hold these offsets;
 - ``block_size``: the largest of :data:`BLOCKS` (ONNX Runtime's fast CPU block sizes) dividing the group (K with
   one scale per row); the same weights, bit for bit. When none divides, the layer keeps the standard ops;
 - ``accuracy_level`` 0: float32 compute; outputs match torch within float32 summation order (1e-4).
@@ -69,7 +70,8 @@ def pack(q: np.ndarray, scale: np.ndarray, bits: int, group: int, block: int,
          offset: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """``(B, scales)``, with ``offset`` ``(B, scales, zero_points)``, of MatMulNBits computing ``dequantize(q, scale,
     bits, group, offset)`` (:mod:`sparsec.ops`) in blocks of ``block`` (a divisor of the group): B uint8 ``[N, K /
-    block, block * bits / 8]``, scales and zero points float32 ``[N * K / block]``."""
+    block, block * bits / 8]``, scales and (float) zero points float32 ``[N * K / block]``. (The export itself writes
+    offsets as a separate term, module docstring; float zero points are for benchmarks.)"""
     n = q.shape[0]
     k = q.shape[1] * 8 // bits
     data = q.view(np.uint8) ^ 0x80 if bits == 8 else q  # int8 v -> uint8 v + 128
@@ -158,29 +160,48 @@ def apply_matmul_nbits(model, program) -> dict:
             info["standard"].append({"layer": lin.layer, "reason": f"no block of {', '.join(map(str, BLOCKS))}"
                                      f" divides its {'group of ' + str(w.group) if w.group else str(k) + ' inputs'}"})
             continue
-        if offset is not None and bool(((scale.const_value.numpy() == 0) & (offset.const_value.numpy() != 0)).any()):
-            info["standard"].append({"layer": lin.layer, "reason": "a group of equal weights (scale 0, offset not 0)"
-                                     " has no MatMulNBits zero point"})
+        if offset is not None and lin.x.shape is None:
+            info["standard"].append({"layer": lin.layer, "reason": "its input's rank is unknown (offsets need it)"})
             continue
         q = qs[0]
         if q.name not in made:
-            arrays = pack(q.const_value.numpy(), scale.const_value.numpy(), w.bits, w.group, block,
-                          None if offset is None else offset.const_value.numpy())
-            made[q.name] = tuple(_initializer(model, f"{v.name}_nbits", a) for v, a in zip((q, scale, offset), arrays))
-        b, s, *zero_points = made[q.name]
-        inputs = [lin.x, b, s, *zero_points]
-        if lin.bias is not None:
-            inputs += [None] * (5 - len(inputs)) + [lin.bias]
+            b, s = pack(q.const_value.numpy(), scale.const_value.numpy(), w.bits, w.group, block)
+            made[q.name] = tuple(_initializer(model, f"{v.name}_nbits", a) for v, a in ((q, b), (scale, s)))
+            if offset is not None:  # [N, G] -> float32 [G, N]
+                made[q.name] += (_initializer(model, f"{offset.name}_t", np.ascontiguousarray(
+                    offset.const_value.numpy().astype(np.float32).T)),)
+        b, s, *offsets_t = made[q.name]
+        inputs = [lin.x, b, s] + ([None, None, lin.bias] if lin.bias is not None else [])
         attributes = ir.convenience.convert_attributes(dict(K=k, N=n, bits=w.bits, block_size=block,
                                                             accuracy_level=0))
-        node = ir.Node(DOMAIN, "MatMulNBits", inputs, attributes, name=f"{lin.matmul.name}_nbits", num_outputs=1)
-        _swap(model, lin, [node])
+        nodes = [ir.Node(DOMAIN, "MatMulNBits", inputs, attributes, name=f"{lin.matmul.name}_nbits", num_outputs=1)]
+        if offsets_t:
+            nodes += _offset_term(model, lin, nodes[0].outputs[0], offsets_t[0], w.group or k)
+        _swap(model, lin, nodes)
         info["matmulnbits"] += 1
         info["blocks"][str(block)] = info["blocks"].get(str(block), 0) + 1
     if info["matmulnbits"]:
         model.opset_imports[DOMAIN] = 1
         _drop_unused(model)  # the dequantizing subgraphs, and q / scale where nothing else reads them
     return info
+
+
+def _offset_term(model, lin, y, offsets_t, group: int) -> list:
+    """Nodes adding ``Σ_g(x) @ offsets_t`` to ``y`` (the MatMulNBits output): x ``[..., K]`` reshaped to ``[...,
+    K / group, group]``, summed over its last axis, times the transposed offsets ``[K / group, N]``."""
+    import onnx_ir as ir
+
+    k = lin.shape[0]
+    name = lin.matmul.name
+    lead = len(lin.x.shape) - 1
+    shape = _initializer(model, f"{name}_groups_shape", np.array([0] * lead + [k // group, group], dtype=np.int64))
+    axes = _initializer(model, f"{name}_groups_axes", np.array([-1], dtype=np.int64))
+    grouped = ir.Node("", "Reshape", [lin.x, shape], name=f"{name}_groups", num_outputs=1)
+    sums = ir.Node("", "ReduceSum", [grouped.outputs[0], axes], ir.convenience.convert_attributes(dict(keepdims=0)),
+                   name=f"{name}_group_sums", num_outputs=1)
+    term = ir.Node("", "MatMul", [sums.outputs[0], offsets_t], name=f"{name}_offset_matmul", num_outputs=1)
+    total = ir.Node("", "Add", [y, term.outputs[0]], name=f"{name}_with_offsets", num_outputs=1)
+    return [grouped, sums, term, total]
 
 
 def _initializer(model, name: str, array: np.ndarray):
