@@ -17,7 +17,8 @@ Rows (each in its own process, one at a time; protocol, models, prompts and timi
   ``sparsec-tvm-q4-dense``: the same with the ``quantize`` pass first (``quantize{bits=8}``: int8 per output
   channel; ``quantize{bits=4 group=32 scale_dtype=float16}``: int4, an fp16 scale per 32 inputs as llama.cpp's
   Q4_0; every linear layer, the LM head and the embedding included), compiled with sparsec's quantized kernels:
-  beside ``llamacpp-q8_0`` / ``llamacpp-q4_0``;
+  beside ``llamacpp-q8_0`` / ``llamacpp-q4_0``; ``sparsec-tvm-q4o`` / ``sparsec-tvm-q4o-dense``: int4 with offsets
+  (``symmetric=false``: an fp16 scale and offset per 32 inputs, llama.cpp's Q4_1 / Q4_K idea), beside Q4_0 too;
   ``sparsec-tvm-q8r``: ``rotate`` first (Gemma's quality recipe: ``rotate,quantize{bits=8},teal``; issue 19's Gemma
   goal: >= 1.5x llama.cpp Q8_0);
 - ``hf`` and ``llamacpp-*``: the dense peers of ``benchmarks/peers.py`` (HF ``generate``; llama.cpp on GGUFs written
@@ -43,15 +44,19 @@ import peers  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve()
 SPARSE_ROWS = ("sparsec-tvm", "sparsec-ort", "sparsec-accelerate", "sparsec-tvm-q8", "sparsec-tvm-q8r",
-               "sparsec-tvm-q4")
-DENSE_ROWS = ("sparsec-tvm-dense", "ort-dense", "sparsec-tvm-q8-dense", "sparsec-tvm-q4-dense")
+               "sparsec-tvm-q4", "sparsec-tvm-q4o")
+DENSE_ROWS = ("sparsec-tvm-dense", "ort-dense", "sparsec-tvm-q8-dense", "sparsec-tvm-q4-dense",
+              "sparsec-tvm-q4o-dense")
 #: the quantize pass of a row whose name carries -q8 / -q4, and the weights column it shows
 QUANTIZE = {"q8": ("quantize{bits=8}", "int8"), "q8r": ("rotate,quantize{bits=8}", "int8, rotated"),
-            "q4": ("quantize{bits=4 group=32 scale_dtype=float16}", "int4 g32, fp16 scales")}
+            "q4": ("quantize{bits=4 group=32 scale_dtype=float16}", "int4 g32, fp16 scales"),
+            "q4o": ("quantize{bits=4 group=32 scale_dtype=float16 symmetric=false}",
+                    "int4 g32, fp16 scales + offsets")}
 #: issue 19's goals: a quantized sparse row over the llama.cpp peer of the same bits
 QUANTIZED_GOALS = {"sparsec-tvm-q8": ("llamacpp-q8_0", {"tinyllama": 2.0, "gemma": 1.5}),
                    "sparsec-tvm-q8r": ("llamacpp-q8_0", {"gemma": 1.5}),
-                   "sparsec-tvm-q4": ("llamacpp-q4_0", {"tinyllama": 1.6})}
+                   "sparsec-tvm-q4": ("llamacpp-q4_0", {"tinyllama": 1.6}),
+                   "sparsec-tvm-q4o": ("llamacpp-q4_0", {"tinyllama": 1.6})}
 DENSE_FP32_PEERS = ("hf", "ort-dense", "llamacpp-f32")
 CALIB = dict(samples=8, seq_len=256)
 MAX_CONTEXT = 2048
