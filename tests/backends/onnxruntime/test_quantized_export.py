@@ -161,8 +161,8 @@ BLOCKS = [("quantize{bits=4}", {"a": 32, "b": None, "c": 64}),
 
 @pytest.mark.parametrize("spec,blocks", BLOCKS)
 def test_matmulnbits_block_choice(spec, blocks, tmp_path):
-    """Each 4-bit quantized linear takes MatMulNBits with the largest of ONNX Runtime's blocks dividing its group
-    (its K per channel: also when K is no power of two; offsets: a MatMul of x's group sums added) and keeps the standard ops
+    """Each 4-bit quantized linear takes MatMulNBits with the largest of ONNX Runtime's blocks dividing its group (its K
+    per channel: also when K is no power of two; offsets: a MatMul of x's group sums added) and keeps the standard ops
     when none does, and so does every 8-bit one, recorded in the metadata; ORT's outputs equal torch's within 1e-4, in
     either form, on a batch and on one row."""
     from sparsec.backends.onnxruntime import export_onnx, onnx_session
@@ -352,17 +352,18 @@ def test_sparse_kernels_read_the_dequantized_weight(qllama, tmp_path):
 
 #: (arch, pipeline, bits, quantized weights): Gemma 3 and GPT-2 tie the LM head to the embedding (one table)
 MATRIX = [(arch, spec, bits, count) for arch, count in (("llama", 16), ("gpt2", 10), ("gemma3", 22))
-          for spec, bits in (("quantize", 8), (INT4, 4), ("quantize,teal{sparsity=0.5}", 8))]
+          for spec, bits in (("quantize", 8), (INT4, 4), ("quantize,teal{sparsity=0.5}", 8),
+                             ("quantize{bits=4 group=32 symmetric=false},teal{sparsity=0.5}", 4))]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,spec,bits,count", MATRIX)
 def test_zoo_matrix_matches_torch(arch, spec, bits, count, tmp_path):
-    """Each zoo model, int8 per channel / int4 groups / int8 with teal, in either form: export_onnx of the
-    TransformResult verifies, keeps ``count`` packed weights (a tied LM head's table twice with MatMulNBits: the
-    embedding's and the linear's), every linear a MatMulNBits in that form, and ORT's logits match the torch program
-    (assert_close 1e-4) on a batch-2 input; with teal, the standard-op gather on every thresholded linear of the
-    standard form too."""
+    """Each zoo model, int8 per channel / int4 groups / int8 with teal / int4 with offsets and teal, in either form:
+    export_onnx of the TransformResult verifies, keeps ``count`` packed weights (a tied LM head's table twice with
+    MatMulNBits: the embedding's and the linear's), every linear a MatMulNBits in that form, and ORT's logits match the
+    torch program (assert_close 1e-4) on a batch-2 input; with teal, the standard-op gather on every thresholded linear
+    of the standard form too."""
     import onnx_ir as ir
 
     from sparsec.backends.onnxruntime import onnx_session
