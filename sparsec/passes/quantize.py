@@ -40,10 +40,10 @@ class QuantizeConfig(PassConfig):
     ≈ q * scale + offset (the 2^bits levels spread over the group's range instead of around 0). method=rtn: scale =
     max|w| / (2^(bits-1) - 1), q = round(w / scale); mse (default): the scale of least squared error among rtn's and a
     grid (group_scales); gptq: GPTQ on the calibration data, block by block in graph order (gptq_weight, _gptq). The
-    model computes with w' = q * scale, so every later pass (teal, cats: run them after this one, they calibrate on the
-    quantized model) and every backend sees the quantized weights. A weight shared by several layers (a tied LM head and
-    embedding) is quantized once. Run rotate, prune and fold before it: they change the weights. Reported per weight:
-    the relative error ||W - w'|| / ||W|| and the bytes before and after.
+    model computes with w' = q * scale (+ offset), so every later pass (teal, cats: run them after this one, they
+    calibrate on the quantized model) and every backend sees the quantized weights. A weight shared by several layers (a
+    tied LM head and embedding) is quantized once. Run rotate, prune and fold before it: they change the weights.
+    Reported per weight: the relative error ||W - w'|| / ||W|| and the bytes before and after.
     """
 
     bits: int = option(8, help="bits per weight: 8 or 4")
