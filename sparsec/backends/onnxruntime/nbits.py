@@ -66,27 +66,16 @@ def block_size(group: int, k: int) -> int | None:
     return next((b for b in BLOCKS if (group or k) % b == 0), None)
 
 
-def pack(q: np.ndarray, scale: np.ndarray, bits: int, group: int, block: int,
-         offset: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
-    """``(B, scales)``, with ``offset`` ``(B, scales, zero_points)``, of MatMulNBits computing ``dequantize(q, scale,
-    bits, group, offset)`` (:mod:`sparsec.ops`) in blocks of ``block`` (a divisor of the group): B uint8 ``[N, K /
-    block, block * bits / 8]``, scales and (float) zero points float32 ``[N * K / block]``. (The export itself writes
-    offsets as a separate term, module docstring; float zero points are for benchmarks.)"""
+def pack(q: np.ndarray, scale: np.ndarray, bits: int, group: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(B, scales)`` of MatMulNBits computing ``dequantize(q, scale, bits, group)`` (:mod:`sparsec.ops`) in blocks
+    of ``block`` (a divisor of the group): B uint8 ``[N, K / block, block * bits / 8]``, scales float32
+    ``[N * K / block]``."""
     n = q.shape[0]
     k = q.shape[1] * 8 // bits
     data = q.view(np.uint8) ^ 0x80 if bits == 8 else q  # int8 v -> uint8 v + 128
-
-    def per_block(v):
-        return np.repeat(v, (group or k) // block, axis=1).reshape(-1)
-
     b = np.ascontiguousarray(data, dtype=np.uint8).reshape(n, k // block, block * bits // 8)
-    scale = scale.astype(np.float32)
-    if offset is None:
-        return b, per_block(scale)
-    zero = 2.0 ** (bits - 1)  # the stored value of q = 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        points = np.where(scale != 0, zero - offset.astype(np.float32) / scale, zero).astype(np.float32)
-    return b, per_block(scale), per_block(points)
+    scales = np.repeat(scale.astype(np.float32), (group or k) // block, axis=1).reshape(-1)
+    return b, scales
 
 
 def quantized_weights(program) -> dict[str, QuantizedWeight]:
