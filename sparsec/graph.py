@@ -192,6 +192,12 @@ def is_dequantize(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and op_name(node.target) == "sparsec.dequantize"
 
 
+def dequantize_tensors(node) -> tuple:
+    """``(q, scale, offset)`` operands of a ``sparsec::dequantize`` node (offset None when it has none)."""
+    offset = node.args[5] if len(node.args) > 5 else node.kwargs.get("offset")
+    return node.args[0], node.args[1], offset
+
+
 def _is_parameter(node) -> bool:
     node = _through_transparent_up(node)
     if isinstance(node, fx.Node) and node.op == "call_function" and (

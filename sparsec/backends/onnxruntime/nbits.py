@@ -84,15 +84,16 @@ def quantized_weights(program) -> dict[str, QuantizedWeight]:
     as the ONNX initializers have them (the state-dict names)."""
     import torch
 
+    from sparsec.graph import dequantize_tensors
     from sparsec.ops import DEQUANTIZE
 
     sig = program.graph_signature
     names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
     found = {}
     for node in program.graph.nodes:
-        if node.op != "call_function" or node.target is not DEQUANTIZE or node.kwargs:
+        if node.op != "call_function" or node.target is not DEQUANTIZE:
             continue
-        q, scale, bits, group, dtype, offset = (*node.args, None)[:6]
+        (q, scale, offset), (bits, group, dtype) = dequantize_tensors(node), node.args[2:5]
         if (dtype == torch.float32 and node.users and all(_weight_use(u, node) for u in node.users)
                 and all(getattr(t, "name", None) in names for t in (q, scale, offset) if t is not None)):
             found[names[q.name]] = QuantizedWeight(names[scale.name], bits, group,

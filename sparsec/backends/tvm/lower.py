@@ -85,7 +85,7 @@ def dequantized_weight(node):
     ``linear(x, dequantize(q, s))``, or through a transpose ``addmm(b, x, t(dequantize(q, s)))`` /
     ``mm(x, t(dequantize(q, s)))`` (GPT-2's Conv1D); None when the weight is anything else or ``q`` / ``s`` (/ the
     offset) are not tensors of the model (parameters, buffers or constants)."""
-    from sparsec.graph import is_dequantize
+    from sparsec.graph import dequantize_tensors, is_dequantize
 
     name = str(node.target)
     w = node.args[2] if name == "aten.addmm.default" else node.args[1]
@@ -93,16 +93,11 @@ def dequantized_weight(node):
         if getattr(w, "op", None) != "call_function" or str(w.target) not in _TRANSPOSES:
             return None
         w = w.args[0]
-    if not is_dequantize(w) or any(getattr(a, "op", None) != "placeholder" for a in _dequantize_tensors(w)
+    if not is_dequantize(w) or any(getattr(a, "op", None) != "placeholder" for a in dequantize_tensors(w)
                                      if a is not None):
         return None
     return w
 
-
-def _dequantize_tensors(dq) -> tuple:
-    """``(q, scale, offset)`` nodes of a ``sparsec::dequantize`` node (offset None when it has none)."""
-    offset = dq.args[5] if len(dq.args) > 5 else dq.kwargs.get("offset")
-    return dq.args[0], dq.args[1], offset
 
 
 def _decompose(program, keep_sdpa: bool = False):
@@ -242,13 +237,13 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
                                            pack_weight_cuda)
     from sparsec.backends.tvm.kernels import kernel_name, linear_kernel, pack_weight
     from sparsec.backends.tvm.quantized import pack_quantized, quantized_kernel_name, quantized_linear_kernel
-    from sparsec.graph import module_path
+    from sparsec.graph import dequantize_tensors, module_path
 
     program = _decompose(program, keep_sdpa=target == "llvm")
     consts = Constants(program)
     funcs = {}
     packs = {}  # (q, s, offset) placeholders -> the packed constants, shared by a tied LM head and its embedding
-    linear_weights = {_dequantize_tensors(dq) for node in program.graph.nodes if str(node.target) in _LINEARS
+    linear_weights = {dequantize_tensors(dq) for node in program.graph.nodes if str(node.target) in _LINEARS
                       for dq in [dequantized_weight(node)] if dq is not None} if target == "llvm" else set()
 
     def packed(tensors, bits, group):
@@ -291,7 +286,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
         else:
             x_node, b_node = node.args[0], node.args[2] if len(node.args) > 2 else None
         kind = input_kind(x_node) if sparse else "dense"
-        tensors = _dequantize_tensors(dq)
+        tensors = dequantize_tensors(dq)
         weights, offsets = packed(tensors, bits, group), tensors[2] is not None
         scales = str(scale.dtype).removeprefix("torch.")
 
@@ -341,7 +336,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
         from tvm import te, tirx
 
         bits, group, dtype = int(node.args[2]), int(node.args[3]), str(node.args[4]).removeprefix("torch.")
-        gathered = [t for t in _dequantize_tensors(node) if t is not None]  # q's, scale's (, offset's) rows
+        gathered = [t for t in dequantize_tensors(node) if t is not None]  # q's, scale's (, offset's) rows
         tied = all(str(getattr(a, "target", "")) == "aten.embedding.default" and a.args[1] is gathered[0].args[1]
                    for a in gathered)
         tables = (*(a.args[0] for a in gathered), None)[:3] if tied else None
