@@ -240,8 +240,7 @@ def cuda_quantized_kernel(k: int, n: int, bits: int, group: int, dtype: str = "f
                                             s, ks, gi, (bx * QTX + tx) * QV + j, 1) * xs[0]
                                 else:
                                     for j in T.unroll(QV):
-                                        acc[j] = acc[j] + u[j] * (T.cast(s[(ks * rows) // gs + gi,
-                                                                           (bx * QTX + tx) * QV + j], f32)
+                                        acc[j] = acc[j] + u[j] * (scale(s, ks, gi, (bx * QTX + tx) * QV + j)
                                                                   if grouped else T.float32(1))
                         for j in T.unroll(QV):
                             part[ks, (bx * QTX + tx) * QV + j] = acc[j]
