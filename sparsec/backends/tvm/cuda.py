@@ -1,9 +1,9 @@
 """The activation-sparse linear kernels for NVIDIA GPUs (TVM CUDA codegen), and what a CUDA build and run need.
 
 Layout: ``Wt [Kp, Np]`` (``W.T`` padded with zero rows/columns to the tiling, packed once at build time). Grid
-``(Np / (TX*V), KS)``: block ``(bx, ks)`` owns ``TX*V`` output columns and ``Kp / KS`` input rows; each thread keeps
-``V`` fp32 accumulators and reads one 16-byte vector of a weight row per active input, so a zero input's row is
-never fetched (the test is uniform across the block: no divergence). The split-K partials go to a ``[KS, Np]``
+``(Np / (TX*V), KS)``: block ``(bx, ks)`` owns ``TX*V`` output columns and ``Kp / KS`` input rows (KS, the split-K
+factor: :func:`default_splits` unless given); each thread keeps ``V`` fp32 accumulators and reads one 16-byte vector
+of a weight row per active input, so a zero input's row is never fetched (the test is uniform across the block: no divergence). The split-K partials go to a ``[KS, Np]``
 scratch buffer that a second kernel sums (no atomics) and adds the bias. Rows of ``x`` (tokens) are processed one
 after another. With ``gpu=False`` the same index arithmetic runs as serial loops on the CPU, which is how the
 numerics are checked on machines without a GPU.
@@ -27,7 +27,6 @@ import shutil
 
 from sparsec.errors import SparsecError
 
-KS = 16  # split-K factor
 TX = 64  # threads per block along N
 QV = 8  # output columns per thread of the quantized kernel
 QTX = 32  # its threads per block along N: 256 columns a block (a wider block pads N = 640 to 1024)
@@ -38,19 +37,32 @@ def lanes(dtype: str) -> int:
     return 4 if dtype == "float32" else 8
 
 
-def padded(k: int, n: int, dtype: str) -> tuple[int, int]:
-    """(Kp, Np): K rounded up to a multiple of KS, N to a multiple of TX * lanes."""
+def default_splits(k: int, n: int, columns: int) -> int:
+    """Blocks along K (split-K) for a layer of K inputs and N outputs whose blocks own ``columns`` outputs each: of
+    64, 128 and 256, the nearest to about 3072 blocks in all, at most one per 16 inputs (but >= 64). On an H200
+    (benchmarks/results/cuda-kernels.md) this was 2.4 % slower than the best of the three on average over 30 layers
+    and formats, 13 % at worst."""
+    want = 3072 / math.ceil(n / columns)
+    splits = min((64, 128, 256), key=lambda s: abs(math.log(s / want)))
+    return min(splits, max(64, 2 ** int(math.log2(max(1, k // 16)))))
+
+
+def padded(k: int, n: int, dtype: str, splits: int | None = None, unroll: int = 1) -> tuple[int, int, int]:
+    """(KS, Kp, Np) of the float kernel: ``splits`` (default :func:`default_splits`), K rounded up to a multiple of
+    ``KS * unroll``, N to a multiple of TX * lanes."""
     step = TX * lanes(dtype)
-    return math.ceil(k / KS) * KS, math.ceil(n / step) * step
+    splits = splits or default_splits(k, n, step)
+    return splits, math.ceil(k / (splits * unroll)) * splits * unroll, math.ceil(n / step) * step
 
 
-def pack_weight_cuda(w, dtype: str | None = None):
-    """``W [N, K]`` (torch) -> ``Wt [Kp, Np]`` in ``dtype`` (default: w's), zero-padded."""
+def pack_weight_cuda(w, dtype: str | None = None, splits: int | None = None, unroll: int = 1):
+    """``W [N, K]`` (torch) -> ``Wt [Kp, Np]`` in ``dtype`` (default: w's), zero-padded for the kernel with
+    ``splits`` and ``unroll``."""
     import torch
 
     dtype = dtype or str(w.dtype).removeprefix("torch.")
     n, k = w.shape
-    kp, np_ = padded(k, n, dtype)
+    _, kp, np_ = padded(k, n, dtype, splits, unroll)
     wt = torch.zeros(kp, np_, dtype=getattr(torch, dtype))
     wt[:k, :n] = w.detach().T
     return wt
@@ -77,14 +89,17 @@ def _sum_splits(n: int, np_: int, splits: int, dtype: str, bind, scale):
     return sum_splits
 
 
-def cuda_linear_kernel(k: int, n: int, dtype: str = "float32", *, threshold: bool = False, gpu: bool = True):
+def cuda_linear_kernel(k: int, n: int, dtype: str = "float32", *, threshold: bool = False, gpu: bool = True,
+                       splits: int | None = None, unroll: int = 1):
     """A PrimFunc ``(x [M, K], Wt [Kp, Np], thr [1], bias [N], y [M, N])``: ``y = x' @ W.T + bias`` with
-    ``x' = x * (|x| > thr)`` when ``threshold`` else ``x``, skipping the weight rows of zero ``x'`` entries."""
+    ``x' = x * (|x| > thr)`` when ``threshold`` else ``x``, skipping the weight rows of zero ``x'`` entries;
+    about ``splits`` blocks along K, each thread's loop over its rows unrolled ``unroll`` times (``Wt`` from
+    :func:`pack_weight_cuda` with the same ``splits`` and ``unroll``)."""
     from tvm.script import tirx as T
 
     v = lanes(dtype)
-    kp, np_ = padded(k, n, dtype)
-    nbx, kb = np_ // (TX * v), kp // KS
+    splits, kp, np_ = padded(k, n, dtype, splits, unroll)
+    nbx, kb = np_ // (TX * v), kp // splits
     f32 = "float32"
     zero = T.cast(0, dtype)
     bind = T.thread_binding if gpu else (lambda extent, thread=None: T.serial(extent))
@@ -92,7 +107,7 @@ def cuda_linear_kernel(k: int, n: int, dtype: str = "float32", *, threshold: boo
     def active(xi, t):
         return T.abs(xi) > t if threshold else xi != zero
 
-    sum_splits = _sum_splits(n, np_, KS, dtype, bind, lambda s, c: T.float32(1))
+    sum_splits = _sum_splits(n, np_, splits, dtype, bind, lambda s, c: T.float32(1))
 
     @T.prim_func(private=True)
     def f(x_h: T.handle, wt: T.Buffer((kp, np_), dtype), thr: T.Buffer((1,), dtype), b: T.Buffer((n,), dtype),
@@ -101,20 +116,22 @@ def cuda_linear_kernel(k: int, n: int, dtype: str = "float32", *, threshold: boo
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         y = T.match_buffer(y_h, (m, n), dtype)
-        part = T.alloc_buffer((KS, np_), f32)
+        part = T.alloc_buffer((splits, np_), f32)
         for row in range(m):
             for bx in bind(nbx, thread="blockIdx.x"):
-                for ks in bind(KS, thread="blockIdx.y"):
+                for ks in bind(splits, thread="blockIdx.y"):
                     for tx in bind(TX, thread="threadIdx.x"):
                         acc = T.decl_buffer((v,), f32, scope="local")
                         for j in T.unroll(v):
                             acc[j] = T.float32(0)
-                        for i in range(kb):
-                            xi = T.if_then_else(ks * kb + i < k, x[row, T.min(ks * kb + i, k - 1)], zero)
-                            if active(xi, thr[0]):
-                                for j in T.vectorized(v):
-                                    acc[j] = acc[j] + T.cast(wt[ks * kb + i, (bx * TX + tx) * v + j], f32) * T.cast(
-                                        xi, f32)
+                        for io in range(kb // unroll):
+                            for iu in T.unroll(unroll):
+                                i = io * unroll + iu
+                                xi = T.if_then_else(ks * kb + i < k, x[row, T.min(ks * kb + i, k - 1)], zero)
+                                if active(xi, thr[0]):
+                                    for j in T.vectorized(v):
+                                        acc[j] = acc[j] + T.cast(wt[ks * kb + i, (bx * TX + tx) * v + j], f32) * T.cast(
+                                            xi, f32)
                         for j in T.unroll(v):
                             part[ks, (bx * TX + tx) * v + j] = acc[j]
             sum_splits(part, b, b, y, row)
@@ -122,26 +139,28 @@ def cuda_linear_kernel(k: int, n: int, dtype: str = "float32", *, threshold: boo
     return f.with_attr("tirx.is_scheduled", True) if gpu else f
 
 
-def quantized_split(k: int, group: int) -> tuple[int, int]:
-    """(blocks along K, rows per block) of the quantized kernel: a block's rows are whole groups of ``group``."""
+def quantized_split(k: int, n: int, group: int, splits: int | None = None, unroll: int = 1) -> tuple[int, int]:
+    """(blocks along K, rows per block) of the quantized kernel, at most ``splits`` blocks (default
+    :func:`default_splits`): a block's rows are whole groups of ``group`` (per channel: a multiple of ``unroll``)."""
+    splits = splits or default_splits(k, n, QTX * QV)
     if not group:
-        return KS, math.ceil(k / KS)
+        return splits, math.ceil(k / (splits * unroll)) * unroll
     groups = math.ceil(k / group)
-    splits = min(KS, groups)
+    splits = min(splits, groups)
     return splits, math.ceil(groups / splits) * group
 
 
-def pack_quantized_cuda(q, scale, bits: int, group: int, offset=None):
+def pack_quantized_cuda(q, scale, bits: int, group: int, offset=None, splits: int | None = None, unroll: int = 1):
     """``(Wq, S)`` (module docstring) from the quantize pass's ``q`` (int8 ``[N, K]``, or for 4 bits uint8
     ``[N, K / 2]``), ``scale [N, G]`` and ``offset [N, G]`` (or None: then ``S`` holds no offset rows), zero-padded to
-    the kernel's grid."""
+    the grid of the kernel with ``splits`` and ``unroll``."""
     import torch
 
     from sparsec.ops import unpack_int4
 
     values = q if bits == 8 else unpack_int4(q)
     n, k = values.shape
-    splits, rows = quantized_split(k, group)
+    splits, rows = quantized_split(k, n, group, splits, unroll)
     kp, np_ = splits * rows, math.ceil(n / (QTX * QV)) * QTX * QV
     w = torch.zeros(kp, np_, dtype=torch.int8)
     w[:k, :n] = values.T
@@ -161,16 +180,21 @@ def pack_quantized_cuda(q, scale, bits: int, group: int, offset=None):
 
 
 def cuda_quantized_kernel(k: int, n: int, bits: int, group: int, dtype: str = "float32", *, threshold: bool = False,
-                          scale_dtype: str = "float32", offsets: bool = False, gpu: bool = True):
+                          scale_dtype: str = "float32", offsets: bool = False, gpu: bool = True,
+                          splits: int | None = None, unroll: int = 1):
     """A PrimFunc ``(x [M, K], Wq, S, thr [1], bias [N], y [M, N])`` (``Wq``, ``S`` from :func:`pack_quantized_cuda`):
     ``y = x' @ dequantize(q, S).T + bias`` with ``x' = x * (|x| > thr)`` when ``threshold`` else ``x``, skipping the
     weight rows of zero ``x'`` entries (and the scales of groups without a kept one); fp32 accumulation. ``offsets``:
-    the weights have offsets (``S`` holds scale and offset rows: :func:`pack_quantized_cuda` with ``offset``)."""
+    the weights have offsets (``S`` holds scale and offset rows: :func:`pack_quantized_cuda` with ``offset``);
+    about ``splits`` blocks along K, each thread's loop over a group's rows unrolled ``unroll`` times (a divisor of
+    the group; pack with the same ``splits`` and ``unroll``)."""
     from tvm.script import tirx as T
 
-    splits, rows = quantized_split(k, group)
+    splits, rows = quantized_split(k, n, group, splits, unroll)
     kp, np_ = splits * rows, math.ceil(n / (QTX * QV)) * QTX * QV
     gs = group or rows  # rows summed before a scale (per channel: a block's rows)
+    if gs % unroll:
+        raise ValueError(f"unroll {unroll} does not divide the group of {gs} rows")
     grouped = group > 0
     ng = kp // group if group else 1
     so = 2 if offsets else 1  # rows of S per group
@@ -222,17 +246,18 @@ def cuda_quantized_kernel(k: int, n: int, bits: int, group: int, dtype: str = "f
                                 xs[0] = T.float32(0)
                             for j in T.unroll(QV):
                                 u[j] = T.float32(0)
-                            for ii in range(gs):
-                                i = ks * rows + gi * gs + ii
-                                xi = T.if_then_else(i < k, x[row, T.min(i, k - 1)], zero)
-                                if active(xi, thr[0]):
-                                    hit[0] = 1
-                                    if offsets:
-                                        xs[0] = xs[0] + T.cast(xi, f32)
-                                    for jo in T.unroll(QV // 4):
-                                        for ji in vector(4):
-                                            u[jo * 4 + ji] = u[jo * 4 + ji] + load(
-                                                wq, i, (bx * QTX + tx) * QV + jo * 4 + ji) * T.cast(xi, f32)
+                            for io in range(gs // unroll):
+                                for iu in T.unroll(unroll):
+                                    i = ks * rows + gi * gs + io * unroll + iu
+                                    xi = T.if_then_else(i < k, x[row, T.min(i, k - 1)], zero)
+                                    if active(xi, thr[0]):
+                                        hit[0] = 1
+                                        if offsets:
+                                            xs[0] = xs[0] + T.cast(xi, f32)
+                                        for jo in T.unroll(QV // 4):
+                                            for ji in vector(4):
+                                                u[jo * 4 + ji] = u[jo * 4 + ji] + load(
+                                                    wq, i, (bx * QTX + tx) * QV + jo * 4 + ji) * T.cast(xi, f32)
                             if hit[0] == 1:
                                 if offsets:  # S[g] Σ q x' + O[g] Σ x' (per channel: group 0, in every block)
                                     for j in T.unroll(QV):

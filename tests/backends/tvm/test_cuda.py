@@ -19,33 +19,35 @@ from sparsec.passes.quantize import quantize_weight  # noqa: E402
 TOL = {"float32": dict(rtol=1e-5, atol=1e-4), "float16": dict(rtol=2e-3, atol=2e-2)}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_cpu_emulation_matches_reference(dtype):
+@pytest.mark.parametrize("dtype,splits,unroll", [("float32", 16, 1), ("float16", 16, 1), ("float32", 64, 4)])
+def test_cpu_emulation_matches_reference(dtype, splits, unroll):
     k, n = 300, 1000  # neither a multiple of the split-K nor of the column tile
     g = torch.Generator().manual_seed(0)
     td = getattr(torch, dtype)
     w, b = torch.randn(n, k, generator=g).to(td), torch.randn(n, generator=g).to(td)
-    f = tvm.compile(cuda_linear_kernel(k, n, dtype, threshold=True, gpu=False).with_attr("global_symbol", "main"),
-                    cpu_target())["main"]
+    f = tvm.compile(cuda_linear_kernel(k, n, dtype, threshold=True, gpu=False, splits=splits, unroll=unroll)
+                    .with_attr("global_symbol", "main"), cpu_target())["main"]
+    wt = pack_weight_cuda(w, splits=splits, unroll=unroll)
+    assert wt.shape == (-(-k // (splits * unroll)) * splits * unroll, 1024)
     for m, thr in [(1, 0.5), (3, 0.0), (1, 100.0)]:
         x = torch.randn(m, k, generator=g).to(td)
         y = torch.full((m, n), float("nan"), dtype=td)
-        f(x, pack_weight_cuda(w), torch.tensor([thr], dtype=td), b, y)
+        f(x, wt, torch.tensor([thr], dtype=td), b, y)
         want = torch.from_numpy(reference(x.float(), w.float(), thr, b.float())).to(td)
         torch.testing.assert_close(y.float(), want.float(), **TOL[dtype])
         if thr == 100.0:
             assert torch.equal(y, b.expand(m, n))  # every input dropped: the bias alone
 
 
-@pytest.mark.parametrize("bits,group,scales,offsets", [
-    (8, 0, torch.float32, False), (8, 32, torch.float16, False), (4, 32, torch.float16, False),
-    (4, 64, torch.float32, False), (4, 0, torch.float32, False),
-    (8, 0, torch.float32, True), (8, 32, torch.float32, True), (4, 32, torch.float16, True),
-    (4, 0, torch.float16, True)])
-def test_quantized_cpu_emulation_matches_reference(bits, group, scales, offsets):
+@pytest.mark.parametrize("bits,group,scales,offsets,splits,unroll", [
+    (8, 0, torch.float32, False, 16, 1), (8, 32, torch.float16, False, 16, 1), (4, 32, torch.float16, False, 16, 1),
+    (4, 64, torch.float32, False, 16, 1), (4, 0, torch.float32, False, 16, 1),
+    (8, 0, torch.float32, True, 16, 1), (8, 32, torch.float32, True, 16, 1), (4, 32, torch.float16, True, 16, 1),
+    (4, 0, torch.float16, True, 16, 1), (4, 32, torch.float16, True, 64, 4), (8, 0, torch.float32, False, 64, 4)])
+def test_quantized_cpu_emulation_matches_reference(bits, group, scales, offsets, splits, unroll):
     """Against ``linear(x', dequantize(q, s, offset=o))`` (``o`` with offsets: ``quantize{symmetric=false}``, else
-    none): K = 640 is 20 groups of 32 over 16 blocks (padded groups), N = 1000 not a multiple of a block's 256
-    columns. A group whose inputs are all zero reads neither weights nor scale (nor offset): its scales (and offsets)
+    none): K = 640 is 20 groups of 32 over 16 blocks (padded groups; with 64 split-K blocks asked for, 20 blocks of
+    one group), N = 1000 not a multiple of a block's 256 columns. A group whose inputs are all zero reads neither weights nor scale (nor offset): its scales (and offsets)
     are NaN in the kernel's copy, and the output is still the reference's."""
     k, n = 640, 1000
     g = torch.Generator().manual_seed(0)
@@ -54,13 +56,14 @@ def test_quantized_cpu_emulation_matches_reference(bits, group, scales, offsets)
         w += 0.5  # off-centre weights: the offsets' term is large
     q, s, o = quantize_weight(w, bits, group, scales, symmetric=not offsets)
     assert (o is not None) == offsets
-    wq, sp = pack_quantized_cuda(q, s, bits, group, offset=o)
+    wq, sp = pack_quantized_cuda(q, s, bits, group, offset=o, splits=splits, unroll=unroll)
     assert sp.shape[0] == (2 if offsets else 1) * (wq.shape[0] // group if group else 1)
     dropped, rows = [3, 7] if group else [], 2 if offsets else 1  # rows of S per group
     for i in dropped:
         sp[i * rows:(i + 1) * rows] = float("nan")
     f = tvm.compile(cuda_quantized_kernel(k, n, bits, group, threshold=True, scale_dtype=str(scales)[6:],
-                                          offsets=offsets, gpu=False).with_attr("global_symbol", "main"),
+                                          offsets=offsets, gpu=False, splits=splits, unroll=unroll).with_attr(
+                                              "global_symbol", "main"),
                     cpu_target())["main"]
     weight = DEQUANTIZE(q, s, bits, group, torch.float32, o)
     for m, thr in [(1, 0.5), (3, 0.0), (1, 100.0)]:
