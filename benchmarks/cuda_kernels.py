@@ -47,7 +47,7 @@ def main():
     b.add_argument("--shapes", default=SHAPES)
     b.add_argument("--formats", default=FORMATS)
     b.add_argument("--splits", default="64,128,256", help="split-K factors to build (blocks along K)")
-    b.add_argument("--unrolls", default="1,4", help="unroll factors of each thread's loop over its rows")
+    b.add_argument("--unrolls", default="1,4", help="unroll factors: rows whose weights a thread loads before using any")
     b.add_argument("--arch", default="sm_90")
     r = sub.add_parser("run")
     r.add_argument("--lib", required=True)
@@ -296,7 +296,7 @@ def table(rows, peers, bandwidth):
 
 def table_schedules(rows):
     names = list(dict.fromkeys(name for r in rows for name in r["variants"]))
-    lines = ["µs at s = .5 by schedule (ks: split-K blocks, u: unroll of a thread's row loop):", "",
+    lines = ["µs at s = .5 by schedule (ks: split-K blocks, u: rows a thread loads at once):", "",
              "| K x N | format | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(names)]
     for r in rows:

@@ -2,22 +2,26 @@
 
 Layout: ``Wt [Kp, Np]`` (``W.T`` padded with zero rows/columns to the tiling, packed once at build time). Grid
 ``(Np / (TX*V), KS)``: block ``(bx, ks)`` owns ``TX*V`` output columns and ``Kp / KS`` input rows (KS, the split-K
-factor: :func:`default_splits` unless given); each thread keeps ``V`` fp32 accumulators and reads one 16-byte vector
-of a weight row per active input, so a zero input's row is never fetched (the test is uniform across the block: no divergence). The split-K partials go to a ``[KS, Np]``
-scratch buffer that a second kernel sums (no atomics) and adds the bias. Rows of ``x`` (tokens) are processed one
-after another. With ``gpu=False`` the same index arithmetic runs as serial loops on the CPU, which is how the
-numerics are checked on machines without a GPU.
+factor: :func:`default_splits` unless given; rows padded to whole blocks); each thread keeps ``V`` fp32 accumulators
+and reads one 16-byte vector of a weight row per active input, so a zero input's row is never fetched (the test is
+uniform across the block: no divergence). A thread takes its rows ``unroll`` at a time: it reads their inputs, then
+issues the loads of the kept rows (zeros for the others), then accumulates, so up to ``unroll`` loads are in flight
+(``unroll`` = 1: one row at a time, the measured default; benchmarks/results/cuda-kernels.md). The split-K partials go
+to a ``[KS, Np]`` scratch buffer that a second kernel sums (no atomics) and adds the bias. Rows of ``x`` (tokens) are
+processed one after another. With ``gpu=False`` the same index arithmetic runs as serial loops on the CPU, which is
+how the numerics are checked on machines without a GPU.
 
 Quantized weights (the ``quantize`` pass's int8 / int4, per channel or groups of ``G`` inputs) keep the same grid with
-``QTX`` = 32 threads of ``QV`` = 8 columns a block: ``Wq [Kp, Np]`` int8, or for int4 ``[Kp, Np / 2]`` uint8
-(columns ``2c`` and ``2c + 1`` in the low and high nibble of byte ``c``, stored + 8), so a thread reads 8 (int8) or
-4 (int4) bytes of a kept row and dequantizes them in registers; scales ``S [Kp / G, Np]`` (``[1, Np]`` per channel),
-or with offsets (``quantize{symmetric=false}``: ``w = q * scale + offset``) ``S [2 Kp / G, Np]`` (``[2, Np]``),
-group ``g``'s scales in row ``2g`` and its offsets in row ``2g + 1``. A block's ``Kp / KS`` rows are whole groups:
-each group's rows are summed in registers and scaled once, only when the group kept an input (a group of zero inputs
-reads neither its weights nor its scales); with offsets that adds ``S[2g, c] Σ q x' + S[2g + 1, c] Σ x'``, the
-sums over the group's kept inputs. Per channel the scale multiplies the summed partials once, in the second kernel;
-with offsets each block scales its own rows as one group instead (``S[0, c] Σ q x' + S[1, c] Σ x'``).
+``QTX`` = 32 threads of ``QV`` = 8 columns a block: ``Wq [Kp, Np]`` int8, or for int4 ``[Kp, Np / 2]`` uint8 (columns
+``2c`` and ``2c + 1`` in the low and high nibble of byte ``c``, stored + 8), so a thread reads 8 (int8) or 4 (int4)
+bytes of a kept row (staged ``unroll`` rows at a time, as above) and dequantizes them in registers; scales
+``S [Kp / G, Np]`` (``[1, Np]`` per channel), or with offsets (``quantize{symmetric=false}``:
+``w = q * scale + offset``) ``S [2 Kp / G, Np]`` (``[2, Np]``), group ``g``'s scales in row ``2g`` and its offsets in
+row ``2g + 1``. A block's ``Kp / KS`` rows are whole groups: each group's rows are summed in registers and scaled
+once, only when the group kept an input (a group of zero inputs reads neither its weights nor its scales); with
+offsets that adds ``S[2g, c] Σ q x' + S[2g + 1, c] Σ x'``, the sums over the group's kept inputs. Per channel the
+scale multiplies the summed partials once, in the second kernel; with offsets each block scales its own rows as one
+group instead (``S[0, c] Σ q x' + S[1, c] Σ x'``).
 """
 from __future__ import annotations
 
@@ -47,12 +51,19 @@ def default_splits(k: int, n: int, columns: int) -> int:
     return min(splits, max(64, 2 ** int(math.log2(max(1, k // 16)))))
 
 
+def split_rows(k: int, splits: int, unit: int) -> tuple[int, int]:
+    """(blocks along K, rows per block): about ``splits`` blocks whose rows are a multiple of ``unit``, covering K
+    with less than one block of padding."""
+    rows = math.ceil(math.ceil(k / splits) / unit) * unit
+    return math.ceil(k / rows), rows
+
+
 def padded(k: int, n: int, dtype: str, splits: int | None = None, unroll: int = 1) -> tuple[int, int, int]:
-    """(KS, Kp, Np) of the float kernel: ``splits`` (default :func:`default_splits`), K rounded up to a multiple of
-    ``KS * unroll``, N to a multiple of TX * lanes."""
+    """(KS, Kp, Np) of the float kernel: about ``splits`` blocks along K (default :func:`default_splits`) of rows a
+    multiple of ``unroll`` (:func:`split_rows`), N rounded up to a multiple of TX * lanes."""
     step = TX * lanes(dtype)
-    splits = splits or default_splits(k, n, step)
-    return splits, math.ceil(k / (splits * unroll)) * splits * unroll, math.ceil(n / step) * step
+    blocks, rows = split_rows(k, splits or default_splits(k, n, step), unroll)
+    return blocks, blocks * rows, math.ceil(n / step) * step
 
 
 def pack_weight_cuda(w, dtype: str | None = None, splits: int | None = None, unroll: int = 1):
@@ -122,16 +133,25 @@ def cuda_linear_kernel(k: int, n: int, dtype: str = "float32", *, threshold: boo
                 for ks in bind(splits, thread="blockIdx.y"):
                     for tx in bind(TX, thread="threadIdx.x"):
                         acc = T.decl_buffer((v,), f32, scope="local")
+                        xa = T.decl_buffer((unroll,), f32, scope="local")  # x' of the next `unroll` rows
+                        wv = T.decl_buffer((unroll * v,), dtype, scope="local")  # their weights (0: skipped)
                         for j in T.unroll(v):
                             acc[j] = T.float32(0)
                         for io in range(kb // unroll):
+                            i0 = ks * kb + io * unroll
                             for iu in T.unroll(unroll):
-                                i = io * unroll + iu
-                                xi = T.if_then_else(ks * kb + i < k, x[row, T.min(ks * kb + i, k - 1)], zero)
-                                if active(xi, thr[0]):
+                                xi = T.if_then_else(i0 + iu < k, x[row, T.min(i0 + iu, k - 1)], zero)
+                                xa[iu] = T.if_then_else(active(xi, thr[0]), T.cast(xi, f32), T.float32(0))
+                            for iu in T.unroll(unroll):  # every kept row's load in flight before the first use
+                                if xa[iu] != T.float32(0):
                                     for j in T.vectorized(v):
-                                        acc[j] = acc[j] + T.cast(wt[ks * kb + i, (bx * TX + tx) * v + j], f32) * T.cast(
-                                            xi, f32)
+                                        wv[iu * v + j] = wt[i0 + iu, (bx * TX + tx) * v + j]
+                                else:
+                                    for j in T.vectorized(v):
+                                        wv[iu * v + j] = zero
+                            for iu in T.unroll(unroll):
+                                for j in T.unroll(v):
+                                    acc[j] = acc[j] + T.cast(wv[iu * v + j], f32) * xa[iu]
                         for j in T.unroll(v):
                             part[ks, (bx * TX + tx) * v + j] = acc[j]
             sum_splits(part, b, b, y, row)
@@ -140,14 +160,10 @@ def cuda_linear_kernel(k: int, n: int, dtype: str = "float32", *, threshold: boo
 
 
 def quantized_split(k: int, n: int, group: int, splits: int | None = None, unroll: int = 1) -> tuple[int, int]:
-    """(blocks along K, rows per block) of the quantized kernel, at most ``splits`` blocks (default
-    :func:`default_splits`): a block's rows are whole groups of ``group`` (per channel: a multiple of ``unroll``)."""
-    splits = splits or default_splits(k, n, QTX * QV)
-    if not group:
-        return splits, math.ceil(k / (splits * unroll)) * unroll
-    groups = math.ceil(k / group)
-    splits = min(splits, groups)
-    return splits, math.ceil(groups / splits) * group
+    """(blocks along K, rows per block) of the quantized kernel, about ``splits`` blocks (default
+    :func:`default_splits`; :func:`split_rows`): a block's rows are whole groups of ``group`` (per channel: a multiple
+    of ``unroll``)."""
+    return split_rows(k, splits or default_splits(k, n, QTX * QV), group or unroll)
 
 
 def pack_quantized_cuda(q, scale, bits: int, group: int, offset=None, splits: int | None = None, unroll: int = 1):
@@ -208,12 +224,13 @@ def cuda_quantized_kernel(k: int, n: int, bits: int, group: int, dtype: str = "f
     def active(xi, t):
         return T.abs(xi) > t if threshold else xi != zero
 
-    vector = T.vectorized if bits == 8 else T.unroll  # int8: 4-byte loads (TVM's CUDA codegen has no float x 8)
+    wb = QV * bits // 8  # bytes of a thread's columns in one row, loaded 4 at a time
 
-    def load(wq, i, c):  # the integer weight of row i, column c, as fp32
+    def value(wv, iu, j):  # the integer weight of staged row iu, column j, as fp32
         if bits == 8:
-            return T.cast(wq[i, c], f32)
-        return T.cast(T.shift_right(wq[i, c // 2], T.cast(c % 2 * 4, "uint8")) & T.uint8(15), f32) - T.float32(8)
+            return T.cast(wv[iu * wb + j], f32)
+        return T.cast(T.shift_right(wv[iu * wb + j // 2], T.cast(j % 2 * 4, "uint8")) & T.uint8(15),
+                      f32) - T.float32(8)
 
     sum_splits = _sum_splits(n, np_, splits, dtype, bind,  # per channel: the scale multiplies the summed partials
                              (lambda s, c: T.float32(1)) if early else (lambda s, c: T.cast(s[0, c], f32)))
@@ -236,6 +253,8 @@ def cuda_quantized_kernel(k: int, n: int, bits: int, group: int, dtype: str = "f
                         acc = T.decl_buffer((QV,), f32, scope="local")
                         u = T.decl_buffer((QV,), f32, scope="local")
                         hit = T.decl_buffer((1,), "int32", scope="local")
+                        xa = T.decl_buffer((unroll,), f32, scope="local")  # x' of the next `unroll` rows
+                        wv = T.decl_buffer((unroll * wb,), wtype, scope="local")  # their weight bytes
                         if offsets:
                             xs = T.decl_buffer((1,), f32, scope="local")  # Σ x' over the group's kept inputs
                         for j in T.unroll(QV):
@@ -247,17 +266,26 @@ def cuda_quantized_kernel(k: int, n: int, bits: int, group: int, dtype: str = "f
                             for j in T.unroll(QV):
                                 u[j] = T.float32(0)
                             for io in range(gs // unroll):
+                                i0 = ks * rows + gi * gs + io * unroll
                                 for iu in T.unroll(unroll):
-                                    i = ks * rows + gi * gs + io * unroll + iu
-                                    xi = T.if_then_else(i < k, x[row, T.min(i, k - 1)], zero)
-                                    if active(xi, thr[0]):
+                                    xi = T.if_then_else(i0 + iu < k, x[row, T.min(i0 + iu, k - 1)], zero)
+                                    xa[iu] = T.if_then_else(active(xi, thr[0]), T.cast(xi, f32), T.float32(0))
+                                for iu in T.unroll(unroll):  # every kept row's load in flight before the first use
+                                    if xa[iu] != T.float32(0):
                                         hit[0] = 1
-                                        if offsets:
-                                            xs[0] = xs[0] + T.cast(xi, f32)
-                                        for jo in T.unroll(QV // 4):
-                                            for ji in vector(4):
-                                                u[jo * 4 + ji] = u[jo * 4 + ji] + load(
-                                                    wq, i, (bx * QTX + tx) * QV + jo * 4 + ji) * T.cast(xi, f32)
+                                        for jo in T.unroll(wb // 4):
+                                            for ji in T.vectorized(4):
+                                                wv[iu * wb + jo * 4 + ji] = wq[i0 + iu, (bx * QTX + tx) * wb + jo * 4
+                                                                               + ji]
+                                    else:
+                                        for jo in T.unroll(wb // 4):
+                                            for ji in T.vectorized(4):
+                                                wv[iu * wb + jo * 4 + ji] = T.cast(0, wtype)
+                                for iu in T.unroll(unroll):
+                                    if offsets:
+                                        xs[0] = xs[0] + xa[iu]
+                                    for j in T.unroll(QV):
+                                        u[j] = u[j] + value(wv, iu, j) * xa[iu]
                             if hit[0] == 1:
                                 if offsets:  # S[g] Σ q x' + O[g] Σ x' (per channel: group 0, in every block)
                                     for j in T.unroll(QV):

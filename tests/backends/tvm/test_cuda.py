@@ -28,7 +28,7 @@ def test_cpu_emulation_matches_reference(dtype, splits, unroll):
     f = tvm.compile(cuda_linear_kernel(k, n, dtype, threshold=True, gpu=False, splits=splits, unroll=unroll)
                     .with_attr("global_symbol", "main"), cpu_target())["main"]
     wt = pack_weight_cuda(w, splits=splits, unroll=unroll)
-    assert wt.shape == (-(-k // (splits * unroll)) * splits * unroll, 1024)
+    assert wt.shape == (304, 1024)  # K padded by less than one block: 16 x 19 rows, or 38 x 8
     for m, thr in [(1, 0.5), (3, 0.0), (1, 100.0)]:
         x = torch.randn(m, k, generator=g).to(td)
         y = torch.full((m, n), float("nan"), dtype=td)
@@ -46,8 +46,9 @@ def test_cpu_emulation_matches_reference(dtype, splits, unroll):
     (4, 0, torch.float16, True, 16, 1), (4, 32, torch.float16, True, 64, 4), (8, 0, torch.float32, False, 64, 4)])
 def test_quantized_cpu_emulation_matches_reference(bits, group, scales, offsets, splits, unroll):
     """Against ``linear(x', dequantize(q, s, offset=o))`` (``o`` with offsets: ``quantize{symmetric=false}``, else
-    none): K = 640 is 20 groups of 32 over 16 blocks (padded groups; with 64 split-K blocks asked for, 20 blocks of
-    one group), N = 1000 not a multiple of a block's 256 columns. A group whose inputs are all zero reads neither weights nor scale (nor offset): its scales (and offsets)
+    none): K = 640 is 20 groups of 32 in 10 blocks of 2 (20 blocks of 1 when 64 are asked for); per channel with 64
+    blocks of rows unrolled 4 times, 54 blocks of 12 rows (8 padding rows); N = 1000 is not a multiple of a block's
+    256 columns. A group whose inputs are all zero reads neither weights nor scale (nor offset): its scales (and offsets)
     are NaN in the kernel's copy, and the output is still the reference's."""
     k, n = 640, 1000
     g = torch.Generator().manual_seed(0)
@@ -87,13 +88,17 @@ def test_cuda_source_compiles_with_nvcc_for_sm_90():
     funcs.update({f"int{bits}g{group}{'o' if offsets else ''}": cuda_quantized_kernel(
         640, 1000, bits, group, threshold=True, scale_dtype="float16", offsets=offsets)
         for bits, group, offsets in [(8, 0, False), (4, 32, False), (4, 32, True), (8, 0, True)]})
+    funcs.update({"linear_float16_u8": cuda_linear_kernel(300, 1000, "float16", threshold=True, unroll=8),
+                  "int8_u8": cuda_quantized_kernel(640, 1000, 8, 0, threshold=True, unroll=8),
+                  "int4g32o_u8": cuda_quantized_kernel(640, 1000, 4, 32, threshold=True, offsets=True, unroll=8)})
     sources = cuda_sources(tvm.compile(tvm.IRModule({name: f.with_attr("global_symbol", name)
                                                      for name, f in funcs.items()}), cuda_target("sm_90")))
     assert len(sources) == 1
     src = sources[0]
     assert all("void __launch_bounds__" in src and f" {name}_kernel(" in src for name in funcs)
     assert "float4" in src and "uint4" in src  # 16-byte loads of the weights, fp32 and fp16
-    assert "int v" in src and "half* __restrict__ s_ptr" in src  # int8: 4-byte loads; fp16 scales
+    assert "*(int*)(wq_ptr" in src and "*(uint*)(wq_ptr" in src  # int8 and int4 weights: 4-byte loads
+    assert "half* __restrict__ s_ptr" in src  # fp16 scales
     cubin = nvcc_compile(src, "sm_90")
     assert cubin[:4] == b"\x7fELF"
 
