@@ -222,8 +222,9 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
     ``sparse=False`` uses the dense kernel for every linear layer (the "sparsec TVM dense" baseline).
     ``target='cuda'``: the GPU kernels (:mod:`sparsec.backends.tvm.cuda`, float and quantized), which skip zero inputs
     in every layer.
-    ``schedule(k, n, dtype, kind)``: the CPU kernel's schedule arguments (:class:`sparsec.backends.tvm.tuning.
-    Scheduler`); default: the kernels' own defaults.
+    ``schedule``: a :class:`sparsec.backends.tvm.tuning.Scheduler` giving the CPU kernels' schedule arguments
+    (``schedule(k, n, dtype, kind)``; a quantized kernel's: ``schedule.quantized(...)``); default: the kernels' own
+    defaults.
     """
     import operator
     from functools import partial
@@ -294,8 +295,9 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
             if target == "cuda":
                 return cuda_quantized_kernel(k, n, bits, group, dtype, threshold=kind == "threshold",
                                              scale_dtype=scales, offsets=offsets)
+            args = schedule.quantized(k, n, bits, group, scales, offsets, dtype, kind) if schedule is not None else {}
             return quantized_linear_kernel(k, n, bits, group, dtype, sparse=kind != "dense",
-                                           threshold=kind == "threshold", scale_dtype=scales, offsets=offsets)
+                                           threshold=kind == "threshold", scale_dtype=scales, offsets=offsets, **args)
 
         return linear_call(importer, x_node, b_node, n, k, kind,
                            lambda dtype: quantized_kernel_name(kind, k, n, bits, group, dtype, scales, offsets),

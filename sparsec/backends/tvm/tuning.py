@@ -6,6 +6,10 @@ A schedule of :func:`sparsec.backends.tvm.kernels.linear_kernel` is three number
 * ``tiles_per_thread``: column tiles per thread, 1, 2 or 4 (more tiles: shorter tasks, more of them);
 * ``group``: GEMM (prefill) panels copied per task, 1, 2 or 4.
 
+A quantized kernel's (:func:`sparsec.backends.tvm.quantized.quantized_linear_kernel`, int8 / int4 weights) is
+one number, its decode's ``rows_per_pass``: 2, 4, 8 or 16 per output channel, 4, 8, 16 or 32 group-wise (its tiles
+are fixed by the packed layout, which a tied embedding shares; its GEMM keeps its default).
+
 A :class:`Scheduler` gives the schedule of each kernel of a build (``k``, ``n``, dtype, kind: dense, relu or
 threshold): from the database when it holds one for this CPU, thread count, shape, dtype and kind; else, with a time
 budget, measured here: the default first, then the GEMV candidates at 50 % sparsity (all inputs for a dense kernel)
@@ -16,7 +20,9 @@ Tuning never changes what a kernel computes, only how: every candidate is the sa
 
 The database is one JSON file (``SPARSEC_TUNING_DB``, default ``~/.cache/sparsec/tuning.json``):
 ``{"format": "sparsec-tuning", "version": 1, "entries": {key: {"rows_per_pass", "tiles_per_thread", "group",
-"gemv_us", "default_gemv_us", "gemm_us", "default_gemm_us"}}}`` with key ``cpu|threads|KxN|dtype|kind``. An entry
+"gemv_us", "default_gemv_us", "gemm_us", "default_gemm_us"}}}`` with key ``cpu|threads|KxN|dtype|kind`` (a quantized
+kernel: ``{"rows_per_pass", "gemv_us", "default_gemv_us"}`` under dtype ``FORMAT_DTYPE``, as
+``int4g32s16_float32``). An entry
 that is not a valid schedule, or a file that is not such a database, is ignored with a one-line warning (and a
 damaged file is not written over).
 """
@@ -35,6 +41,8 @@ TILES_PER_THREAD = (1, 2, 4)
 GROUPS = (1, 2, 4)
 DEFAULT = {"rows_per_pass": 4, "tiles_per_thread": None, "group": None}  # None: the kernels' own default
 GEMM_TOKENS = 128
+#: a quantized kernel's candidate rows per pass, per output channel (group 0) and group-wise
+QUANTIZED_ROWS_PER_PASS = {"channel": (2, 4, 8, 16), "group": (4, 8, 16, 32)}
 
 
 def database_path() -> str:
@@ -46,9 +54,22 @@ def entry_key(cpu: str, threads: int, k: int, n: int, dtype: str, kind: str) -> 
     return f"{cpu}|{threads}|{k}x{n}|{dtype}|{kind}"
 
 
-def _valid(entry) -> bool:
-    return (isinstance(entry, dict) and entry.get("rows_per_pass") in ROWS_PER_PASS
-            and entry.get("tiles_per_thread") in TILES_PER_THREAD and entry.get("group") in GROUPS)
+def quantized_rows(dtype: str) -> tuple | None:
+    """The candidate rows per pass of a quantized kernel's key dtype (``int8g0_float32``: per channel), or None for
+    a float kernel's."""
+    if not dtype.startswith("int"):
+        return None
+    return QUANTIZED_ROWS_PER_PASS["channel" if dtype.split("_")[0].split("g")[1].startswith("0") else "group"]
+
+
+def _valid(entry, dtype: str) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    rows = quantized_rows(dtype)
+    if rows is not None:
+        return entry.get("rows_per_pass") in rows
+    return (entry.get("rows_per_pass") in ROWS_PER_PASS and entry.get("tiles_per_thread") in TILES_PER_THREAD
+            and entry.get("group") in GROUPS)
 
 
 class Database:
@@ -79,12 +100,15 @@ class Database:
         entry = self.entries.get(key)
         if entry is None:
             return None
-        if not _valid(entry):
+        dtype = key.split("|")[3]
+        rows = quantized_rows(dtype)
+        if not _valid(entry, dtype):
+            valid = (f"rows_per_pass in {rows}" if rows else f"rows_per_pass in {ROWS_PER_PASS}, tiles_per_thread in"
+                     f" {TILES_PER_THREAD}, group in {GROUPS}")
             progress.warn(f"ignoring tuning database entry '{key}' in '{self.path}': not a schedule of"
-                          f" this sparsec (rows_per_pass in {ROWS_PER_PASS}, tiles_per_thread in {TILES_PER_THREAD},"
-                          f" group in {GROUPS})")
+                          f" this sparsec ({valid})")
             return None
-        return {name: entry[name] for name in ("rows_per_pass", "tiles_per_thread", "group")}
+        return {name: entry.get(name) for name in ("rows_per_pass", "tiles_per_thread", "group")}
 
     def put(self, key: str, entry: dict) -> None:
         self.entries[key] = entry
@@ -224,6 +248,39 @@ def tune(k: int, n: int, dtype: str, kind: str, threads: int, seconds: float) ->
             "default_gemm_us": round(gemm["default"] * 1e6, 1)}
 
 
+def tune_quantized(k: int, n: int, bits: int, group: int, scale_dtype: str, offsets: bool, kind: str, threads: int,
+                   seconds: float) -> dict:
+    """Measure the rows per pass of one quantized kernel's decode on this CPU for about ``seconds`` (one token, half
+    of its inputs dropped unless ``kind`` is dense, caches flushed before each call); the fastest, with its timings
+    (µs; ``default_gemv_us``: the kernel's own default)."""
+    import torch
+
+    from sparsec.backends.tvm.env import cpu_target, import_tvm
+    from sparsec.backends.tvm.quantized import pack_quantized, quantized_linear_kernel
+    from sparsec.passes.quantize import quantize_weight
+
+    tvm = import_tvm()
+    g = torch.Generator().manual_seed(0)
+    q, s, o = quantize_weight(torch.randn(n, k, generator=g), bits, group, getattr(torch, scale_dtype),
+                              symmetric=not offsets)
+    x = torch.randn(1, k, generator=g)
+    thr = float(x.abs().median()) if kind == "threshold" else 0.0
+    if kind == "relu":
+        x[0, torch.randperm(k, generator=g)[: k // 2]] = 0
+    args = [tvm.runtime.tensor(t.numpy()) for t in (x, *pack_quantized(q, s, bits, offset=o), torch.tensor([thr]),
+                                                    torch.zeros(n))] + [tvm.runtime.empty((1, n), "float32")]
+    calls = {}
+    for rows in (None, *quantized_rows(f"int{bits}g{group}")):
+        func = quantized_linear_kernel(k, n, bits, group, sparse=kind != "dense", threshold=kind == "threshold",
+                                       rows_per_pass=rows, scale_dtype=scale_dtype, offsets=offsets)
+        f = tvm.compile(func.with_attr("global_symbol", "main"), cpu_target())["main"]
+        calls[rows] = (lambda f: lambda: f(*args))(f)
+    gemv = _fastest(calls, seconds, before=_evict_caches())
+    best = min((r for r in calls if r is not None), key=lambda r: gemv[r])
+    return {"rows_per_pass": best, "gemv_us": round(gemv[best] * 1e6, 1),
+            "default_gemv_us": round(gemv[None] * 1e6, 1)}
+
+
 class Scheduler:
     """Chooses the schedule of each kernel of one build: from the database, else measured for about ``seconds``
     (per kernel; 0: no measuring), else the default. ``chosen``: kernel name -> schedule and where it came from."""
@@ -236,21 +293,40 @@ class Scheduler:
         self.cpu = host_cpu()
         self.chosen: dict = {}
 
-    def __call__(self, k: int, n: int, dtype: str, kind: str) -> dict:
-        """The keyword arguments of ``linear_kernel`` for this kernel (see :func:`kernel_args`)."""
-        from sparsec.backends.tvm.kernels import kernel_name
-
-        name = kernel_name(kind, k, n, dtype)
+    def _choose(self, name: str, key: str, measure, default: dict) -> dict:
+        """Kernel ``name``'s schedule: the database's entry ``key``, else ``measure()``'s (recorded there) when
+        tuning, else ``default``; remembered in :attr:`chosen` with its source."""
         if name not in self.chosen:
-            key = entry_key(self.cpu, self.threads, k, n, dtype, kind)
             schedule, source = self.db.get(key), "database"
             if schedule is None and self.seconds > 0:
                 with progress.task(f"compile: tune {name}"):
-                    entry = tune(k, n, dtype, kind, self.threads, self.seconds)
+                    entry = measure()
                 self.db.put(key, entry)
                 self.db.save()
                 schedule, source = self.db.get(key), "tuned"
             if schedule is None:
-                schedule, source = dict(DEFAULT), "default"
+                schedule, source = dict(default), "default"
             self.chosen[name] = {**schedule, "source": source}
-        return kernel_args(k, n, self.chosen[name], self.threads)
+        return self.chosen[name]
+
+    def __call__(self, k: int, n: int, dtype: str, kind: str) -> dict:
+        """The keyword arguments of ``linear_kernel`` for this kernel (see :func:`kernel_args`)."""
+        from sparsec.backends.tvm.kernels import kernel_name
+
+        chosen = self._choose(kernel_name(kind, k, n, dtype), entry_key(self.cpu, self.threads, k, n, dtype, kind),
+                              lambda: tune(k, n, dtype, kind, self.threads, self.seconds), DEFAULT)
+        return kernel_args(k, n, chosen, self.threads)
+
+    def quantized(self, k: int, n: int, bits: int, group: int, scale_dtype: str, offsets: bool, dtype: str,
+                  kind: str) -> dict:
+        """``{"rows_per_pass": R}`` of this quantized kernel (None: the kernel's default), chosen as a float kernel's
+        schedule is."""
+        from sparsec.backends.tvm.quantized import quantized_format, quantized_kernel_name
+
+        fmt = f"{quantized_format(bits, group, scale_dtype, offsets)}_{dtype}"
+        chosen = self._choose(quantized_kernel_name(kind, k, n, bits, group, dtype, scale_dtype, offsets),
+                              entry_key(self.cpu, self.threads, k, n, fmt, kind),
+                              lambda: tune_quantized(k, n, bits, group, scale_dtype, offsets, kind, self.threads,
+                                                     self.seconds),
+                              {"rows_per_pass": None, "tiles_per_thread": None, "group": None})
+        return {"rows_per_pass": chosen["rows_per_pass"]}

@@ -1,6 +1,6 @@
-"""Per-CPU schedules of the CPU linear kernels: every candidate computes the same, a tuned build matches torch and
-records its schedules, the database makes the next build take the same ones without measuring, and a damaged or
-foreign database is ignored with one warning line."""
+"""Per-CPU schedules of the CPU linear kernels (float and quantized): every candidate computes the same, a tuned build
+matches torch and records its schedules, the database makes the next build take the same ones without measuring, and a
+damaged or foreign database is ignored with one warning line."""
 import json
 import re
 
@@ -113,3 +113,61 @@ def test_a_damaged_or_foreign_database_is_ignored_with_one_warning(llama_teal, t
     assert _warnings(record) == [f"ignoring tuning database entry '{key}' in '{db}': not a schedule of this sparsec"
                                  f" (rows_per_pass in (2, 4, 8), tiles_per_thread in (1, 2, 4), group in (1, 2, 4))"]
     _check_parity(tmp_path / "b", llama_teal.program)
+
+
+def test_every_quantized_rows_per_pass_computes_the_same():
+    """Every candidate rows-per-pass of the quantized decode (per channel and group-wise, with offsets) on one token
+    with a fused threshold, against ``linear(x', dequantize(q, s, offset))``."""
+    from sparsec.backends.tvm.quantized import pack_quantized, quantized_linear_kernel
+    from sparsec.ops import DEQUANTIZE
+    from sparsec.passes.quantize import quantize_weight
+
+    import_tvm(2)
+    k, n = 256, 512
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(n, k, generator=g), torch.randn(1, k, generator=g)
+    for bits, group, offsets in [(8, 0, False), (4, 32, True)]:
+        q, s, o = quantize_weight(w, bits, group, torch.float32, symmetric=not offsets)
+        ops = [tvm.runtime.tensor(t.numpy()) for t in pack_quantized(q, s, bits, offset=o)]
+        want = torch.nn.functional.linear(x * (x.abs() > 0.5), DEQUANTIZE(q, s, bits, group, torch.float32, o))
+        rows = tuning.quantized_rows(f"int{bits}g{group}_float32")
+        assert rows == (tuning.QUANTIZED_ROWS_PER_PASS["group" if group else "channel"])
+        for r in rows:
+            f = tvm.compile(quantized_linear_kernel(k, n, bits, group, threshold=True, rows_per_pass=r,
+                                                    offsets=offsets).with_attr("global_symbol", "main"),
+                            cpu_target())["main"]
+            y = tvm.runtime.empty((1, n), "float32")
+            f(tvm.runtime.tensor(x.numpy()), *ops, tvm.runtime.tensor(np.array([0.5], np.float32)),
+              tvm.runtime.tensor(np.zeros(n, np.float32)), y)
+            torch.testing.assert_close(torch.from_numpy(y.numpy()), want, rtol=1e-4,
+                                       atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.slow  # 75 s; every fast-set quantized build goes through the same Scheduler (its defaults)
+def test_quantized_kernels_are_tuned_recorded_and_replayed(tmp_path, monkeypatch):
+    """A quantized build with tuning: every quantized kernel gets a measured rows-per-pass, recorded under its format
+    (``int4g32s16_float32``), the build matches torch, the next build takes the database's; an entry with a rows per
+    pass no candidate has is ignored with one warning naming the valid ones."""
+    db = tmp_path / "tuning.json"
+    monkeypatch.setenv("SPARSEC_TUNING_DB", str(db))
+    model, inputs = build("llama")
+    loop = token_forward_loop(torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2)))
+    art = sparsec.transform(model, "quantize{bits=4 group=32 scale_dtype=float16},teal{sparsity=0.5}",
+                            example_inputs=inputs, forward_loop=loop, measure=False)
+    first = sparsec.compile(art, str(tmp_path / "tuned"), threads=2, tune_seconds=0.5)
+    quantized = {name: s for name, s in first["schedules"].items() if name.startswith("sparsec_linear_int4g32s16_")}
+    assert quantized and {s["source"] for s in quantized.values()} == {"tuned"}
+    assert all(s["rows_per_pass"] in tuning.QUANTIZED_ROWS_PER_PASS["group"] for s in quantized.values())
+    keys = [key for key in json.loads(db.read_text())["entries"] if key.split("|")[3] == "int4g32s16_float32"]
+    assert len(keys) == len(quantized)
+    _check_parity(tmp_path / "tuned", art.program)
+    again = sparsec.compile(art, str(tmp_path / "again"), threads=2, tune_seconds=0)
+    assert {name: again["schedules"][name] for name in quantized} == {
+        name: {**s, "source": "database"} for name, s in quantized.items()}
+    data = json.loads(db.read_text())
+    data["entries"][keys[0]]["rows_per_pass"] = 2  # a per-channel candidate, not a group-wise one
+    db.write_text(json.dumps(data))
+    with pytest.warns(UserWarning) as record:
+        assert tuning.Database().get(keys[0]) is None
+    assert _warnings(record) == [f"ignoring tuning database entry '{keys[0]}' in '{db}': not a schedule of this"
+                                 " sparsec (rows_per_pass in (4, 8, 16, 32))"]
