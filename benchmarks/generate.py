@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
@@ -43,6 +44,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import peers  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve()
+TUNE_ENV = "SPARSEC_BENCH_TUNE_SECONDS"
 SPARSE_ROWS = ("sparsec-tvm", "sparsec-ort", "sparsec-accelerate", "sparsec-tvm-q8", "sparsec-tvm-q8r",
                "sparsec-tvm-q4", "sparsec-tvm-q4o")
 DENSE_ROWS = ("sparsec-tvm-dense", "ort-dense", "sparsec-tvm-q8-dense", "sparsec-tvm-q4-dense",
@@ -107,15 +109,18 @@ def _export(artifact: str, out: str, sparse_kernel: str) -> dict:
     return {}
 
 
-def _compile(artifact: str, out: str) -> dict:
+def _compile(artifact: str, out: str, tune_seconds: float = 0.0) -> dict:
     import sparsec
 
-    sparsec.compile(artifact, out, threads=peers.THREADS, force=True)
+    sparsec.compile(artifact, out, threads=peers.THREADS, force=True, tune_seconds=tune_seconds)
     return {}
 
 
 def prepared(peer: str, path: pathlib.Path, max_context: int) -> str:
-    """The artifact / .onnx / build a sparsec row runs, made (each in its own process) if not cached."""
+    """The artifact / .onnx / build a sparsec row runs, made (each in its own process) if not cached; TVM builds
+    with ``sparsec compile --tune-seconds`` of ``--tune-seconds`` (a build of their own when > 0; the rows' processes
+    inherit it as ``$SPARSEC_BENCH_TUNE_SECONDS``)."""
+    tune_seconds = float(os.environ.get(TUNE_ENV) or 0)
     pipeline = _pipeline(peer)
     art = _store(path, pipeline, max_context)
     if not (art / "manifest.json").exists():
@@ -129,9 +134,10 @@ def prepared(peer: str, path: pathlib.Path, max_context: int) -> str:
                          sparse_kernel="auto" if kind == "sparsec-ort" else "none")
         return str(onnx)
     if kind.startswith("sparsec-tvm"):
-        build = art.with_name(art.name + ".tvm")
+        build = art.with_name(art.name + (f".tune{tune_seconds:g}.tvm" if tune_seconds else ".tvm"))
         if not (build / "manifest.json").exists():
-            peers._child(sys.executable, "_compile", False, script=HERE, artifact=str(art), out=str(build))
+            peers._child(sys.executable, "_compile", False, script=HERE, artifact=str(art), out=str(build),
+                         tune_seconds=tune_seconds)
         return str(build)
     return str(art)
 
@@ -219,9 +225,13 @@ def main(argv=None) -> None:
     peers.add_run_arguments(p, "sparsec-tvm,sparsec-ort,sparsec-accelerate,sparsec-tvm-dense,ort-dense,hf,"
                                "llamacpp-f32,llamacpp-q8_0,llamacpp-q4_k_m")
     p.add_argument("--sparsities", default="0.5,0.4", help="teal sparsity of the sparse sparsec rows, each a row")
+    p.add_argument("--tune-seconds", type=float, default=0.0, metavar="S",
+                   help="sparsec's TVM builds with 'sparsec compile --tune-seconds S' (kernels not in the tuning"
+                   " database measured on this CPU for about S seconds each)")
     p.add_argument("--prepare-only", action="store_true",
                    help="make the artifacts, exports, builds and GGUFs the rows need, then stop (nothing is timed)")
     args = p.parse_args(argv)
+    os.environ[TUNE_ENV] = str(args.tune_seconds)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     register(sparsities)
     wanted = [f"{name}@{s}" if name in SPARSE_ROWS else name for name in args.peers.split(",")
