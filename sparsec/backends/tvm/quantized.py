@@ -330,7 +330,7 @@ def quantized_linear_kernel(k: int, n: int, bits: int, group: int, dtype: str = 
     return f
 
 
-def quantized_format(bits: int, group: int, scale_dtype: str = "float32", offsets: bool = False) -> str:
+def format_name(bits: int, group: int, scale_dtype: str = "float32", offsets: bool = False) -> str:
     """The weight format's name: ``int{bits}g{group}``, ``s16`` for fp16 scales (``int4g32s16``), ``o`` for offsets
     (``int4g32s16o``)."""
     return f"int{bits}g{group}" + ("s16" if scale_dtype == "float16" else "") + ("o" if offsets else "")
@@ -339,4 +339,4 @@ def quantized_format(bits: int, group: int, scale_dtype: str = "float32", offset
 def quantized_kernel_name(kind: str, k: int, n: int, bits: int, group: int, dtype: str,
                           scale_dtype: str = "float32", offsets: bool = False) -> str:
     """The module-level name of the quantized linear kernel of ``kind`` (dense, sparse or threshold)."""
-    return f"sparsec_linear_{quantized_format(bits, group, scale_dtype, offsets)}_{kind}_{k}_{n}_{dtype}"
+    return f"sparsec_linear_{format_name(bits, group, scale_dtype, offsets)}_{kind}_{k}_{n}_{dtype}"

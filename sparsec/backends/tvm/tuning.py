@@ -21,10 +21,9 @@ Tuning never changes what a kernel computes, only how: every candidate is the sa
 The database is one JSON file (``SPARSEC_TUNING_DB``, default ``~/.cache/sparsec/tuning.json``):
 ``{"format": "sparsec-tuning", "version": 1, "entries": {key: {"rows_per_pass", "tiles_per_thread", "group",
 "gemv_us", "default_gemv_us", "gemm_us", "default_gemm_us"}}}`` with key ``cpu|threads|KxN|dtype|kind`` (a quantized
-kernel: ``{"rows_per_pass", "gemv_us", "default_gemv_us"}`` under dtype ``FORMAT_DTYPE``, as
-``int4g32s16_float32``). An entry
-that is not a valid schedule, or a file that is not such a database, is ignored with a one-line warning (and a
-damaged file is not written over).
+kernel: ``{"rows_per_pass", "gemv_us", "default_gemv_us"}``, its dtype the weight format and the activations' dtype,
+``int4g32s16_float32``). An entry that is not a valid schedule, or a file that is not such a database, is ignored
+with a one-line warning (and a damaged file is not written over).
 """
 from __future__ import annotations
 
@@ -248,7 +247,7 @@ def tune(k: int, n: int, dtype: str, kind: str, threads: int, seconds: float) ->
             "default_gemm_us": round(gemm["default"] * 1e6, 1)}
 
 
-def tune_quantized(k: int, n: int, bits: int, group: int, scale_dtype: str, offsets: bool, kind: str, threads: int,
+def tune_quantized(k: int, n: int, bits: int, group: int, scale_dtype: str, offsets: bool, kind: str,
                    seconds: float) -> dict:
     """Measure the rows per pass of one quantized kernel's decode on this CPU for about ``seconds`` (one token, half
     of its inputs dropped unless ``kind`` is dense, caches flushed before each call); the fastest, with its timings
@@ -321,12 +320,11 @@ class Scheduler:
                   kind: str) -> dict:
         """``{"rows_per_pass": R}`` of this quantized kernel (None: the kernel's default), chosen as a float kernel's
         schedule is."""
-        from sparsec.backends.tvm.quantized import quantized_format, quantized_kernel_name
+        from sparsec.backends.tvm.quantized import format_name, quantized_kernel_name
 
-        fmt = f"{quantized_format(bits, group, scale_dtype, offsets)}_{dtype}"
+        fmt = f"{format_name(bits, group, scale_dtype, offsets)}_{dtype}"
         chosen = self._choose(quantized_kernel_name(kind, k, n, bits, group, dtype, scale_dtype, offsets),
                               entry_key(self.cpu, self.threads, k, n, fmt, kind),
-                              lambda: tune_quantized(k, n, bits, group, scale_dtype, offsets, kind, self.threads,
-                                                     self.seconds),
+                              lambda: tune_quantized(k, n, bits, group, scale_dtype, offsets, kind, self.seconds),
                               {"rows_per_pass": None, "tiles_per_thread": None, "group": None})
         return {"rows_per_pass": chosen["rows_per_pass"]}
