@@ -47,7 +47,8 @@ def main():
     b.add_argument("--shapes", default=SHAPES)
     b.add_argument("--formats", default=FORMATS)
     b.add_argument("--splits", default="64,128,256", help="split-K factors to build (blocks along K)")
-    b.add_argument("--unrolls", default="1,4", help="unroll factors: rows whose weights a thread loads before using any")
+    b.add_argument("--unrolls", default="1,4",
+                   help="unroll factors: rows whose weights a thread loads before using any")
     b.add_argument("--arch", default="sm_90")
     r = sub.add_parser("run")
     r.add_argument("--lib", required=True)

@@ -48,8 +48,8 @@ def test_quantized_cpu_emulation_matches_reference(bits, group, scales, offsets,
     """Against ``linear(x', dequantize(q, s, offset=o))`` (``o`` with offsets: ``quantize{symmetric=false}``, else
     none): K = 640 is 20 groups of 32 in 10 blocks of 2 (20 blocks of 1 when 64 are asked for); per channel with 64
     blocks of rows unrolled 4 times, 54 blocks of 12 rows (8 padding rows); N = 1000 is not a multiple of a block's
-    256 columns. A group whose inputs are all zero reads neither weights nor scale (nor offset): its scales (and offsets)
-    are NaN in the kernel's copy, and the output is still the reference's."""
+    256 columns. A group whose inputs are all zero reads neither weights nor scale (nor offset): its scales (and
+    offsets) are NaN in the kernel's copy, and the output is still the reference's."""
     k, n = 640, 1000
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
