@@ -149,12 +149,10 @@ def _nbytes(tensors):
 
 
 def _inputs(torch, k, s, dtype, count, g):
-    xs = []
-    for _ in range(count):
-        x = torch.randn(1, k, generator=g)
-        x[0, torch.randperm(k, generator=g)[:round(s * k)]] = 0
-        xs.append(x.to(getattr(torch, dtype)).cuda())
-    return xs
+    """``count`` inputs [1, K] on the GPU, each with exactly round(s*K) zeros (benchmarks/kernels.py's)."""
+    from benchmarks.kernels import _input
+
+    return [_input(torch, k, s, getattr(torch, dtype), g).cuda() for _ in range(count)]
 
 
 def _graph_time(torch, tvm_ffi, calls, replays=10):

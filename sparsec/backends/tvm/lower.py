@@ -99,7 +99,6 @@ def dequantized_weight(node):
     return w
 
 
-
 def _decompose(program, keep_sdpa: bool = False):
     """``program`` in core ATen with ``aten.linear`` (and with ``keep_sdpa``, ``aten.scaled_dot_product_attention``)
     kept. Views become reshapes first: torch cannot decompose some views of dynamic-shape transposes (GPT-2's

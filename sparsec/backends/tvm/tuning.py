@@ -61,10 +61,11 @@ def quantized_rows(dtype: str) -> tuple | None:
     return QUANTIZED_ROWS_PER_PASS["channel" if dtype.split("_")[0].split("g")[1].startswith("0") else "group"]
 
 
-def _valid(entry, dtype: str) -> bool:
+def _valid(entry, rows: tuple | None) -> bool:
+    """Whether ``entry`` is a schedule: of a quantized kernel when ``rows`` (its candidates) is given, else a float
+    one's."""
     if not isinstance(entry, dict):
         return False
-    rows = quantized_rows(dtype)
     if rows is not None:
         return entry.get("rows_per_pass") in rows
     return (entry.get("rows_per_pass") in ROWS_PER_PASS and entry.get("tiles_per_thread") in TILES_PER_THREAD
@@ -99,9 +100,8 @@ class Database:
         entry = self.entries.get(key)
         if entry is None:
             return None
-        dtype = key.split("|")[3]
-        rows = quantized_rows(dtype)
-        if not _valid(entry, dtype):
+        rows = quantized_rows(key.split("|")[3])
+        if not _valid(entry, rows):
             valid = (f"rows_per_pass in {rows}" if rows else f"rows_per_pass in {ROWS_PER_PASS}, tiles_per_thread in"
                      f" {TILES_PER_THREAD}, group in {GROUPS}")
             progress.warn(f"ignoring tuning database entry '{key}' in '{self.path}': not a schedule of"
@@ -269,7 +269,7 @@ def tune_quantized(k: int, n: int, bits: int, group: int, scale_dtype: str, offs
     args = [tvm.runtime.tensor(t.numpy()) for t in (x, *pack_quantized(q, s, bits, offset=o), torch.tensor([thr]),
                                                     torch.zeros(n))] + [tvm.runtime.empty((1, n), "float32")]
     calls = {}
-    for rows in (None, *quantized_rows(f"int{bits}g{group}")):
+    for rows in (None, *QUANTIZED_ROWS_PER_PASS["group" if group else "channel"]):
         func = quantized_linear_kernel(k, n, bits, group, sparse=kind != "dense", threshold=kind == "threshold",
                                        rows_per_pass=rows, scale_dtype=scale_dtype, offsets=offsets)
         f = tvm.compile(func.with_attr("global_symbol", "main"), cpu_target())["main"]
