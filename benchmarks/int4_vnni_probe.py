@@ -105,7 +105,7 @@ def main():
 
     from sparsec.backends.tvm.env import cpu_target, host_cpu, import_tvm
     from sparsec.backends.tvm.quantized import pack_quantized, quantized_linear_kernel
-    from sparsec.ops import unpack_int4
+    from sparsec.ops import DEQUANTIZE
     from sparsec.passes.quantize import quantize_weight
 
     tvm = import_tvm(args.threads)
@@ -119,7 +119,7 @@ def main():
     w = torch.randn(n, k, generator=gen) / k ** 0.5
     q, scale, _ = quantize_weight(w, 4, group, torch.float32, symmetric=True)
     wq, s = pack_quantized(q, scale, 4, tiles=1)
-    wd = (unpack_int4(q).double().reshape(n, k // group, group) * scale.double()[:, :, None]).reshape(n, k)
+    wd = DEQUANTIZE(q, scale, 4, group, torch.float32).double()  # the weights sparsec's numerics are defined by
     vnni = build(vnni_kernel(k, n, group, args.threads))
     fp = build(quantized_linear_kernel(k, n, 4, group, tiles=1))
     thr, bias, y = torch.zeros(1), torch.zeros(n), torch.empty(1, n)
