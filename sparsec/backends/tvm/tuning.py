@@ -19,11 +19,13 @@ flush a 16-46 MB layer is partly timed from the L3 cache), then the GEMM groups 
 Tuning never changes what a kernel computes, only how: every candidate is the same kernel family.
 
 The database is one JSON file (``SPARSEC_TUNING_DB``, default ``~/.cache/sparsec/tuning.json``):
-``{"format": "sparsec-tuning", "version": 1, "entries": {key: {"rows_per_pass", "tiles_per_thread", "group",
+``{"format": "sparsec-tuning", "version": 2, "entries": {key: {"rows_per_pass", "tiles_per_thread", "group",
 "gemv_us", "default_gemv_us", "gemm_us", "default_gemm_us"}}}`` with key ``cpu|threads|KxN|dtype|kind`` (a quantized
 kernel: ``{"rows_per_pass", "gemv_us", "default_gemv_us"}``, its dtype the weight format and the activations' dtype,
 ``int4g32s16_float32``). An entry that is not a valid schedule, or a file that is not such a database, is ignored
-with a one-line warning (and a damaged file is not written over).
+with a one-line warning (and a damaged file is not written over). A version 1 file is an earlier sparsec's, whose
+tuner could record a schedule it had measured slower than the default (with a short budget it compared the first
+candidate alone): its entries are dropped, with one warning, and measured again.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ import time
 
 from sparsec import progress
 
-FORMAT, VERSION = "sparsec-tuning", 1
+FORMAT, VERSION = "sparsec-tuning", 2
+SUPERSEDED = (1,)  # versions whose entries are dropped and measured again
 ROWS_PER_PASS = (2, 4, 8)
 TILES_PER_THREAD = (1, 2, 4)
 GROUPS = (1, 2, 4)
@@ -85,6 +88,11 @@ class Database:
         try:
             with open(self.path, encoding="utf-8") as f:
                 data = json.load(f)
+            if isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") in SUPERSEDED:
+                progress.warn(f"ignoring the entries of the tuning database '{self.path}' (version {data['version']},"
+                              " an earlier sparsec's tuner): kernels take the default schedule, or are measured"
+                              " again and recorded when tuning")
+                return
             if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION \
                     or not isinstance(data.get("entries"), dict):
                 raise ValueError(f"not a {FORMAT} version {VERSION} file")
@@ -213,38 +221,58 @@ def _fastest(calls: dict, seconds: float, reps: int = 15, before=None) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def default_schedule(k: int, n: int, threads: int) -> dict:
+    """The kernels' own schedule for ``W [n, k]`` on ``threads`` threads as concrete values: ``R`` rows per pass,
+    :func:`~sparsec.backends.tvm.kernels.num_tiles` tiles, :func:`~sparsec.backends.tvm.kernels.panel_group`
+    panels per task."""
+    from sparsec.backends.tvm.kernels import gemm_columns, num_tiles, panel_group, tile_width
+
+    tiles = num_tiles(n, threads)
+    ct = tile_width(n, tiles)
+    return {"rows_per_pass": DEFAULT["rows_per_pass"], "tiles_per_thread": max(1, tiles // threads),
+            "group": panel_group(k, ct, gemm_columns(ct))}
+
+
+def gemv_candidates(default: dict) -> list:
+    """The GEMV schedules tuning builds, in order, while its budget lasts: the default first, then one tile per
+    thread with other rows per pass (the likeliest gains), then more tiles."""
+    rows = (default["rows_per_pass"],) + tuple(r for r in sorted(ROWS_PER_PASS, reverse=True)
+                                                if r != default["rows_per_pass"])
+    tiles = (default["tiles_per_thread"],) + tuple(t for t in TILES_PER_THREAD if t != default["tiles_per_thread"])
+    return [(r, t) for t in tiles for r in rows]
+
+
 def tune(k: int, n: int, dtype: str, kind: str, threads: int, seconds: float) -> dict:
-    """Measure schedules of one kernel on this CPU for about ``seconds``; the fastest, with its timings (µs)."""
+    """Measure schedules of one kernel on this CPU for about ``seconds``; the fastest, with its timings (µs).
+
+    The default schedule is always a candidate (the first built and, for the GEMM, the first group): a budget too
+    short to build or time the others keeps it, so tuning never records a schedule it measured slower."""
     start = time.perf_counter()
     bench = _Bench(k, n, dtype, kind, threads)
+    default = default_schedule(k, n, threads)
     built = {}
-    for r in ROWS_PER_PASS:
-        for t in TILES_PER_THREAD:
-            if built and time.perf_counter() - start > seconds / 2:
-                break
-            cand = {"rows_per_pass": r, "tiles_per_thread": t, "group": None}
-            calls = bench.build(cand)
-            if calls is not None:
-                built[(r, t)] = calls
-    default_calls = bench.build(DEFAULT)
-    gemv = _fastest({"default": default_calls[0], **{key: c[0] for key, c in built.items()}}, seconds / 4,
-                    before=_evict_caches())
+    for r, t in gemv_candidates(default):
+        if built and time.perf_counter() - start > seconds / 2:
+            break
+        calls = bench.build({"rows_per_pass": r, "tiles_per_thread": t, "group": default["group"]})
+        if calls is not None:
+            built[(r, t)] = calls
+    gemv = _fastest({key: c[0] for key, c in built.items()}, seconds / 4, before=_evict_caches())
     best = min(built, key=lambda key: gemv[key])
     choice = {"rows_per_pass": best[0], "tiles_per_thread": best[1]}
     groups = {}
-    for g in GROUPS:
-        if time.perf_counter() - start > seconds:
+    for g in (default["group"],) + tuple(g for g in GROUPS if g != default["group"]):
+        if groups and time.perf_counter() - start > seconds:
             break
         calls = bench.build({**choice, "group": g})
         if calls is not None:
             groups[g] = calls[1]
-    gemm = _fastest({"default": default_calls[1], **groups}, max(0.0, seconds - (time.perf_counter() - start)),
-                    reps=5) if groups else {"default": float("nan")}
-    group = min(groups, key=lambda g: gemm[g]) if groups else 1
+    gemm = _fastest(groups, max(0.0, seconds - (time.perf_counter() - start)), reps=5)
+    group = min(groups, key=lambda g: gemm[g])
+    default_key = (default["rows_per_pass"], default["tiles_per_thread"])
     return {**choice, "group": group, "gemv_us": round(gemv[best] * 1e6, 1),
-            "default_gemv_us": round(gemv["default"] * 1e6, 1),
-            "gemm_us": round(gemm.get(group, float("nan")) * 1e6, 1),
-            "default_gemm_us": round(gemm["default"] * 1e6, 1)}
+            "default_gemv_us": round(gemv[default_key] * 1e6, 1),
+            "gemm_us": round(gemm[group] * 1e6, 1), "default_gemm_us": round(gemm[default["group"]] * 1e6, 1)}
 
 
 def tune_quantized(k: int, n: int, bits: int, group: int, scale_dtype: str, offsets: bool, kind: str,

@@ -79,6 +79,8 @@ def test_tuned_build_matches_torch_and_the_database_replays_its_schedules(llama_
         cpu, threads, shape, dtype, kind = key.split("|")
         assert (cpu, threads, dtype) == (host_cpu(), "2", "float32") and re.fullmatch(r"\d+x\d+", shape)
         assert entry["rows_per_pass"] in tuning.ROWS_PER_PASS and entry["gemv_us"] > 0
+        # the default is a candidate: never recorded a schedule measured slower than it
+        assert entry["gemv_us"] <= entry["default_gemv_us"] and entry["gemm_us"] <= entry["default_gemm_us"]
     out_tuned = _check_parity(tmp_path / "tuned", llama_teal.program)
     again = sparsec.compile(llama_teal, str(tmp_path / "again"), threads=2, tune_seconds=0)
     assert {name: {**s, "source": "tuned"} for name, s in again["schedules"].items()} == first["schedules"]
@@ -95,7 +97,7 @@ def _warnings(record) -> list[str]:
 def test_a_damaged_or_foreign_database_is_ignored_with_one_warning(llama_teal, tmp_path, monkeypatch):
     db = tmp_path / "tuning.json"
     monkeypatch.setenv("SPARSEC_TUNING_DB", str(db))
-    db.write_text('{"format": "sparsec-tuning", "version": 1, "entries": {')  # cut short
+    db.write_text(f'{{"format": "sparsec-tuning", "version": {tuning.VERSION}, "entries": {{')  # cut short
     with pytest.warns(UserWarning) as record:
         m = sparsec.compile(llama_teal, str(tmp_path / "a"), threads=2, tune_seconds=0)
     assert {s["source"] for s in m["schedules"].values()} == {"default"}
@@ -105,7 +107,7 @@ def test_a_damaged_or_foreign_database_is_ignored_with_one_warning(llama_teal, t
     kernel = m["kernels"][0]
     kind, k, n, dtype = re.fullmatch(r"sparsec_linear_(\w+?)_(\d+)_(\d+)_(\w+)", kernel).groups()
     key = tuning.entry_key(host_cpu(), 2, int(k), int(n), dtype, kind)
-    db.write_text(json.dumps({"format": "sparsec-tuning", "version": 1,
+    db.write_text(json.dumps({"format": "sparsec-tuning", "version": tuning.VERSION,
                               "entries": {key: {"rows_per_pass": 3, "tiles_per_thread": 1, "group": 1}}}))
     with pytest.warns(UserWarning) as record:
         m = sparsec.compile(llama_teal, str(tmp_path / "b"), threads=2, tune_seconds=0)
@@ -113,6 +115,44 @@ def test_a_damaged_or_foreign_database_is_ignored_with_one_warning(llama_teal, t
     assert _warnings(record) == [f"ignoring tuning database entry '{key}' in '{db}': not a schedule of this sparsec"
                                  f" (rows_per_pass in (2, 4, 8), tiles_per_thread in (1, 2, 4), group in (1, 2, 4))"]
     _check_parity(tmp_path / "b", llama_teal.program)
+
+
+def test_a_budget_too_short_for_other_candidates_keeps_the_default_schedule():
+    """With no time to build more than one candidate, tuning measures and records the kernels' own schedule (the
+    first candidate), never another one it did not compare with it."""
+    import_tvm(2)
+    k, n = 256, 1024
+    default = tuning.default_schedule(k, n, 2)
+    assert tuning.gemv_candidates(default)[0] == (default["rows_per_pass"], default["tiles_per_thread"])
+    entry = tuning.tune(k, n, "float32", "threshold", 2, seconds=0.0)
+    assert {name: entry[name] for name in ("rows_per_pass", "tiles_per_thread", "group")} == default
+    assert entry["gemv_us"] == entry["default_gemv_us"] and entry["gemm_us"] == entry["default_gemm_us"]
+    assert sorted(tuning.gemv_candidates(default)) == sorted(
+        (r, t) for r in tuning.ROWS_PER_PASS for t in tuning.TILES_PER_THREAD)
+
+
+def test_an_earlier_versions_database_is_dropped_with_one_warning_and_rewritten(tmp_path, monkeypatch):
+    """A version 1 database (whose tuner could record schedules slower than the default) is not used: one warning,
+    the default schedule, and tuning writes the current version over it."""
+    db = tmp_path / "tuning.json"
+    monkeypatch.setenv("SPARSEC_TUNING_DB", str(db))
+    import_tvm(2)
+    k, n = 256, 1024
+    key = tuning.entry_key(host_cpu(), 2, k, n, "float32", "threshold")
+    old = {"rows_per_pass": 2, "tiles_per_thread": 4, "group": 1}
+    db.write_text(json.dumps({"format": "sparsec-tuning", "version": 1, "entries": {key: old}}))
+    with pytest.warns(UserWarning) as record:
+        default = tuning.Scheduler(0, 2)
+        assert default(k, n, "float32", "threshold") == tuning.kernel_args(k, n, tuning.DEFAULT, 2)
+    assert default.chosen["sparsec_linear_threshold_256_1024_float32"]["source"] == "default"
+    assert _warnings(record) == [f"ignoring the entries of the tuning database '{db}' (version 1, an earlier"
+                                 " sparsec's tuner): kernels take the default schedule, or are measured again and"
+                                 " recorded when tuning"]
+    with pytest.warns(UserWarning):
+        tuning.Scheduler(0.2, 2)(k, n, "float32", "threshold")
+    data = json.loads(db.read_text())
+    assert data["version"] == tuning.VERSION and list(data["entries"]) == [key]
+    assert data["entries"][key]["gemv_us"] > 0  # measured now, not the version 1 entry
 
 
 def test_every_quantized_rows_per_pass_computes_the_same():
