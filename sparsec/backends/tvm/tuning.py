@@ -2,7 +2,7 @@
 
 A schedule of :func:`sparsec.backends.tvm.kernels.linear_kernel` is three numbers:
 
-* ``rows_per_pass``: surviving input rows the GEMV (a decode step) accumulates per pass, 2, 4 or 8;
+* ``rows_per_pass``: surviving input rows the GEMV (a decode step) accumulates per pass, 2, 4, 8 or 16;
 * ``tiles_per_thread``: column tiles per thread, 1, 2 or 4 (more tiles: shorter tasks, more of them);
 * ``group``: GEMM (prefill) panels copied per task, 1, 2 or 4.
 
@@ -38,7 +38,7 @@ from sparsec import progress
 
 FORMAT, VERSION = "sparsec-tuning", 2
 SUPERSEDED = (1,)  # versions whose entries are dropped and measured again
-ROWS_PER_PASS = (2, 4, 8)
+ROWS_PER_PASS = (2, 4, 8, 16)
 TILES_PER_THREAD = (1, 2, 4)
 GROUPS = (1, 2, 4)
 DEFAULT = {"rows_per_pass": 4, "tiles_per_thread": None, "group": None}  # None: the kernels' own default
