@@ -41,7 +41,6 @@ SUPERSEDED = (1,)  # versions whose entries are dropped and measured again
 ROWS_PER_PASS = (2, 4, 8, 16)
 TILES_PER_THREAD = (1, 2, 4)
 GROUPS = (1, 2, 4)
-DEFAULT = {"rows_per_pass": 4, "tiles_per_thread": None, "group": None}  # None: the kernels' own default
 GEMM_TOKENS = 128
 #: a quantized kernel's candidate rows per pass, per output channel (group 0) and group-wise
 QUANTIZED_ROWS_PER_PASS = {"channel": (2, 4, 8, 16), "group": (4, 8, 16, 32)}
@@ -133,12 +132,12 @@ class Database:
 def kernel_args(k: int, n: int, schedule: dict, threads: int) -> dict:
     """The keyword arguments of :func:`~sparsec.backends.tvm.kernels.linear_kernel` (and ``tiles`` of
     :func:`~sparsec.backends.tvm.kernels.pack_weight`) for ``schedule``."""
-    from sparsec.backends.tvm.kernels import VL, num_tiles
+    from sparsec.backends.tvm.kernels import VL, R, num_tiles
 
     tiles = num_tiles(n, threads)
     if schedule.get("tiles_per_thread"):
         tiles = max(1, min(threads * schedule["tiles_per_thread"], n // VL))
-    return {"tiles": tiles, "rows_per_pass": schedule.get("rows_per_pass") or DEFAULT["rows_per_pass"],
+    return {"tiles": tiles, "rows_per_pass": schedule.get("rows_per_pass") or R,
             "group": schedule.get("group")}
 
 
@@ -225,11 +224,11 @@ def default_schedule(k: int, n: int, threads: int) -> dict:
     """The kernels' own schedule for ``W [n, k]`` on ``threads`` threads as concrete values: ``R`` rows per pass,
     :func:`~sparsec.backends.tvm.kernels.num_tiles` tiles, :func:`~sparsec.backends.tvm.kernels.panel_group`
     panels per task."""
-    from sparsec.backends.tvm.kernels import gemm_columns, num_tiles, panel_group, tile_width
+    from sparsec.backends.tvm.kernels import R, gemm_columns, num_tiles, panel_group, tile_width
 
     tiles = num_tiles(n, threads)
     ct = tile_width(n, tiles)
-    return {"rows_per_pass": DEFAULT["rows_per_pass"], "tiles_per_thread": max(1, tiles // threads),
+    return {"rows_per_pass": R, "tiles_per_thread": max(1, tiles // threads),
             "group": panel_group(k, ct, gemm_columns(ct))}
 
 
@@ -341,7 +340,8 @@ class Scheduler:
         from sparsec.backends.tvm.kernels import kernel_name
 
         chosen = self._choose(kernel_name(kind, k, n, dtype), entry_key(self.cpu, self.threads, k, n, dtype, kind),
-                              lambda: tune(k, n, dtype, kind, self.threads, self.seconds), DEFAULT)
+                              lambda: tune(k, n, dtype, kind, self.threads, self.seconds),
+                              default_schedule(k, n, self.threads))
         return kernel_args(k, n, chosen, self.threads)
 
     def quantized(self, k: int, n: int, bits: int, group: int, scale_dtype: str, offsets: bool, dtype: str,

@@ -143,7 +143,7 @@ def test_an_earlier_versions_database_is_dropped_with_one_warning_and_rewritten(
     db.write_text(json.dumps({"format": "sparsec-tuning", "version": 1, "entries": {key: old}}))
     with pytest.warns(UserWarning) as record:
         default = tuning.Scheduler(0, 2)
-        assert default(k, n, "float32", "threshold") == tuning.kernel_args(k, n, tuning.DEFAULT, 2)
+        assert default(k, n, "float32", "threshold") == tuning.kernel_args(k, n, tuning.default_schedule(k, n, 2), 2)
     assert default.chosen["sparsec_linear_threshold_256_1024_float32"]["source"] == "default"
     assert _warnings(record) == [f"ignoring the entries of the tuning database '{db}' (version 1, an earlier"
                                  " sparsec's tuner): kernels take the default schedule, or are measured again and"
