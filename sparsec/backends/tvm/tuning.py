@@ -220,13 +220,13 @@ def _fastest(calls: dict, seconds: float, reps: int = 15, before=None) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def default_schedule(k: int, n: int, threads: int) -> dict:
+def default_schedule(k: int, n: int, threads: int, tiles_per_thread: int | None = None) -> dict:
     """The kernels' own schedule for ``W [n, k]`` on ``threads`` threads as concrete values: ``R`` rows per pass,
-    :func:`~sparsec.backends.tvm.kernels.num_tiles` tiles, :func:`~sparsec.backends.tvm.kernels.panel_group`
-    panels per task."""
-    from sparsec.backends.tvm.kernels import R, gemm_columns, num_tiles, panel_group, tile_width
+    :func:`~sparsec.backends.tvm.kernels.num_tiles` tiles (or ``tiles_per_thread`` per thread),
+    :func:`~sparsec.backends.tvm.kernels.panel_group` panels per task for those tiles."""
+    from sparsec.backends.tvm.kernels import R, gemm_columns, panel_group, tile_width
 
-    tiles = num_tiles(n, threads)
+    tiles = kernel_args(k, n, {"tiles_per_thread": tiles_per_thread}, threads)["tiles"]
     ct = tile_width(n, tiles)
     return {"rows_per_pass": R, "tiles_per_thread": max(1, tiles // threads),
             "group": panel_group(k, ct, gemm_columns(ct))}
@@ -253,14 +253,15 @@ def tune(k: int, n: int, dtype: str, kind: str, threads: int, seconds: float) ->
     for r, t in gemv_candidates(default):
         if built and time.perf_counter() - start > seconds / 2:
             break
-        calls = bench.build({"rows_per_pass": r, "tiles_per_thread": t, "group": default["group"]})
+        calls = bench.build({"rows_per_pass": r, "tiles_per_thread": t, "group": None})  # the GEMV takes no group
         if calls is not None:
             built[(r, t)] = calls
     gemv = _fastest({key: c[0] for key, c in built.items()}, seconds / 4, before=_evict_caches())
     best = min(built, key=lambda key: gemv[key])
     choice = {"rows_per_pass": best[0], "tiles_per_thread": best[1]}
+    own = default_schedule(k, n, threads, choice["tiles_per_thread"])["group"]  # the default for these tiles
     groups = {}
-    for g in (default["group"],) + tuple(g for g in GROUPS if g != default["group"]):
+    for g in (own,) + tuple(g for g in GROUPS if g != own):
         if groups and time.perf_counter() - start > seconds:
             break
         calls = bench.build({**choice, "group": g})
@@ -271,7 +272,7 @@ def tune(k: int, n: int, dtype: str, kind: str, threads: int, seconds: float) ->
     default_key = (default["rows_per_pass"], default["tiles_per_thread"])
     return {**choice, "group": group, "gemv_us": round(gemv[best] * 1e6, 1),
             "default_gemv_us": round(gemv[default_key] * 1e6, 1),
-            "gemm_us": round(gemm[group] * 1e6, 1), "default_gemm_us": round(gemm[default["group"]] * 1e6, 1)}
+            "gemm_us": round(gemm[group] * 1e6, 1), "default_gemm_us": round(gemm[own] * 1e6, 1)}
 
 
 def tune_quantized(k: int, n: int, bits: int, group: int, scale_dtype: str, offsets: bool, kind: str,

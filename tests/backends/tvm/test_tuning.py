@@ -129,6 +129,10 @@ def test_a_budget_too_short_for_other_candidates_keeps_the_default_schedule():
     assert entry["gemv_us"] == entry["default_gemv_us"] and entry["gemm_us"] == entry["default_gemm_us"]
     assert sorted(tuning.gemv_candidates(default)) == sorted(
         (r, t) for r in tuning.ROWS_PER_PASS for t in tuning.TILES_PER_THREAD)
+    for t in tuning.TILES_PER_THREAD:  # the GEMM's default group for any tiles divides their panels
+        own = tuning.default_schedule(k, n, 2, t)
+        assert own["tiles_per_thread"] == t
+        linear_kernel(k, n, **tuning.kernel_args(k, n, own, 2))  # raises ValueError if the group did not divide
 
 
 def test_an_earlier_versions_database_is_dropped_with_one_warning_and_rewritten(tmp_path, monkeypatch):
