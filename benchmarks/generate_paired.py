@@ -102,7 +102,6 @@ def _start(peer: str, path, prompt, new_tokens: int) -> subprocess.Popen:
     if peer.startswith("llamacpp-"):
         python, kind, model = peers.peers_python(), "llamacpp", peers.gguf_file(path, peer.split("-", 1)[1].upper())
     else:
-        generate.register([float(peer.partition("@")[2] or 0.5)])
         python, kind = sys.executable, "sparsec"
         model = generate.prepared(peer, path, generate._max_context(len(prompt), new_tokens))
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false",
