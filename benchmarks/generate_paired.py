@@ -26,7 +26,10 @@ import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve()
-THREADS = 2
+sys.path.insert(0, str(HERE.parent))
+import peers  # noqa: E402  (stdlib imports only: the peers' own Python runs this file too)
+
+THREADS = peers.THREADS
 
 
 def _sparsec_worker(model: str, prompt: list[int], limit: int):
@@ -51,14 +54,8 @@ def _sparsec_worker(model: str, prompt: list[int], limit: int):
 
 
 def _llamacpp_worker(model: str, prompt: list[int], limit: int):
-    import llama_cpp
-    import numpy as np
-
-    llm = llama_cpp.Llama(model, n_threads=THREADS, n_threads_batch=THREADS, n_ctx=limit, n_batch=512, verbose=False)
-    vocab, state = llm.n_vocab(), {}
-
-    def argmax() -> int:
-        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).argmax())
+    llm, argmax = peers.llamacpp_model(model, limit)
+    state = {}
 
     def prefill():
         llm.reset()
@@ -97,15 +94,14 @@ def worker(kind: str, model: str, prompt: list[int], new_tokens: int) -> None:
 def _start(peer: str, path, prompt, new_tokens: int) -> subprocess.Popen:
     """The worker process of ``peer``, loaded and prefilled (``ready`` read)."""
     import generate
-    import peers
 
     if peer.startswith("llamacpp-"):
         python, kind, model = peers.peers_python(), "llamacpp", peers.gguf_file(path, peer.split("-", 1)[1].upper())
     else:
         python, kind = sys.executable, "sparsec"
         model = generate.prepared(peer, path, generate._max_context(len(prompt), new_tokens))
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent.parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(peers.child_env(), PYTHONPATH=os.pathsep.join([str(HERE.parent.parent),
+                                                               os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([str(python), str(HERE), "--worker", json.dumps(
         {"kind": kind, "model": str(model), "prompt": list(prompt), "new_tokens": new_tokens})],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -125,9 +121,7 @@ def main(argv=None) -> None:
     p.add_argument("--tune-seconds", type=float, default=0.0, help="as generate.py's (which sparsec build)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(HERE.parent))
     import generate
-    import peers
 
     os.environ[generate.TUNE_ENV] = str(args.tune_seconds)
     names = args.peers.split(",")

@@ -57,12 +57,16 @@ GGUF_FTYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}  # llama_ftype: LLA
 
 
 # ------------------------------------------------------------------------------------------------ subprocesses
+def child_env() -> dict:
+    """The environment of a peer's process: THREADS OpenMP threads, no hub access, no tokenizer threads."""
+    return dict(os.environ, OMP_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
 def _child(python: str | os.PathLike, func: str, quiet: bool = False, script: os.PathLike = HERE, **kwargs):
     """Run ``func(**kwargs)`` of ``script`` (default: this file) in a fresh ``python`` process; returns its JSON
     result. ``quiet``: keep the child's stderr (logs, progress bars) unless it fails."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([str(python), str(script), "--child", func, json.dumps(kwargs)], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE if quiet else None, text=True, env=env)
+                          stderr=subprocess.PIPE if quiet else None, text=True, env=child_env())
     results = [line[len(_MARK):] for line in proc.stdout.splitlines() if line.startswith(_MARK)]
     if proc.returncode or not results:
         raise RuntimeError(f"{func} failed (exit {proc.returncode}): {proc.stdout[-2000:]}{proc.stderr or ''}"[-4000:])
@@ -267,16 +271,25 @@ def _hf(path: str, prompt: list[int], new_tokens: int, reps: int) -> dict:
                         f" ({model.config._attn_implementation} attention)")
 
 
-def _llamacpp(gguf: str, prompt: list[int], new_tokens: int, reps: int) -> dict:
+def llamacpp_model(gguf: str, n_ctx: int):
+    """``(llm, argmax)``: the GGUF loaded by llama-cpp-python for ``n_ctx`` tokens on THREADS threads, and a
+    callable giving the argmax of its last position's logits."""
     import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(gguf, n_threads=THREADS, n_threads_batch=THREADS, n_ctx=len(prompt) + new_tokens,
-                          n_batch=512, verbose=False)
+    llm = llama_cpp.Llama(gguf, n_threads=THREADS, n_threads_batch=THREADS, n_ctx=n_ctx, n_batch=512, verbose=False)
     vocab = llm.n_vocab()
 
     def argmax() -> int:
         return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).argmax())
+
+    return llm, argmax
+
+
+def _llamacpp(gguf: str, prompt: list[int], new_tokens: int, reps: int) -> dict:
+    import llama_cpp
+
+    llm, argmax = llamacpp_model(gguf, len(prompt) + new_tokens)
 
     def run(n: int):
         llm.reset()  # the next eval drops the whole KV cache
