@@ -105,7 +105,7 @@ def _kernels(tvm, target, torch, w, dtype, scheduler):
     if fmt is None:
         wt = w.to(getattr(torch, dtype))
         kernels = []
-        for sparse, kind in ((True, "relu"), (False, "dense")):
+        for sparse, kind in ((True, "sparse"), (False, "dense")):
             args = scheduler(k, n, dtype, kind)
             kernels.append((build(linear_kernel(k, n, dtype, sparse=sparse, **args)),
                             [pack_weight(wt, tiles=args["tiles"])]))

@@ -400,12 +400,13 @@ def _run_build(path: str, inputs: Any) -> dict:
 
 
 def compile(artifact_or_result: Any, out_dir: str, *, target: str = "llvm", threads: int | None = None,
-            sparse: bool = True, force: bool = False, tune_seconds: float = 0.0) -> dict:
+            sparse: bool = True, force: bool = False, tune_seconds: float | None = None) -> dict:
     """Compile an artifact (directory or :class:`Artifact`) or a :class:`TransformResult` with TVM into the build
     directory ``out_dir``: linear layers fed by sparse activations call sparsec's sparse kernels, the others its
     dense kernel (``sparse=False``: dense everywhere). ``threads``: TVM threads at run time (default: all CPUs).
     ``tune_seconds``: per kernel the tuning database does not hold for this CPU, seconds to measure its schedules
-    here (:mod:`sparsec.backends.tvm.tuning`; 0: the database's schedule or the default).
+    here (:mod:`sparsec.backends.tvm.tuning`; 0: the database's schedule or the default; None:
+    ``SPARSEC_TUNE_SECONDS``, else 2 s).
     Returns the build manifest. See :mod:`sparsec.backends.tvm.build`.
     """
     from sparsec.backends.tvm.build import compile_program

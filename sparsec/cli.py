@@ -439,10 +439,10 @@ def export(artifact, target, out, opset, external_data, verify, inputs, rtol, at
               " (Graviton, Ampere), cross-compiled here, run there")
 @click.option("--threads", type=click.IntRange(min=1), metavar="N", help="TVM threads at run time [default: all CPUs]")
 @click.option("--dense", is_flag=True, help="use sparsec's dense kernel in every linear layer (a baseline)")
-@click.option("--tune-seconds", type=click.FloatRange(min=0), default=0, show_default=True, metavar="S",
+@click.option("--tune-seconds", type=click.FloatRange(min=0), metavar="S",
               help="per kernel shape not in the tuning database (SPARSEC_TUNING_DB, default"
               " ~/.cache/sparsec/tuning.json), measure its schedules on this CPU for about S seconds and record the"
-              " fastest; 0: the database's schedule, else the default")
+              " fastest; 0: the database's schedule, else the default [default: SPARSEC_TUNE_SECONDS, else 2]")
 @click.option("-o", "--output", "out", required=True, metavar="DIR", help="build directory to write")
 @click.option("--force", is_flag=True, help="replace DIR if it is an existing build")
 @click.option("--json", "as_json", is_flag=True, help="print the build manifest as one JSON document")
@@ -451,8 +451,11 @@ def compile_(artifact, target, threads, dense, tune_seconds, out, force, as_json
     """Compile the artifact directory ARTIFACT with TVM and sparsec's sparse kernels into the build directory DIR."""
     from sparsec.artifact import check_output_dir, read_manifest
 
+    from sparsec.backends.tvm.tuning import default_seconds
+
     read_manifest(artifact)  # not an artifact: fail before importing torch
     check_output_dir(out, force, inputs=[artifact])
+    tune_seconds = default_seconds() if tune_seconds is None else tune_seconds
     from sparsec import api
 
     _progress(f"sparsec: compiling {artifact} for {target}")

@@ -1,11 +1,19 @@
 """Shared test set-up: no network, offline Hugging Face, deterministic seeds, small thread pools."""
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Builds take the kernels' default schedules: no tuning unless a test asks, and never the user's tuning database.
+os.environ["SPARSEC_TUNE_SECONDS"] = "0"
+_TUNING_DIR = tempfile.mkdtemp(prefix="sparsec-tests-")
+atexit.register(shutil.rmtree, _TUNING_DIR, ignore_errors=True)
+os.environ["SPARSEC_TUNING_DB"] = os.path.join(_TUNING_DIR, "tuning.json")
 
 
 def _no_network(*args, **kwargs):

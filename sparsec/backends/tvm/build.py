@@ -54,7 +54,7 @@ def is_build_dir(path: str) -> bool:
 def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int | None = None, sparse: bool = True,
                     inputs: list | None = None, source: str | None = None, force: bool = False,
                     generation: dict | None = None, tokenizer: str | None = None,
-                    output_names: list[str] | None = None, tune_seconds: float = 0.0) -> dict:
+                    output_names: list[str] | None = None, tune_seconds: float | None = None) -> dict:
     """Lower ``program`` (an ExportedProgram) with sparsec's kernels, compile it for ``target`` and write the build
     directory ``out_dir`` atomically. Returns the manifest.
 
@@ -62,7 +62,8 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     ``tokenizer`` go into the build; both default to those of the artifact directory ``source``. ``output_names``:
     as the model named its outputs (:func:`sparsec.calling.program_output_names`). ``tune_seconds``: per kernel not
     in the tuning database, how long to measure schedules on this CPU (:mod:`sparsec.backends.tvm.tuning`; 0: the
-    database's or the default); the manifest's ``schedules`` say which each kernel got and from where."""
+    database's or the default; None: :func:`~sparsec.backends.tvm.tuning.default_seconds`); the manifest's
+    ``schedules`` say which each kernel got and from where."""
     import sparsec
     from sparsec.artifact import atomic_directory, check_output_dir, copy_tokenizer, input_spec, sha256_file
     from sparsec.backends.tvm.cuda import cuda_pipeline, cuda_sources, cuda_target, nvcc_compile, require_nvcc
@@ -85,9 +86,9 @@ def compile_program(program, out_dir: str, *, target: str = "llvm", threads: int
     cpu_kind = "llvm" if target == "aarch64" else target  # the same lowering; code generated for another CPU
     scheduler = None
     if target == "llvm":  # the database is keyed by this CPU: a cross build takes the defaults
-        from sparsec.backends.tvm.tuning import Scheduler
+        from sparsec.backends.tvm.tuning import Scheduler, default_seconds
 
-        scheduler = Scheduler(tune_seconds, threads)
+        scheduler = Scheduler(default_seconds() if tune_seconds is None else tune_seconds, threads)
     with progress.task("compile: lower"):
         mod, weights = _lift_weights(FoldConstant()(to_relax(program, sparse=sparse, target=cpu_kind,
                                                              schedule=scheduler)))

@@ -13,8 +13,9 @@ the torch tensors themselves: tvm_ffi takes a ``torch.Tensor`` argument through 
 the packed weight and the bias where torch keeps them and writes its result into a ``torch.empty`` output. Weights
 are packed once (:func:`sparsec.backends.tvm.kernels.pack_weight`) into buffers of the module (``sparsec_tvm.*``);
 the original weights are dropped unless another op still reads them (tied embeddings). Thresholds stay the teal
-buffers they were. A kernel is compiled once per (K, N, dtype, kind, tiles) — ``tiles``: one per TVM thread — and
-its library cached in ``~/.cache/sparsec/tvm-kernels/`` (compiling takes 0.5-1 s, loading the library milliseconds).
+buffers they were. A kernel is compiled once per (K, N, dtype, kind, schedule) — the schedule ``sparsec compile``
+would give it on this CPU from the tuning database (:mod:`sparsec.backends.tvm.tuning`), else the default — and its
+library cached in ``~/.cache/sparsec/tvm-kernels/`` (compiling takes 0.5-1 s, loading the library milliseconds).
 
 The op has a fake kernel, so the module exports with ``torch.export``; it has no autograd formula (inference only).
 """
@@ -34,34 +35,55 @@ from sparsec.errors import SparsecError
 KINDS = ("threshold", "sparse", "dense")
 STORE = "sparsec_tvm"  # the submodule holding the packed weights and biases
 _KERNELS: dict[tuple, object] = {}
+_SCHEDULERS: dict[int, object] = {}  # TVM threads -> the tuning database's Scheduler (read once per process)
 _NO_THRESHOLD: dict[torch.dtype, Tensor] = {}
 
 
-def linear_kernel_fn(k: int, n: int, dtype: str, kind: str, tiles: int):
-    """The compiled kernel (a tvm_ffi Function ``(x, Wp, thr, bias, y)``) for ``kind``: built once per process, its
-    library cached on disk (:func:`kernel_library`)."""
-    key = (k, n, dtype, kind, tiles)
-    if key not in _KERNELS:
-        from sparsec.backends.tvm.env import import_tvm
+def kernel_schedule(k: int, n: int, dtype: str, kind: str, threads: int | None = None) -> dict:
+    """``linear_kernel``'s schedule arguments (tiles, rows per pass, GEMM group) for this kernel on ``threads``
+    threads (default: TVM's pool size now): the tuning database's for this CPU (:mod:`sparsec.backends.tvm.tuning`,
+    as ``sparsec compile`` reads it; nothing is measured here), else the kernels' defaults."""
+    from sparsec.backends.tvm.env import num_threads
+    from sparsec.backends.tvm.tuning import Scheduler
 
-        tvm = import_tvm()
-        path = kernel_library(*key)
+    threads = threads or num_threads()
+    if threads not in _SCHEDULERS:
+        _SCHEDULERS[threads] = Scheduler(0, threads)
+    return _SCHEDULERS[threads](k, n, dtype, kind)
+
+
+def linear_kernel_fn(k: int, n: int, dtype: str, kind: str, tiles: int, threads: int | None = None):
+    """The compiled kernel (a tvm_ffi Function ``(x, Wp, thr, bias, y)``) for ``kind`` and a weight packed in
+    ``tiles`` tiles, with :func:`kernel_schedule`'s rows per pass and group when its tiles are these (else the
+    defaults): built once per process, its library cached on disk (:func:`kernel_library`)."""
+    key = (k, n, dtype, kind, tiles)
+    if key not in _KERNELS:  # (every call of the op comes here: the schedule is looked up once)
+        from sparsec.backends.tvm.env import import_tvm
+        from sparsec.backends.tvm.kernels import R
+
+        schedule = kernel_schedule(k, n, dtype, kind, threads)
+        if schedule["tiles"] != tiles:
+            schedule = {"rows_per_pass": R, "group": None}
+        path = kernel_library(*key, schedule["rows_per_pass"], schedule["group"])
         if not path.is_file():
-            _build_library(key, path)
-        _KERNELS[key] = tvm.runtime.load_module(str(path))["main"]
+            _build_library(key + (schedule["rows_per_pass"], schedule["group"]), path)
+        _KERNELS[key] = import_tvm().runtime.load_module(str(path))["main"]
     return _KERNELS[key]
 
 
-def kernel_library(k: int, n: int, dtype: str, kind: str, tiles: int) -> Path:
+def kernel_library(k: int, n: int, dtype: str, kind: str, tiles: int, rows_per_pass: int,
+                   group: int | None) -> Path:
     """Where the kernel's library is cached: ``$SPARSEC_CACHE/tvm-kernels/`` (default ~/.cache/sparsec), named by
-    its shape and a hash of the kernel source, the TVM version and the CPU, so any change builds a new one."""
+    its shape and schedule and a hash of the kernel source, the TVM version and the CPU, so any change builds a new
+    one."""
     from sparsec.backends.tvm import kernels
     from sparsec.backends.tvm.env import host_cpu, import_tvm
     from sparsec.models import cache_dir
 
     h = hashlib.sha256(Path(kernels.__file__).read_bytes())
     h.update(f"{import_tvm().__version__} {host_cpu()}".encode())
-    return cache_dir() / "tvm-kernels" / f"linear-{kind}-{k}x{n}-{dtype}-{tiles}t-{h.hexdigest()[:16]}.so"
+    return cache_dir() / "tvm-kernels" / (f"linear-{kind}-{k}x{n}-{dtype}-{tiles}t-r{rows_per_pass}-g{group or 0}-"
+                                          f"{h.hexdigest()[:16]}.so")
 
 
 def _build_library(key: tuple, path: Path) -> None:
@@ -69,8 +91,9 @@ def _build_library(key: tuple, path: Path) -> None:
     from sparsec.backends.tvm.env import cpu_target, import_tvm
     from sparsec.backends.tvm.kernels import linear_kernel
 
-    k, n, dtype, kind, tiles = key
-    f = linear_kernel(k, n, dtype, sparse=kind != "dense", threshold=kind == "threshold", tiles=tiles)
+    k, n, dtype, kind, tiles, rows_per_pass, group = key
+    f = linear_kernel(k, n, dtype, sparse=kind != "dense", threshold=kind == "threshold", tiles=tiles,
+                      rows_per_pass=rows_per_pass, group=group)
     executable = import_tvm().compile(f.with_attr("global_symbol", "main"), cpu_target())
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".so", dir=path.parent)
@@ -114,7 +137,7 @@ def accelerate_program(program, *, threads: int | None = None, sparse: bool = Tr
     docstring). ``threads``: TVM's pool size (default: as it is, all CPUs unless set before); ``sparse=False``: the
     dense kernel everywhere. Linear layers whose weight depends on the model inputs stay torch ops."""
     from sparsec.backends.tvm.env import import_tvm, num_threads
-    from sparsec.backends.tvm.kernels import DTYPES, num_tiles, pack_weight
+    from sparsec.backends.tvm.kernels import DTYPES, pack_weight
     from sparsec.backends.tvm.lower import LINEAR_OPS, Constants, input_kind, linear_operands
     from sparsec.graph import module_path
     from sparsec.training import trainable
@@ -144,11 +167,12 @@ def accelerate_program(program, *, threads: int | None = None, sparse: bool = Tr
         name = where.replace(".", "_")
         while hasattr(store, f"{name}_weight"):  # one module called twice
             name += "_"
-        n, tiles = int(w.shape[0]), num_tiles(int(w.shape[0]), threads)
+        n = int(w.shape[0])
+        tiles = kernel_schedule(int(w.shape[1]), n, dtype, kind, threads)["tiles"]
         bias = consts.get(b_node) if b_node is not None else torch.zeros(n)
         store.register_buffer(f"{name}_weight", pack_weight(w, dtype, tiles=tiles))
         store.register_buffer(f"{name}_bias", bias.detach().to(getattr(torch, dtype)).contiguous())
-        linear_kernel_fn(int(w.shape[1]), n, dtype, kind, tiles)  # compile now, not at the first call
+        linear_kernel_fn(int(w.shape[1]), n, dtype, kind, tiles, threads)  # compile now, not at the first call
         x = nodes[x_node.name]  # in gm: x, or the threshold(x, t) fused into the kernel
         with gm.graph.inserting_before(node):
             weight = gm.graph.get_attr(f"{STORE}.{name}_weight")

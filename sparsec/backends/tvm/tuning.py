@@ -10,12 +10,13 @@ A quantized kernel's (:func:`sparsec.backends.tvm.quantized.quantized_linear_ker
 one number, its decode's ``rows_per_pass``: 2, 4, 8 or 16 per output channel, 4, 8, 16 or 32 group-wise (its tiles
 are fixed by the packed layout, which a tied embedding shares; its GEMM keeps its default).
 
-A :class:`Scheduler` gives the schedule of each kernel of a build (``k``, ``n``, dtype, kind: dense, relu or
-threshold): from the database when it holds one for this CPU, thread count, shape, dtype and kind; else, with a time
-budget, measured here: the default first, then the GEMV candidates at 50 % sparsity (all inputs for a dense kernel)
-on one token, each call after the caches are flushed (as a decode step streams its weights from memory; without the
-flush a 16-46 MB layer is partly timed from the L3 cache), then the GEMM groups on 128 tokens, keeping the fastest
-(medians of interleaved calls); else the default.
+A :class:`Scheduler` gives the schedule of each kernel of a build (``k``, ``n``, dtype, kind: dense, sparse or
+threshold, as :func:`sparsec.backends.tvm.lower.input_kind` names them): from the database when it holds one for this
+CPU, thread count, shape, dtype and kind; else, with a time budget (``sparsec compile --tune-seconds``, default
+:func:`default_seconds`), measured here: the default first, then the GEMV candidates at 50 % sparsity (all inputs for a
+dense kernel; :func:`bench_inputs`) on one token, each call after the caches are flushed (as a decode step streams its
+weights from memory; without the flush a 16-46 MB layer is partly timed from the L3 cache), then the GEMM groups on 128
+tokens, keeping the fastest (medians of interleaved calls); else the default.
 Tuning never changes what a kernel computes, only how: every candidate is the same kernel family.
 
 The database is one JSON file (``SPARSEC_TUNING_DB``, default ``~/.cache/sparsec/tuning.json``):
@@ -37,13 +38,35 @@ import time
 from sparsec import progress
 
 FORMAT, VERSION = "sparsec-tuning", 2
+#: seconds per kernel not in the database that ``sparsec compile`` measures by default (a 2-core machine: a Llama
+#: of TinyLlama's shape, 8 kernels, about 40 s more on its first build; later builds read the database)
+DEFAULT_SECONDS = 2.0
 SUPERSEDED = (1,)  # versions whose entries are dropped and measured again
 ROWS_PER_PASS = (2, 4, 8, 16)
 TILES_PER_THREAD = (1, 2, 4)
 GROUPS = (1, 2, 4)
 GEMM_TOKENS = 128
+KINDS = ("dense", "sparse", "threshold")  # the lowering's input kinds (sparsec.backends.tvm.lower.input_kind)
 #: a quantized kernel's candidate rows per pass, per output channel (group 0) and group-wise
 QUANTIZED_ROWS_PER_PASS = {"channel": (2, 4, 8, 16), "group": (4, 8, 16, 32)}
+
+
+def default_seconds() -> float:
+    """The default tuning budget per kernel (``sparsec compile --tune-seconds``): ``SPARSEC_TUNE_SECONDS`` when set,
+    else :data:`DEFAULT_SECONDS`."""
+    from sparsec.errors import UsageError
+
+    value = os.environ.get("SPARSEC_TUNE_SECONDS")
+    if value is None:
+        return DEFAULT_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # (also NaN)
+        raise UsageError(f"SPARSEC_TUNE_SECONDS must be a number of seconds >= 0 (0: no tuning), got {value!r}:"
+                         " set it to e.g. 2, or unset it")
+    return seconds
 
 
 def database_path() -> str:
@@ -141,6 +164,20 @@ def kernel_args(k: int, n: int, schedule: dict, threads: int) -> dict:
             "group": schedule.get("group")}
 
 
+def bench_inputs(k: int, kind: str, tokens: int, generator) -> tuple:
+    """``(x [tokens, k] fp32, threshold)`` on which a kernel of ``kind`` is timed: half of the first token's inputs
+    dropped (zeros for a ``sparse`` kernel, under the threshold for a ``threshold`` one), all kept for ``dense``."""
+    import torch
+
+    if kind not in KINDS:
+        raise ValueError(f"kernel kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    x = torch.randn(tokens, k, generator=generator)
+    thr = float(x[0].abs().median()) if kind == "threshold" else 0.0
+    if kind == "sparse":
+        x[0, torch.randperm(k, generator=generator)[: k // 2]] = 0
+    return x, thr
+
+
 class _Bench:
     """One kernel shape on this CPU: builds candidates and times them on the same inputs."""
 
@@ -153,12 +190,7 @@ class _Bench:
         self.k, self.n, self.dtype, self.kind, self.threads = k, n, dtype, kind, threads
         g = torch.Generator().manual_seed(0)
         self.w = torch.randn(n, k, generator=g).to(getattr(torch, dtype))
-        x = torch.randn(GEMM_TOKENS, k, generator=g)
-        thr = 0.0
-        if kind == "threshold":
-            thr = float(x[0].abs().median())  # half of the decode token's inputs dropped
-        elif kind == "relu":
-            x[0, torch.randperm(k, generator=g)[: k // 2]] = 0
+        x, thr = bench_inputs(k, kind, GEMM_TOKENS, g)
         self.x1, self.xm = self._tensor(x[:1]), self._tensor(x)
         self.thr, self.b = self._tensor(torch.tensor([thr])), self._tensor(torch.zeros(n))
         self.y1 = self.tvm.runtime.empty((1, n), dtype)
@@ -290,10 +322,7 @@ def tune_quantized(k: int, n: int, bits: int, group: int, scale_dtype: str, offs
     g = torch.Generator().manual_seed(0)
     q, s, o = quantize_weight(torch.randn(n, k, generator=g), bits, group, getattr(torch, scale_dtype),
                               symmetric=not offsets)
-    x = torch.randn(1, k, generator=g)
-    thr = float(x.abs().median()) if kind == "threshold" else 0.0
-    if kind == "relu":
-        x[0, torch.randperm(k, generator=g)[: k // 2]] = 0
+    x, thr = bench_inputs(k, kind, 1, g)
     args = [tvm.runtime.tensor(t.numpy()) for t in (x, *pack_quantized(q, s, bits, offset=o), torch.tensor([thr]),
                                                     torch.zeros(n))] + [tvm.runtime.empty((1, n), "float32")]
     calls = {}

@@ -3,6 +3,7 @@
 Real TVM kernels built for this CPU, on the zoo Llama after teal and after relufy, against the torch program within
 rtol/atol 1e-4 at one token (the GEMV path) and several (the batched path).
 """
+import json
 import sys
 from collections import Counter
 
@@ -254,3 +255,26 @@ def test_accelerated_module_accepts_train_and_eval():
     module = sparsec.accelerate(result, threads=1)
     assert module.train() is module and module.training
     assert module.eval() is module and not module.training
+
+
+def test_kernels_take_the_tuning_databases_schedule(teal, tmp_path, monkeypatch):
+    """A schedule the tuning database holds for this CPU (as `sparsec compile --tune-seconds` records it) is the one
+    `accelerate` packs the weight for and compiles; the module still matches torch."""
+    from sparsec.backends.tvm import tuning
+    from sparsec.backends.tvm.env import host_cpu
+
+    db = tmp_path / "tuning.json"
+    key = tuning.entry_key(host_cpu(), THREADS, 128, 64, "float32", "threshold")  # every down_proj
+    db.write_text(json.dumps({"format": "sparsec-tuning", "version": tuning.VERSION,
+                              "entries": {key: {"rows_per_pass": 2, "tiles_per_thread": 2, "group": 1}}}))
+    monkeypatch.setenv("SPARSEC_TUNING_DB", str(db))
+    monkeypatch.setenv("SPARSEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch_kernels, "_KERNELS", {})
+    monkeypatch.setattr(torch_kernels, "_SCHEDULERS", {})
+    module = sparsec.accelerate(teal, threads=THREADS)
+    state = module.state_dict()
+    assert state["sparsec_tvm.model_layers_0_mlp_down_proj_weight"].shape[0] == 2 * THREADS  # [tiles, K, CT]
+    assert state["sparsec_tvm.model_layers_0_mlp_up_proj_weight"].shape[0] == THREADS  # not in it: the default
+    libs = sorted(p.name.split("-")[1:7] for p in (tmp_path / "tvm-kernels").iterdir())
+    assert ["threshold", "128x64", "float32", f"{2 * THREADS}t", "r2", "g1"] in libs
+    _matches_program(module, teal.program)

@@ -215,3 +215,39 @@ def test_quantized_kernels_are_tuned_recorded_and_replayed(tmp_path, monkeypatch
         assert tuning.Database().get(keys[0]) is None
     assert _warnings(record) == [f"ignoring tuning database entry '{keys[0]}' in '{db}': not a schedule of this"
                                  " sparsec (rows_per_pass in (4, 8, 16, 32))"]
+
+
+@pytest.mark.parametrize("kind", tuning.KINDS)
+def test_kernels_are_timed_with_half_of_the_decode_tokens_inputs_dropped(kind):
+    """Each kind as the lowering names it (``sparse``: behind a relufy activation) is timed as it runs in a decode
+    step: half of the token's inputs zero or under the threshold, none for a dense kernel."""
+    x, thr = tuning.bench_inputs(512, kind, 3, torch.Generator().manual_seed(0))
+    assert x.shape == (3, 512)
+    kept = (x[0].abs() > thr) if kind == "threshold" else (x[0] != 0)
+    assert int(kept.sum()) == (512 if kind == "dense" else 256)
+    with pytest.raises(ValueError, match="kernel kind must be one of dense, sparse, threshold, got 'relu'"):
+        tuning.bench_inputs(512, "relu", 1, torch.Generator())
+
+
+def test_compile_tunes_by_default_and_the_budget_is_an_environment_setting(llama_teal, tmp_path, monkeypatch, capsys):
+    """``sparsec compile`` without --tune-seconds measures every kernel the database lacks (2 s each unless
+    SPARSEC_TUNE_SECONDS says otherwise); a budget that is not a number is one usage line and nothing written."""
+    from tests.cli_helpers import one_error_line, run_cli
+
+    art = tmp_path / "art"
+    sparsec.save(llama_teal, str(art))
+    monkeypatch.setenv("SPARSEC_TUNING_DB", str(tmp_path / "tuning.json"))
+    monkeypatch.delenv("SPARSEC_TUNE_SECONDS")
+    assert tuning.default_seconds() == tuning.DEFAULT_SECONDS == 2.0
+    code, stdout, err = run_cli(capsys, "compile", art, "--threads", "2", "-o", tmp_path / "build", "--json")
+    assert code == 0, err
+    schedules = json.loads(stdout)["schedules"]
+    assert schedules and {s["source"] for s in schedules.values()} == {"tuned"}
+    assert len(json.loads((tmp_path / "tuning.json").read_text())["entries"]) == len(schedules)
+    _check_parity(tmp_path / "build", llama_teal.program)
+    monkeypatch.setenv("SPARSEC_TUNE_SECONDS", "two")
+    code, _, err = run_cli(capsys, "compile", art, "--threads", "2", "-o", tmp_path / "again")
+    assert code == 2 and one_error_line(err) == (
+        "error: SPARSEC_TUNE_SECONDS must be a number of seconds >= 0 (0: no tuning), got 'two': set it to e.g. 2,"
+        " or unset it")
+    assert not (tmp_path / "again").exists()
