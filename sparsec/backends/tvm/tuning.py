@@ -38,8 +38,8 @@ import time
 from sparsec import progress
 
 FORMAT, VERSION = "sparsec-tuning", 2
-#: seconds per kernel not in the database that ``sparsec compile`` measures by default (a 2-core machine: a Llama
-#: of TinyLlama's shape, 8 kernels, about 40 s more on its first build; later builds read the database)
+#: seconds per kernel not in the database that ``sparsec compile`` measures by default (Zen 4, 2 cores: Gemma 3 270M
+#: after rotate,teal has 7 kernels, tuned in 33 s, 19 of them its 262144-column LM head; later builds read the database)
 DEFAULT_SECONDS = 2.0
 SUPERSEDED = (1,)  # versions whose entries are dropped and measured again
 ROWS_PER_PASS = (2, 4, 8, 16)
@@ -51,22 +51,34 @@ KINDS = ("dense", "sparse", "threshold")  # the lowering's input kinds (sparsec.
 QUANTIZED_ROWS_PER_PASS = {"channel": (2, 4, 8, 16), "group": (4, 8, 16, 32)}
 
 
+def _env_number(name: str, default: float, what: str) -> float:
+    """The number >= 0 the environment variable ``name`` holds, else ``default``; one usage line if it holds
+    anything else (``what``: what it must be, and an example)."""
+    from sparsec.errors import UsageError
+
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number >= 0:  # (also NaN)
+        raise UsageError(f"{name} must be {what}, got {value!r}: set it to {default:g}, or unset it")
+    return number
+
+
 def default_seconds() -> float:
     """The default tuning budget per kernel (``sparsec compile --tune-seconds``): ``SPARSEC_TUNE_SECONDS`` when set,
     else :data:`DEFAULT_SECONDS`."""
-    from sparsec.errors import UsageError
+    return _env_number("SPARSEC_TUNE_SECONDS", DEFAULT_SECONDS, "a number of seconds >= 0 (0: no tuning)")
 
-    value = os.environ.get("SPARSEC_TUNE_SECONDS")
-    if value is None:
-        return DEFAULT_SECONDS
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:  # (also NaN)
-        raise UsageError(f"SPARSEC_TUNE_SECONDS must be a number of seconds >= 0 (0: no tuning), got {value!r}:"
-                         " set it to e.g. 2, or unset it")
-    return seconds
+
+def max_other_load(threads: int) -> float:
+    """Cores other processes may keep busy while kernels on ``threads`` threads are timed (``SPARSEC_TUNE_MAX_LOAD``,
+    default: the cores those threads leave idle, plus a quarter of one)."""
+    return _env_number("SPARSEC_TUNE_MAX_LOAD", max(0, (os.cpu_count() or 1) - threads) + 0.25,
+                       "a number of cores >= 0")
 
 
 def database_path() -> str:
@@ -86,14 +98,26 @@ def quantized_rows(dtype: str) -> tuple | None:
     return QUANTIZED_ROWS_PER_PASS["channel" if dtype.split("_")[0].split("g")[1].startswith("0") else "group"]
 
 
-def _valid(entry, rows: tuple | None) -> bool:
+def tiles_candidates(key: str) -> tuple:
+    """The tiles per thread a float kernel's schedule may have under database ``key``: :data:`TILES_PER_THREAD`, and
+    its default's (more for a wide layer: a 262144-column LM head on 2 threads has 16 tiles per thread)."""
+    try:
+        _, threads, shape = key.split("|")[:3]
+        k, n = (int(v) for v in shape.split("x"))
+        default = default_schedule(k, n, int(threads))["tiles_per_thread"]
+    except ValueError:  # not a key this sparsec writes
+        return TILES_PER_THREAD
+    return TILES_PER_THREAD + (() if default in TILES_PER_THREAD else (default,))
+
+
+def _valid(entry, rows: tuple | None, tiles: tuple) -> bool:
     """Whether ``entry`` is a schedule: of a quantized kernel when ``rows`` (its candidates) is given, else a float
-    one's."""
+    one's with ``tiles`` per thread."""
     if not isinstance(entry, dict):
         return False
     if rows is not None:
         return entry.get("rows_per_pass") in rows
-    return (entry.get("rows_per_pass") in ROWS_PER_PASS and entry.get("tiles_per_thread") in TILES_PER_THREAD
+    return (entry.get("rows_per_pass") in ROWS_PER_PASS and entry.get("tiles_per_thread") in tiles
             and entry.get("group") in GROUPS)
 
 
@@ -130,10 +154,11 @@ class Database:
         entry = self.entries.get(key)
         if entry is None:
             return None
-        rows = quantized_rows(key.split("|")[3])
-        if not _valid(entry, rows):
+        rows = quantized_rows(key.split("|")[3]) if key.count("|") == 4 else None
+        tiles = TILES_PER_THREAD if rows else tiles_candidates(key)
+        if not _valid(entry, rows, tiles):
             valid = (f"rows_per_pass in {rows}" if rows else f"rows_per_pass in {ROWS_PER_PASS}, tiles_per_thread in"
-                     f" {TILES_PER_THREAD}, group in {GROUPS}")
+                     f" {tiles}, group in {GROUPS}")
             progress.warn(f"ignoring tuning database entry '{key}' in '{self.path}': not a schedule of"
                           f" this sparsec ({valid})")
             return None
@@ -337,6 +362,31 @@ def tune_quantized(k: int, n: int, bits: int, group: int, scale_dtype: str, offs
             "default_gemv_us": round(gemv[None] * 1e6, 1)}
 
 
+class OtherLoad:
+    """Measures, from its creation to :meth:`cores`, how many cores other processes kept busy on average (Linux's
+    ``/proc/stat`` less this process's own CPU time; 0 where there is no ``/proc/stat``)."""
+
+    def __init__(self):
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> tuple | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                ticks = [int(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        return busy, time.process_time(), time.perf_counter()
+
+    def cores(self) -> float:
+        end = self._now()
+        if self.start is None or end is None:
+            return 0.0
+        (busy0, own0, t0), (busy1, own1, t1) = self.start, end
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-9)
+
+
 class Scheduler:
     """Chooses the schedule of each kernel of one build: from the database, else measured for about ``seconds``
     (per kernel; 0: no measuring), else the default. ``chosen``: kernel name -> schedule and where it came from."""
@@ -348,18 +398,30 @@ class Scheduler:
         self.db = Database()
         self.cpu = host_cpu()
         self.chosen: dict = {}
+        self.max_load = max_other_load(threads) if seconds > 0 else 0.0
+        self.busy = False  # whether a kernel's timings were disturbed (warned once)
 
     def _choose(self, name: str, key: str, measure, default: dict) -> dict:
         """Kernel ``name``'s schedule: the database's entry ``key``, else ``measure()``'s (recorded there) when
-        tuning, else ``default``; remembered in :attr:`chosen` with its source."""
+        tuning and the machine was not busy meanwhile, else ``default``; remembered in :attr:`chosen` with its
+        source."""
         if name not in self.chosen:
             schedule, source = self.db.get(key), "database"
             if schedule is None and self.seconds > 0:
                 with progress.task(f"compile: tune {name}"):
+                    load = OtherLoad()
                     entry = measure()
-                self.db.put(key, entry)
-                self.db.save()
-                schedule, source = self.db.get(key), "tuned"
+                    others = load.cores()
+                if others <= self.max_load:
+                    self.db.put(key, entry)
+                    self.db.save()
+                    schedule, source = self.db.get(key), "tuned"
+                elif not self.busy:
+                    self.busy = True
+                    progress.warn(f"not recording the schedules timed while other processes kept {others:.1f} cores"
+                                  f" busy (from {name} on; at most {self.max_load:g} leave timings"
+                                  " true): those kernels take the default schedule; compile again on an idle"
+                                  " machine to tune them")
             if schedule is None:
                 schedule, source = dict(default), "default"
             self.chosen[name] = {**schedule, "source": source}

@@ -248,6 +248,61 @@ def test_compile_tunes_by_default_and_the_budget_is_an_environment_setting(llama
     monkeypatch.setenv("SPARSEC_TUNE_SECONDS", "two")
     code, _, err = run_cli(capsys, "compile", art, "--threads", "2", "-o", tmp_path / "again")
     assert code == 2 and one_error_line(err) == (
-        "error: SPARSEC_TUNE_SECONDS must be a number of seconds >= 0 (0: no tuning), got 'two': set it to e.g. 2,"
-        " or unset it")
+        "error: SPARSEC_TUNE_SECONDS must be a number of seconds >= 0 (0: no tuning), got 'two': set it to 2, or"
+        " unset it")
     assert not (tmp_path / "again").exists()
+
+
+def test_schedules_timed_while_other_processes_keep_the_cores_busy_are_not_recorded(tmp_path, monkeypatch):
+    """Another process spinning on a core while a kernel is timed: its schedule is not recorded (the timings are not
+    this CPU's), the kernel takes the default, one warning says why and what to do."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "tuning.json"
+    monkeypatch.setenv("SPARSEC_TUNING_DB", str(db))
+    monkeypatch.setenv("SPARSEC_TUNE_MAX_LOAD", "0.5")
+    import_tvm(2)
+    k, n = 256, 1024
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        scheduler = tuning.Scheduler(0.5, 2)
+        with pytest.warns(UserWarning) as record:
+            args = scheduler(k, n, "float32", "threshold")
+            scheduler(k, 2 * n, "float32", "threshold")
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert args == tuning.kernel_args(k, n, tuning.default_schedule(k, n, 2), 2)
+    assert {s["source"] for s in scheduler.chosen.values()} == {"default"}
+    [message] = [str(w.message) for w in record]
+    assert re.fullmatch(r"not recording the schedules timed while other processes kept \d+\.\d cores busy \(from"
+                        r" sparsec_linear_threshold_256_1024_float32 on; at most 0.5 leave timings true\): those"
+                        r" kernels take the default schedule; compile again on an idle machine to tune them", message)
+    assert not db.exists()
+
+
+def test_a_wide_layers_default_tiles_are_a_schedule_of_the_database(tmp_path, monkeypatch):
+    """A 262144-column LM head's default has more tiles per thread than the candidates (1, 2, 4): tuning that keeps
+    it records an entry later builds take without a warning; other counts are still refused."""
+    import warnings
+
+    db = tmp_path / "tuning.json"
+    monkeypatch.setenv("SPARSEC_TUNING_DB", str(db))
+    import_tvm(2)
+    k, n = 640, 262144
+    default = tuning.default_schedule(k, n, 2)
+    tiles = default["tiles_per_thread"]
+    assert tiles not in tuning.TILES_PER_THREAD
+    key = tuning.entry_key(host_cpu(), 2, k, n, "float32", "threshold")
+    for entry in (default, {**default, "tiles_per_thread": 3}):
+        db.write_text(json.dumps({"format": "sparsec-tuning", "version": tuning.VERSION, "entries": {key: entry}}))
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            got = tuning.Database().get(key)
+        if entry is default:
+            assert got == default and not record
+        else:
+            assert got is None and _warnings(record) == [
+                f"ignoring tuning database entry '{key}' in '{db}': not a schedule of this sparsec (rows_per_pass in"
+                f" (2, 4, 8, 16), tiles_per_thread in (1, 2, 4, {tiles}), group in (1, 2, 4))"]
