@@ -1,7 +1,8 @@
 """Quality and calibration cost of teal (uniform, greedy) and cats on the real Gemma 3 270M and MiniLM.
 
     .venv/bin/python benchmarks/teal_quality.py [--parts cost,minilm,gemma,llamacpp] [--sparsities 0.25,0.4,0.5]
-        [--methods uniform,greedy,greedy-normalized,cats,rotate-uniform,rotate-greedy] [--rotate rotate{...}]
+        [--methods uniform,greedy,greedy-normalized,cats,rotate-uniform,rotate-greedy,rotate-uniform-all]
+        [--rotate rotate{...}]
         [--quantize "quantize{bits=8};quantize{bits=4 group=32 method=gptq}"]
 
 - gemma: perplexity on 16 x 512 tokens of Wikipedia articles [:60] (gensim), calibration on articles [60:]
@@ -44,15 +45,18 @@ def _gemma_ids(samples: int, seq_len: int = 512):
 
 
 def _spec(method: str, p: float, table: str = "search", rotate: str = "rotate", quantize: str = "") -> str:
-    """The pass list of `method` at sparsity `p`; `quantize` (a quantize spec, '' = none) after rotate, before teal."""
+    """The pass list of `method` at sparsity `p`; `quantize` (a quantize spec, '' = none) after rotate, before teal;
+    a method ending in ``-all`` runs teal with scope=all (the LM head's input thresholded too)."""
     if method.startswith("rotate-"):
         return f"{rotate},{_spec(method[len('rotate-'):], p, table, quantize=quantize)}"
     q = f"{quantize}," if quantize else ""
+    scope = " scope=all" if method.endswith("-all") else ""
+    method = method.removesuffix("-all")
     if method == "cats":
         return f"{q}cats{{sparsity={p}}}"
     if method == "greedy-normalized":
-        return f"{q}teal{{sparsity={p} allocation=greedy greedy_error=normalized greedy_table={table}}}"
-    return f"{q}teal{{sparsity={p} allocation={method} greedy_table={table}}}"
+        return f"{q}teal{{sparsity={p} allocation=greedy greedy_error=normalized greedy_table={table}{scope}}}"
+    return f"{q}teal{{sparsity={p} allocation={method} greedy_table={table}{scope}}}"
 
 
 def gemma(sparsities, methods, rotate: str, quantize=(), skip_float: bool = False, gptq_samples: int = 16) -> None:
