@@ -12,6 +12,11 @@ at run time. The kernel is chosen from the op that produces the linear's input:
   the sparse kernel, skipping zero inputs;
 * anything else: the dense kernel of the same family.
 
+Linear layers that read one input the same way (q/k/v, gate/up: :func:`sibling_linears`) are one kernel call over
+their weights concatenated, each taking its slice of the output: one compaction of the kept inputs and rows two to
+three times longer instead of two or three short calls (Zen 4, int8, s = 0.5, caches flushed: Gemma 3 270M's q/k/v
+67 -> 43 µs, gate/up 88 -> 71 µs; TinyLlama's 160 -> 110 µs and 358 -> 314 µs).
+
 ``aten.scaled_dot_product_attention`` (kept through decomposition on the CPU) calls the scheduled attention kernel
 of :mod:`sparsec.backends.tvm.attention` on the un-repeated key/value heads. Every other op goes through TVM's own
 ``from_exported_program`` converters.
@@ -215,6 +220,38 @@ def _gather_packed(ids, wq, s, *, rows: int, bits: int, group: int, dtype: str, 
     return te.compute([*ids.shape, k], value, name="dequantize_rows")
 
 
+def sibling_linears(program, consts, sparse: bool) -> dict:
+    """Linear layers that read the same input the same way, to be computed by one kernel over their weights
+    concatenated: ``{node name: [nodes]}`` for groups of two or more (q/k/v, gate/up). The same way: the same input
+    node (a relufy activation, or a dense tensor), or thresholds of the same tensor at the same value (teal's uniform
+    allocation observes a shared input once); constant weights of one format (float dtype, or the quantize pass's
+    bits, group, scale dtype and offsets) not shared with another op (a tied embedding's table)."""
+    from sparsec.graph import dequantize_tensors
+
+    groups: dict = {}
+    for node in program.graph.nodes:
+        if str(node.target) not in _LINEARS:
+            continue
+        dq = dequantized_weight(node)
+        if dq is not None:
+            x_node = node.args[1] if str(node.target) == "aten.addmm.default" else node.args[0]
+            q, scale = consts.get(dq.args[0]), consts.get(dq.args[1])
+            offset = dequantize_tensors(dq)[2]
+            if any(len(t.users) > 1 for t in dequantize_tensors(dq) if t is not None) or len(dq.users) > 1:
+                continue  # a tied table: its packed copy is shared with the embedding
+            weight_format = ("int", int(dq.args[2]), int(dq.args[3]), str(scale.dtype), offset is not None,
+                             int(q.shape[1]))
+        else:
+            x_node, w, _ = linear_operands(node, consts)
+            if w is None or w.dim() != 2:
+                continue
+            weight_format = ("float", str(w.dtype), int(w.shape[1]))
+        kind = input_kind(x_node) if sparse else "dense"
+        source = (x_node.args[0], float(consts.get(x_node.args[1]))) if kind == "threshold" else (x_node, None)
+        groups.setdefault((source, kind, weight_format), []).append(node)
+    return {node.name: members for members in groups.values() if len(members) > 1 for node in members}
+
+
 def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=None):
     """The Relax IRModule of ``program`` (an ExportedProgram) with sparsec's kernels in its linear layers.
 
@@ -246,6 +283,9 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
     linear_weights = {dequantize_tensors(dq) for node in program.graph.nodes if str(node.target) in _LINEARS
                       for dq in [dequantized_weight(node)] if dq is not None} if target == "llvm" else set()
 
+    siblings = sibling_linears(program, consts, sparse) if target == "llvm" else {}
+    fused = {}  # sibling node name -> its slice of the fused call's output
+
     def packed(tensors, bits, group):
         """The kernels' packed ``(Wq, S)`` constants of quantized weight ``tensors`` (q, scale, offset nodes), made
         once."""
@@ -258,13 +298,14 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
             packs[tensors] = [relax.const(t.numpy()) for t in made]
         return packs[tensors]
 
-    def linear_call(importer, x_node, b_node, n, k, kind, name, make_kernel, weights):
+    def linear_call(importer, x_node, bias, n, k, kind, name, make_kernel, weights):
         """Emit ``call_tir(kernel, [x as [M, K], *weights, thr, bias]) -> [M, N]``, reshaped to x's leading dims;
-        ``make_kernel(dtype)`` builds the kernel ``name`` once; ``weights(dtype)``: its packed weight constants."""
+        ``make_kernel(dtype)`` builds the kernel ``name`` once; ``weights(dtype)``: its packed weight constants;
+        ``bias``: a tensor, or None."""
         x = importer.env[x_node.args[0] if kind == "threshold" else x_node]
         thr = float(consts.get(x_node.args[1])) if kind == "threshold" else 0.0
         dtype = str(x.ty.dtype)
-        b = consts.get(b_node) if b_node is not None else torch.zeros(n)
+        b = bias if bias is not None else torch.zeros(n)
         bb = importer.block_builder
         if name(dtype) not in funcs:
             funcs[name(dtype)] = bb.add_func(make_kernel(dtype), name(dtype))
@@ -278,16 +319,25 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
         y = bb.emit(relax.call_tir(funcs[name(dtype)], args, out_ty=relax.TensorType([m, n], dtype)))
         return bb.emit(relax.op.reshape(y, [*lead, n]))
 
-    def convert_quantized_linear(node, importer, dq):  # the packed integers and scales go into the kernel
-        q, scale, bits, group = consts.get(dq.args[0]), consts.get(dq.args[1]), int(dq.args[2]), int(dq.args[3])
-        n, k = int(q.shape[0]), int(q.shape[1]) * (8 // bits)
+    def quantized_operands(node):
+        """``(x node, bias tensor or None, dequantize node)`` of a linear layer with quantized weights."""
         if str(node.target) == "aten.addmm.default":
             b_node, x_node = node.args[:2]
         else:
             x_node, b_node = node.args[0], node.args[2] if len(node.args) > 2 else None
-        kind = input_kind(x_node) if sparse else "dense"
+        return x_node, consts.get(b_node) if b_node is not None else None, dequantized_weight(node)
+
+    def convert_quantized_linear(node, importer, dq):  # the packed integers and scales go into the kernel
+        x_node, bias, _ = quantized_operands(node)
         tensors = dequantize_tensors(dq)
-        weights, offsets = packed(tensors, bits, group), tensors[2] is not None
+        bits, group = int(dq.args[2]), int(dq.args[3])
+        return quantized_linear(importer, x_node, bias, consts.get(dq.args[0]), consts.get(dq.args[1]),
+                                tensors[2] is not None, bits, group, packed(tensors, bits, group))
+
+    def quantized_linear(importer, x_node, bias, q, scale, offsets, bits, group, weights):
+        """The kernel call of quantized weights ``q`` [N, K * bits / 8], ``scale``, packed as ``weights``."""
+        n, k = int(q.shape[0]), int(q.shape[1]) * (8 // bits)
+        kind = input_kind(x_node) if sparse else "dense"
         scales = str(scale.dtype).removeprefix("torch.")
 
         def make_kernel(dtype):
@@ -298,11 +348,44 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
             return quantized_linear_kernel(k, n, bits, group, dtype, sparse=kind != "dense",
                                            threshold=kind == "threshold", scale_dtype=scales, offsets=offsets, **args)
 
-        return linear_call(importer, x_node, b_node, n, k, kind,
+        return linear_call(importer, x_node, bias, n, k, kind,
                            lambda dtype: quantized_kernel_name(kind, k, n, bits, group, dtype, scales, offsets),
                            make_kernel, lambda dtype: weights)
 
+    def convert_siblings(members, importer):
+        """One kernel call for the linear layers ``members`` (:func:`sibling_linears`) over their weights and biases
+        concatenated; each member's output is its slice of the columns."""
+        quantized = dequantized_weight(members[0]) is not None
+        if quantized:
+            operands = [quantized_operands(m) for m in members]
+            tensors = [dequantize_tensors(dq) for _, _, dq in operands]
+            q, scale, offset = (None if tensors[0][i] is None else torch.cat([consts.get(t[i]) for t in tensors])
+                                for i in range(3))
+            sizes = [int(consts.get(t[0]).shape[0]) for t in tensors]
+            biases = [b for _, b, _ in operands]
+        else:
+            operands = [linear_operands(m, consts) for m in members]
+            sizes = [int(w.shape[0]) for _, w, _ in operands]
+            biases = [consts.get(b) if b is not None else None for _, _, b in operands]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else torch.zeros(size) for b, size in zip(biases, sizes)])
+        if quantized:
+            bits, group = int(operands[0][2].args[2]), int(operands[0][2].args[3])
+            weights = [relax.const(t.numpy()) for t in pack_quantized(q, scale, bits, offset=offset)]
+            y = quantized_linear(importer, operands[0][0], bias, q, scale, offset is not None, bits, group, weights)
+        else:
+            y = float_linear(importer, operands[0][0], torch.cat([w for _, w, _ in operands]), bias)
+        axis, start = len(y.ty.shape) - 1, 0
+        for member, size in zip(members, sizes):
+            fused[member.name] = importer.block_builder.emit(relax.op.strided_slice(y, [axis], [start],
+                                                                                    [start + size]))
+            start += size
+
     def convert_linear(node, importer):
+        if node.name in siblings:
+            if node.name not in fused:
+                convert_siblings(siblings[node.name], importer)
+            return fused[node.name]
         dq = dequantized_weight(node)
         if dq is not None:
             return convert_quantized_linear(node, importer, dq)
@@ -314,6 +397,10 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
             raise SparsecError(f"linear layer '{module_path(node)}' has a weight computed from the model inputs;"
                                " the TVM backend needs constant weights: use the ONNX backend (sparsec export --to"
                                " onnx)")
+        return float_linear(importer, x_node, w, consts.get(b_node) if b_node is not None else None)
+
+    def float_linear(importer, x_node, w, bias):
+        """The kernel call of the float weight ``w`` [N, K] (a tensor) and ``bias`` (a tensor or None)."""
         n, k = (int(d) for d in w.shape)
         kind = input_kind(x_node) if sparse else "dense"
 
@@ -330,7 +417,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
                 packed = pack_weight(w, dtype, tiles=(schedule(k, n, dtype, kind) if schedule else {}).get("tiles"))
             return [relax.const(_np(packed, dtype), dtype)]
 
-        return linear_call(importer, x_node, b_node, n, k, kind, lambda dtype: kernel_name(kind, k, n, dtype),
+        return linear_call(importer, x_node, bias, n, k, kind, lambda dtype: kernel_name(kind, k, n, dtype),
                            make_kernel, weights)
 
     def convert_dequantize(node, importer):  # a dequantized tensor used otherwise (an embedding's gathered rows)

@@ -80,6 +80,36 @@ def test_teal_llama_build_matches_torch(llama_teal):
     assert kinds == {"threshold", "dense"}  # teal's thresholded projections, and lm_head
 
 
+def test_projections_that_share_an_input_run_as_one_kernel(llama_teal):
+    """q/k/v (one thresholded input, equal thresholds) and gate/up are one kernel call each over their weights
+    concatenated: the build has the fused shapes' kernels, not the single projections' (64 -> 64 q, 32 k/v); the
+    outputs are checked against torch by the test above."""
+    art, out, program = llama_teal
+    kernels = json.loads((out / "manifest.json").read_text())["kernels"]
+    assert sorted(kernels) == ["sparsec_linear_dense_64_256_float32",  # lm_head
+                               "sparsec_linear_threshold_128_64_float32",  # down
+                               "sparsec_linear_threshold_64_128_float32",  # q, k, v: 64 + 32 + 32
+                               "sparsec_linear_threshold_64_256_float32",  # gate, up: 128 + 128
+                               "sparsec_linear_threshold_64_64_float32"]  # o
+
+
+def test_only_equal_thresholds_of_one_input_share_a_kernel():
+    """A projection whose threshold differs from its siblings' (e.g. teal's greedy allocation) keeps its own kernel."""
+    from sparsec.backends.tvm.lower import Constants, sibling_linears
+    from sparsec.graph import module_path
+
+    program = _transform("llama", "teal{sparsity=0.5}").program
+    program.state_dict["sparsec_teal.model_layers_0_self_attn_k_proj"] += 1e-3
+    groups = {tuple(sorted(module_path(n) for n in members))
+              for members in sibling_linears(program, Constants(program), sparse=True).values()}
+    layer = "model.layers.{}.".format
+    assert groups == {(layer(0) + "self_attn.q_proj", layer(0) + "self_attn.v_proj"),
+                      (layer(0) + "mlp.gate_proj", layer(0) + "mlp.up_proj"),
+                      (layer(1) + "self_attn.k_proj", layer(1) + "self_attn.q_proj", layer(1) + "self_attn.v_proj"),
+                      (layer(1) + "mlp.gate_proj", layer(1) + "mlp.up_proj")}
+    assert sibling_linears(program, Constants(program), sparse=False) == {}  # dense: each reads its own threshold
+
+
 def test_out_of_range_token_ids_wrap_around_instead_of_reading_past_the_table(llama_teal):
     """TVM's default 'fast' take reads outside the embedding table for an id >= the vocabulary (256): a crash or
     garbage. The build wraps: id 256 + 5 gives id 5's result."""

@@ -112,15 +112,15 @@ def test_relufy_llama_artifact_skips_zero_inputs_and_matches_torch(relufy, tmp_p
                                             pytest.param("teal", False, marks=pytest.mark.slow),
                                             pytest.param("relufy", False, marks=pytest.mark.slow)])
 def test_routes_every_linear_as_the_tvm_lowering_does(request, fixture, sparse):
-    """The same (kind, K, N) kernels as `sparsec compile` lowers (to_relax takes ~4 s: one case in the fast set)."""
+    """The same kernel kinds on the same inputs (kind, K) as `sparsec compile` lowers (which computes q/k/v and
+    gate/up by one kernel each, so its N differ; to_relax takes ~4 s: one case in the fast set)."""
     from sparsec.backends.tvm.lower import to_relax
 
     result = request.getfixturevalue(fixture)
     module = sparsec.accelerate(result, threads=THREADS, sparse=sparse)
-    ours = {(n.args[4], str(module.get_buffer(n.args[1].target).shape[1]),
-             str(module.get_buffer(n.args[2].target).shape[0]))
+    ours = {(n.args[4], str(module.get_buffer(n.args[1].target).shape[1]))
             for n in module.graph.nodes if n.op == "call_function" and n.target is TVM_LINEAR}
-    lowered = {tuple(str(gv.name_hint).split("_")[2:5]) for gv in to_relax(result.program, sparse=sparse).functions
+    lowered = {tuple(str(gv.name_hint).split("_")[2:4]) for gv in to_relax(result.program, sparse=sparse).functions
                if str(gv.name_hint).startswith("sparsec_linear_")}
     assert ours == lowered
 
