@@ -450,7 +450,6 @@ def export(artifact, target, out, opset, external_data, verify, inputs, rtol, at
 def compile_(artifact, target, threads, dense, tune_seconds, out, force, as_json):
     """Compile the artifact directory ARTIFACT with TVM and sparsec's sparse kernels into the build directory DIR."""
     from sparsec.artifact import check_output_dir, read_manifest
-
     from sparsec.backends.tvm.tuning import default_seconds
 
     read_manifest(artifact)  # not an artifact: fail before importing torch

@@ -220,6 +220,16 @@ def _gather_packed(ids, wq, s, *, rows: int, bits: int, group: int, dtype: str, 
     return te.compute([*ids.shape, k], value, name="dequantize_rows")
 
 
+def quantized_operands(node, consts):
+    """``(x node, bias tensor or None, dequantize node)`` of a linear layer with quantized weights
+    (:func:`dequantized_weight`)."""
+    if str(node.target) == "aten.addmm.default":
+        b_node, x_node = node.args[:2]
+    else:
+        x_node, b_node = node.args[0], node.args[2] if len(node.args) > 2 else None
+    return x_node, consts.get(b_node) if b_node is not None else None, dequantized_weight(node)
+
+
 def sibling_linears(program, consts, sparse: bool) -> dict:
     """Linear layers that read the same input the same way, to be computed by one kernel over their weights
     concatenated: ``{node name: [nodes]}`` for groups of two or more (q/k/v, gate/up). The same way: the same input
@@ -232,9 +242,8 @@ def sibling_linears(program, consts, sparse: bool) -> dict:
     for node in program.graph.nodes:
         if str(node.target) not in _LINEARS:
             continue
-        dq = dequantized_weight(node)
+        x_node, _, dq = quantized_operands(node, consts)
         if dq is not None:
-            x_node = node.args[1] if str(node.target) == "aten.addmm.default" else node.args[0]
             q, scale = consts.get(dq.args[0]), consts.get(dq.args[1])
             offset = dequantize_tensors(dq)[2]
             if any(len(t.users) > 1 for t in dequantize_tensors(dq) if t is not None) or len(dq.users) > 1:
@@ -319,16 +328,8 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
         y = bb.emit(relax.call_tir(funcs[name(dtype)], args, out_ty=relax.TensorType([m, n], dtype)))
         return bb.emit(relax.op.reshape(y, [*lead, n]))
 
-    def quantized_operands(node):
-        """``(x node, bias tensor or None, dequantize node)`` of a linear layer with quantized weights."""
-        if str(node.target) == "aten.addmm.default":
-            b_node, x_node = node.args[:2]
-        else:
-            x_node, b_node = node.args[0], node.args[2] if len(node.args) > 2 else None
-        return x_node, consts.get(b_node) if b_node is not None else None, dequantized_weight(node)
-
     def convert_quantized_linear(node, importer, dq):  # the packed integers and scales go into the kernel
-        x_node, bias, _ = quantized_operands(node)
+        x_node, bias, _ = quantized_operands(node, consts)
         tensors = dequantize_tensors(dq)
         bits, group = int(dq.args[2]), int(dq.args[3])
         return quantized_linear(importer, x_node, bias, consts.get(dq.args[0]), consts.get(dq.args[1]),
@@ -357,7 +358,7 @@ def to_relax(program, *, sparse: bool = True, target: str = "llvm", schedule=Non
         concatenated; each member's output is its slice of the columns."""
         quantized = dequantized_weight(members[0]) is not None
         if quantized:
-            operands = [quantized_operands(m) for m in members]
+            operands = [quantized_operands(m, consts) for m in members]
             tensors = [dequantize_tensors(dq) for _, _, dq in operands]
             q, scale, offset = (None if tensors[0][i] is None else torch.cat([consts.get(t[i]) for t in tensors])
                                 for i in range(3))
