@@ -71,8 +71,8 @@ def main():
     head = (f"CPU: {host_cpu()}, {os.cpu_count()} cores, TVM threads {num_threads()}, torch threads"
             f" {torch.get_num_threads()}; {args.rounds} rounds; peak RSS"
             f" {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
-    schedules = "; ".join(f"{name}: rows_per_pass {c['rows_per_pass']}, tiles_per_thread {c['tiles_per_thread']}"
-                          f" ({c['source']})" for name, c in scheduler.chosen.items())
+    schedules = "; ".join(f"{name}: rows_per_pass {c['rows_per_pass']}, tiles_per_thread {c['tiles_per_thread']},"
+                          f" splits {c.get('splits')} ({c['source']})" for name, c in scheduler.chosen.items())
     lines += [head, "", f"Float kernels' schedules: {schedules or '-'}", "", table_ms(rows), "", table_speedup(rows)]
     text = "\n".join(lines)
     print("\n" + text)

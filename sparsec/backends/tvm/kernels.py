@@ -101,7 +101,7 @@ def kernel_name(kind: str, k: int, n: int, dtype: str) -> str:
 
 
 def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True, threshold: bool = False,
-                  tiles: int | None = None, rows_per_pass: int = R, group: int | None = None):
+                  tiles: int | None = None, rows_per_pass: int = R, group: int | None = None, splits: int = 1):
     """A PrimFunc ``(x [M, K], Wp [NT, K, CT], thr [1], bias [N], y [M, N])``, ``M`` symbolic.
 
     ``y = x' @ W.T + bias`` with ``x' = x * (|x| > thr)`` when ``threshold`` else ``x`` (pass zeros for no bias).
@@ -109,12 +109,17 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
     The schedule (:mod:`sparsec.backends.tvm.tuning` chooses it per CPU): ``tiles``, NT, as given to
     :func:`pack_weight` (default :func:`num_tiles`); ``rows_per_pass``, the ``R`` surviving input rows accumulated
     per pass over the accumulators (1 < M < GEMM_ROWS too); ``group``, the GEMM's panels per task (default
-    :func:`panel_group`).
+    :func:`panel_group`); ``splits``, the tasks each tile's GEMV (M < GEMM_ROWS) is shared out to: task ``p`` of
+    ``splits`` accumulates the ``p``-th share of the passes into its own accumulators, which are then summed (one
+    tile split in two beats two half-width tiles when a tile's row segments are short: 5632 x 2048 fp16 on two
+    threads, benchmarks/results/kernels.md).
     """
     from tvm.script import tirx as T
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
+    if splits < 1:
+        raise ValueError(f"splits must be at least 1, got {splits}")
     nt = tiles or num_tiles(n)
     ct = tile_width(n, nt)
     nv = ct // VL
@@ -133,6 +138,23 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
         return keep(v, t) if sparse else T.bool(True)
 
     hit0 = 0 if sparse else 1
+    ks = splits
+    cw = math.ceil(ct / ks / VL) * VL  # columns each task sums in sum_parts
+
+    @T.macro
+    def sum_parts(accs, size, b, y, row, offset):
+        """``y[row, c] = Σ_p accs[(j * ks + p) * size + offset + c] + b[c]``: the tile's ``ks`` tasks' partial sums
+        (``size`` accumulators per task), the columns shared out between the tasks."""
+        for task in T.parallel(nt * ks):
+            j = task // ks
+            for c in range(task % ks * cw, T.min(task % ks * cw + cw, ct)):
+                if j * ct + c < n:
+                    total = T.decl_buffer((1,), f32)
+                    total[0] = T.float32(0)
+                    for q in range(ks):
+                        total[0] = total[0] + accs[(j * ks + q) * size + offset + c]
+                    y[row, j * ct + c] = T.cast(total[0] + T.cast(b[j * ct + c], f32), dtype)
+
     gemm = gemm_macro(k, n, nt, ct, nr, group, dtype, keep, lambda w, s, j, i, c, vi: T.cast(w[j, i, c + vi], f32))
 
     @T.prim_func(private=True)
@@ -154,20 +176,30 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
             for r in range(R):
                 idx[cnt[0] + r] = 0
                 xv[cnt[0] + r] = T.float32(0)
-            for j in T.parallel(nt):
-                acc = T.decl_buffer((ct,), f32)
+            if ks > 1:
+                accs = T.decl_buffer((nt * ks * ct,), f32)  # each task's accumulators, summed after
+            for task in T.parallel(nt * ks):  # tile j, part p of its passes
+                j = task // ks
+                p = task % ks
+                if ks == 1:
+                    acc = T.decl_buffer((ct,), f32)  # (the task's own: 1-3 % faster than a view of a shared one)
+                else:
+                    acc = T.decl_buffer((ct,), f32, data=accs.data, elem_offset=task * ct)
                 for vo in range(nv):
                     for vi in T.vectorized(VL):
                         acc[vo * VL + vi] = T.float32(0)
-                for jb in range((cnt[0] + R - 1) // R):
+                for jb in range((cnt[0] + R - 1) // R * p // ks, (cnt[0] + R - 1) // R * (p + 1) // ks):
                     for vo in range(nv):
                         for r in T.unroll(R):
                             for vi in T.vectorized(VL):
                                 acc[vo * VL + vi] = acc[vo * VL + vi] + T.cast(
                                     wp[j, idx[jb * R + r], vo * VL + vi], f32) * xv[jb * R + r]
-                for c in range(ct):
-                    if j * ct + c < n:
-                        y[0, j * ct + c] = T.cast(acc[c] + T.cast(b[j * ct + c], f32), dtype)
+                if ks == 1:
+                    for c in range(ct):
+                        if j * ct + c < n:
+                            y[0, j * ct + c] = T.cast(acc[c] + T.cast(b[j * ct + c], f32), dtype)
+            if ks > 1:
+                sum_parts(accs, ct, b, y, 0, 0)
         else:
             if m < GEMM_ROWS:
                 for mb in range((m + MB - 1) // MB):
@@ -190,13 +222,20 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
                         idx[cnt[0] + q] = 0
                         for r in range(MB):
                             xv[r * (k + R) + cnt[0] + q] = T.float32(0)
-                    for j in T.parallel(nt):
-                        acc = T.decl_buffer((MB * ct,), f32)
+                    if ks > 1:
+                        accs = T.decl_buffer((nt * ks * MB * ct,), f32)  # each task's accumulators, summed after
+                    for task in T.parallel(nt * ks):  # tile j, part p of its passes
+                        j = task // ks
+                        p = task % ks
+                        if ks == 1:
+                            acc = T.decl_buffer((MB * ct,), f32)
+                        else:
+                            acc = T.decl_buffer((MB * ct,), f32, data=accs.data, elem_offset=task * MB * ct)
                         for r in range(MB):
                             for vo in range(nv):
                                 for vi in T.vectorized(VL):
                                     acc[r * ct + vo * VL + vi] = T.float32(0)
-                        for qb in range((cnt[0] + R - 1) // R):
+                        for qb in range((cnt[0] + R - 1) // R * p // ks, (cnt[0] + R - 1) // R * (p + 1) // ks):
                             for vo in range(nv):
                                 for r in T.unroll(MB):
                                     for q in T.unroll(R):
@@ -204,12 +243,17 @@ def linear_kernel(k: int, n: int, dtype: str = "float32", *, sparse: bool = True
                                             acc[r * ct + vo * VL + vi] = acc[r * ct + vo * VL + vi] + T.cast(
                                                 wp[j, idx[qb * R + q], vo * VL + vi], f32) * xv[
                                                     r * (k + R) + qb * R + q]
+                        if ks == 1:
+                            for r in range(MB):
+                                if mb * MB + r < m:
+                                    for c in range(ct):
+                                        if j * ct + c < n:
+                                            y[mb * MB + r, j * ct + c] = T.cast(
+                                                acc[r * ct + c] + T.cast(b[j * ct + c], f32), dtype)
+                    if ks > 1:
                         for r in range(MB):
                             if mb * MB + r < m:
-                                for c in range(ct):
-                                    if j * ct + c < n:
-                                        y[mb * MB + r, j * ct + c] = T.cast(
-                                            acc[r * ct + c] + T.cast(b[j * ct + c], f32), dtype)
+                                sum_parts(accs, MB * ct, b, y, mb * MB + r, r * ct)
             else:  # M >= GEMM_ROWS: a blocked GEMM on x' (dense: at these sizes the union of active inputs is all)
                 gemm(x, wp, wp, thr, b, y, m)
 

@@ -40,7 +40,7 @@ _NO_THRESHOLD: dict[torch.dtype, Tensor] = {}
 
 
 def kernel_schedule(k: int, n: int, dtype: str, kind: str, threads: int | None = None) -> dict:
-    """``linear_kernel``'s schedule arguments (tiles, rows per pass, GEMM group) for this kernel on ``threads``
+    """``linear_kernel``'s schedule arguments (tiles, rows per pass, GEMM group, splits) for this kernel on ``threads``
     threads (default: TVM's pool size now): the tuning database's for this CPU (:mod:`sparsec.backends.tvm.tuning`,
     as ``sparsec compile`` reads it; nothing is measured here), else the kernels' defaults."""
     from sparsec.backends.tvm.env import num_threads
@@ -54,8 +54,8 @@ def kernel_schedule(k: int, n: int, dtype: str, kind: str, threads: int | None =
 
 def linear_kernel_fn(k: int, n: int, dtype: str, kind: str, tiles: int, threads: int | None = None):
     """The compiled kernel (a tvm_ffi Function ``(x, Wp, thr, bias, y)``) for ``kind`` and a weight packed in
-    ``tiles`` tiles, with :func:`kernel_schedule`'s rows per pass and group when its tiles are these (else the
-    defaults): built once per process, its library cached on disk (:func:`kernel_library`)."""
+    ``tiles`` tiles, with :func:`kernel_schedule`'s rows per pass, group and splits when its tiles are these (else
+    the defaults): built once per process, its library cached on disk (:func:`kernel_library`)."""
     key = (k, n, dtype, kind, tiles)
     if key not in _KERNELS:  # (every call of the op comes here: the schedule is looked up once)
         from sparsec.backends.tvm.env import import_tvm
@@ -63,16 +63,17 @@ def linear_kernel_fn(k: int, n: int, dtype: str, kind: str, tiles: int, threads:
 
         schedule = kernel_schedule(k, n, dtype, kind, threads)
         if schedule["tiles"] != tiles:
-            schedule = {"rows_per_pass": R, "group": None}
-        path = kernel_library(*key, schedule["rows_per_pass"], schedule["group"])
+            schedule = {"rows_per_pass": R, "group": None, "splits": 1}
+        full = key + (schedule["rows_per_pass"], schedule["group"], schedule["splits"])
+        path = kernel_library(*full)
         if not path.is_file():
-            _build_library(key + (schedule["rows_per_pass"], schedule["group"]), path)
+            _build_library(full, path)
         _KERNELS[key] = import_tvm().runtime.load_module(str(path))["main"]
     return _KERNELS[key]
 
 
 def kernel_library(k: int, n: int, dtype: str, kind: str, tiles: int, rows_per_pass: int,
-                   group: int | None) -> Path:
+                   group: int | None, splits: int) -> Path:
     """Where the kernel's library is cached: ``$SPARSEC_CACHE/tvm-kernels/`` (default ~/.cache/sparsec), named by
     its shape and schedule and a hash of the kernel source, the TVM version and the CPU, so any change builds a new
     one."""
@@ -82,7 +83,7 @@ def kernel_library(k: int, n: int, dtype: str, kind: str, tiles: int, rows_per_p
 
     h = hashlib.sha256(Path(kernels.__file__).read_bytes())
     h.update(f"{import_tvm().__version__} {host_cpu()}".encode())
-    return cache_dir() / "tvm-kernels" / (f"linear-{kind}-{k}x{n}-{dtype}-{tiles}t-r{rows_per_pass}-g{group or 0}-"
+    return cache_dir() / "tvm-kernels" / (f"linear-{kind}-{k}x{n}-{dtype}-{tiles}t-r{rows_per_pass}-g{group or 0}-s{splits}-"
                                           f"{h.hexdigest()[:16]}.so")
 
 
@@ -91,9 +92,9 @@ def _build_library(key: tuple, path: Path) -> None:
     from sparsec.backends.tvm.env import cpu_target, import_tvm
     from sparsec.backends.tvm.kernels import linear_kernel
 
-    k, n, dtype, kind, tiles, rows_per_pass, group = key
+    k, n, dtype, kind, tiles, rows_per_pass, group, splits = key
     f = linear_kernel(k, n, dtype, sparse=kind != "dense", threshold=kind == "threshold", tiles=tiles,
-                      rows_per_pass=rows_per_pass, group=group)
+                      rows_per_pass=rows_per_pass, group=group, splits=splits)
     executable = import_tvm().compile(f.with_attr("global_symbol", "main"), cpu_target())
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".so", dir=path.parent)

@@ -45,6 +45,7 @@ SUPERSEDED = (1,)  # versions whose entries are dropped and measured again
 ROWS_PER_PASS = (2, 4, 8, 16)
 TILES_PER_THREAD = (1, 2, 4)
 GROUPS = (1, 2, 4)
+SPLITS = (1, 2, 4)
 GEMM_TOKENS = 128
 KINDS = ("dense", "sparse", "threshold")  # the lowering's input kinds (sparsec.backends.tvm.lower.input_kind)
 #: a quantized kernel's candidate rows per pass, per output channel (group 0) and group-wise
@@ -118,7 +119,7 @@ def _valid(entry, rows: tuple | None, tiles: tuple) -> bool:
     if rows is not None:
         return entry.get("rows_per_pass") in rows
     return (entry.get("rows_per_pass") in ROWS_PER_PASS and entry.get("tiles_per_thread") in tiles
-            and entry.get("group") in GROUPS)
+            and entry.get("group") in GROUPS and entry.get("splits", 1) in SPLITS)
 
 
 class Database:
@@ -158,11 +159,12 @@ class Database:
         tiles = TILES_PER_THREAD if rows else tiles_candidates(key)
         if not _valid(entry, rows, tiles):
             valid = (f"rows_per_pass in {rows}" if rows else f"rows_per_pass in {ROWS_PER_PASS}, tiles_per_thread in"
-                     f" {tiles}, group in {GROUPS}")
+                     f" {tiles}, group in {GROUPS}, splits in {SPLITS}")
             progress.warn(f"ignoring tuning database entry '{key}' in '{self.path}': not a schedule of"
                           f" this sparsec ({valid})")
             return None
-        return {name: entry.get(name) for name in ("rows_per_pass", "tiles_per_thread", "group")}
+        schedule = {name: entry.get(name) for name in ("rows_per_pass", "tiles_per_thread", "group")}
+        return schedule if rows else {**schedule, "splits": entry.get("splits", 1)}  # (version 2's first entries)
 
     def put(self, key: str, entry: dict) -> None:
         self.entries[key] = entry
@@ -179,14 +181,16 @@ class Database:
 
 def kernel_args(k: int, n: int, schedule: dict, threads: int) -> dict:
     """The keyword arguments of :func:`~sparsec.backends.tvm.kernels.linear_kernel` (and ``tiles`` of
-    :func:`~sparsec.backends.tvm.kernels.pack_weight`) for ``schedule``."""
+    :func:`~sparsec.backends.tvm.kernels.pack_weight`) for ``schedule``: ``tiles_per_thread`` counts the GEMV's
+    tasks, so a tile split in ``splits`` makes ``splits`` times fewer tiles."""
     from sparsec.backends.tvm.kernels import VL, R, num_tiles
 
+    splits = schedule.get("splits") or 1
     tiles = num_tiles(n, threads)
     if schedule.get("tiles_per_thread"):
-        tiles = max(1, min(threads * schedule["tiles_per_thread"], n // VL))
+        tiles = max(1, min(threads * schedule["tiles_per_thread"] // splits, n // VL))
     return {"tiles": tiles, "rows_per_pass": schedule.get("rows_per_pass") or R,
-            "group": schedule.get("group")}
+            "group": schedule.get("group"), "splits": splits}
 
 
 def bench_inputs(k: int, kind: str, tokens: int, generator) -> tuple:
@@ -277,25 +281,26 @@ def _fastest(calls: dict, seconds: float, reps: int = 15, before=None) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def default_schedule(k: int, n: int, threads: int, tiles_per_thread: int | None = None) -> dict:
+def default_schedule(k: int, n: int, threads: int, tiles_per_thread: int | None = None, splits: int = 1) -> dict:
     """The kernels' own schedule for ``W [n, k]`` on ``threads`` threads as concrete values: ``R`` rows per pass,
-    :func:`~sparsec.backends.tvm.kernels.num_tiles` tiles (or ``tiles_per_thread`` per thread),
-    :func:`~sparsec.backends.tvm.kernels.panel_group` panels per task for those tiles."""
+    :func:`~sparsec.backends.tvm.kernels.num_tiles` tiles, unsplit (or ``tiles_per_thread`` GEMV tasks per thread,
+    each tile in ``splits``), :func:`~sparsec.backends.tvm.kernels.panel_group` panels per task for those tiles."""
     from sparsec.backends.tvm.kernels import R, gemm_columns, panel_group, tile_width
 
-    tiles = kernel_args(k, n, {"tiles_per_thread": tiles_per_thread}, threads)["tiles"]
+    tiles = kernel_args(k, n, {"tiles_per_thread": tiles_per_thread, "splits": splits}, threads)["tiles"]
     ct = tile_width(n, tiles)
-    return {"rows_per_pass": R, "tiles_per_thread": max(1, tiles // threads),
-            "group": panel_group(k, ct, gemm_columns(ct))}
+    return {"rows_per_pass": R, "tiles_per_thread": tiles_per_thread or max(1, tiles // threads),
+            "group": panel_group(k, ct, gemm_columns(ct)), "splits": splits}
 
 
 def gemv_candidates(default: dict) -> list:
-    """The GEMV schedules tuning builds, in order, while its budget lasts: the default first, then one tile per
-    thread with other rows per pass (the likeliest gains), then more tiles."""
+    """The GEMV schedules ``(rows_per_pass, tiles_per_thread, splits)`` tuning builds, in order, while its budget
+    lasts: the default first, then its tasks as halves of tiles twice as wide, then other rows per pass (the likeliest
+    gains), then more tiles."""
     rows = (default["rows_per_pass"],) + tuple(r for r in sorted(ROWS_PER_PASS, reverse=True)
                                                 if r != default["rows_per_pass"])
     tiles = (default["tiles_per_thread"],) + tuple(t for t in TILES_PER_THREAD if t != default["tiles_per_thread"])
-    return [(r, t) for t in tiles for r in rows]
+    return [(r, t, s) for t in tiles for r in rows for s in SPLITS[:2]]
 
 
 def tune(k: int, n: int, dtype: str, kind: str, threads: int, seconds: float) -> dict:
@@ -307,16 +312,16 @@ def tune(k: int, n: int, dtype: str, kind: str, threads: int, seconds: float) ->
     bench = _Bench(k, n, dtype, kind, threads)
     default = default_schedule(k, n, threads)
     built = {}
-    for r, t in gemv_candidates(default):
+    for r, t, s in gemv_candidates(default):
         if built and time.perf_counter() - start > seconds / 2:
             break
-        calls = bench.build({"rows_per_pass": r, "tiles_per_thread": t, "group": None})  # the GEMV takes no group
+        calls = bench.build({"rows_per_pass": r, "tiles_per_thread": t, "group": None, "splits": s})  # (no GEMM)
         if calls is not None:
-            built[(r, t)] = calls
+            built[(r, t, s)] = calls
     gemv = _fastest({key: c[0] for key, c in built.items()}, seconds / 4, before=_evict_caches())
     best = min(built, key=lambda key: gemv[key])
-    choice = {"rows_per_pass": best[0], "tiles_per_thread": best[1]}
-    own = default_schedule(k, n, threads, choice["tiles_per_thread"])["group"]  # the default for these tiles
+    choice = {"rows_per_pass": best[0], "tiles_per_thread": best[1], "splits": best[2]}
+    own = default_schedule(k, n, threads, choice["tiles_per_thread"], choice["splits"])["group"]  # for these tiles
     groups = {}
     for g in (own,) + tuple(g for g in GROUPS if g != own):
         if groups and time.perf_counter() - start > seconds:
@@ -326,7 +331,7 @@ def tune(k: int, n: int, dtype: str, kind: str, threads: int, seconds: float) ->
             groups[g] = calls[1]
     gemm = _fastest(groups, max(0.0, seconds - (time.perf_counter() - start)), reps=5)
     group = min(groups, key=lambda g: gemm[g])
-    default_key = (default["rows_per_pass"], default["tiles_per_thread"])
+    default_key = (default["rows_per_pass"], default["tiles_per_thread"], default["splits"])
     return {**choice, "group": group, "gemv_us": round(gemv[best] * 1e6, 1),
             "default_gemv_us": round(gemv[default_key] * 1e6, 1),
             "gemm_us": round(gemm[group] * 1e6, 1), "default_gemm_us": round(gemm[own] * 1e6, 1)}

@@ -20,10 +20,10 @@ TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "float16": dict(rtol=2e-3, atol=2e
 _CACHE = {}
 
 
-def _kernel(k, n, dtype, sparse, threshold, tiles=None):
-    key = (k, n, dtype, sparse, threshold, tiles)
+def _kernel(k, n, dtype, sparse, threshold, tiles=None, splits=1):
+    key = (k, n, dtype, sparse, threshold, tiles, splits)
     if key not in _CACHE:
-        f = linear_kernel(k, n, dtype, sparse=sparse, threshold=threshold, tiles=tiles).with_attr(
+        f = linear_kernel(k, n, dtype, sparse=sparse, threshold=threshold, tiles=tiles, splits=splits).with_attr(
             "global_symbol", "main")
         _CACHE[key] = tvm.compile(f, cpu_target())["main"]
     return _CACHE[key]
@@ -36,11 +36,11 @@ def _input(m, k, sparsity, dtype, g):
     return x.to(getattr(torch, dtype))
 
 
-def _run(k, n, dtype, sparse, x, w, b, thr=None, tiles=None):
+def _run(k, n, dtype, sparse, x, w, b, thr=None, tiles=None, splits=1):
     td = getattr(torch, dtype)
     y = torch.full((x.shape[0], n), float("nan"), dtype=td)
     t = torch.tensor([0.0 if thr is None else thr], dtype=td)
-    _kernel(k, n, dtype, sparse, thr is not None, tiles)(x, pack_weight(w, tiles=tiles), t, b, y)
+    _kernel(k, n, dtype, sparse, thr is not None, tiles, splits)(x, pack_weight(w, tiles=tiles), t, b, y)
     return y
 
 
@@ -49,17 +49,18 @@ def _check(y, x, w, b, dtype, thr=None):
     torch.testing.assert_close(y.float(), torch.from_numpy(want).to(getattr(torch, dtype)).float(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype,k,n,tiles", [("float32", 100, 300, None), ("float32", 256, 128, 1),
-                                             ("float32", 37, 300, 3), ("float16", 100, 300, None),
-                                             ("bfloat16", 100, 300, None)])
-def test_sparse_and_dense_match_reference(dtype, k, n, tiles):
+@pytest.mark.parametrize("dtype,k,n,tiles,splits", [
+    ("float32", 100, 300, None, 1), ("float32", 256, 128, 1, 1), ("float32", 37, 300, 3, 1),
+    ("float16", 100, 300, None, 1), ("bfloat16", 100, 300, None, 1),
+    ("float32", 100, 300, 1, 2), ("float16", 100, 300, 2, 2), ("float32", 37, 300, 3, 4)])  # 37 x 0.9: 1 pass, 4 tasks
+def test_sparse_and_dense_match_reference(dtype, k, n, tiles, splits):
     g = torch.Generator().manual_seed(0)
     td = getattr(torch, dtype)
     w, b = torch.randn(n, k, generator=g).to(td), torch.randn(n, generator=g).to(td)
     for sparse in (True, False):
         for m, s in [(1, 0.0), (1, 0.5), (1, 0.9), (3, 0.5), (5, 0.9), (GEMM_ROWS, 0.5), (GEMM_ROWS + 21, 0.0)]:
             x = _input(m, k, s, dtype, g)
-            _check(_run(k, n, dtype, sparse, x, w, b, tiles=tiles), x, w, b, dtype)
+            _check(_run(k, n, dtype, sparse, x, w, b, tiles=tiles, splits=splits), x, w, b, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -82,11 +83,13 @@ def test_all_zero_input_gives_the_bias_exactly():
     w, b = torch.randn(n, k), torch.randn(n)
     for m in (1, 5, GEMM_ROWS):
         for sparse in (True, False):
-            assert torch.equal(_run(k, n, "float32", sparse, torch.zeros(m, k), w, b), b.expand(m, n))
+            for splits in (1, 2):
+                y = _run(k, n, "float32", sparse, torch.zeros(m, k), w, b, splits=splits)
+                assert torch.equal(y, b.expand(m, n))
 
 
-@pytest.mark.parametrize("m", [1, 3])
-def test_sparse_kernel_never_reads_rows_of_zero_inputs(m):
+@pytest.mark.parametrize("m,splits", [(1, 1), (3, 1), (1, 2), (3, 2)])
+def test_sparse_kernel_never_reads_rows_of_zero_inputs(m, splits):
     k, n = 100, 300
     g = torch.Generator().manual_seed(2)
     x = _input(m, k, 0.5, "float32", g)
@@ -95,10 +98,10 @@ def test_sparse_kernel_never_reads_rows_of_zero_inputs(m):
     w, b = torch.randn(n, k, generator=g), torch.zeros(n)
     w_nan = w.clone()
     w_nan[:, dead] = float("nan")
-    y = _run(k, n, "float32", True, x, w_nan, b)
+    y = _run(k, n, "float32", True, x, w_nan, b, splits=splits)
     assert torch.isfinite(y).all()
     _check(y, x, w, b, "float32")
-    assert torch.isnan(_run(k, n, "float32", False, x, w_nan, b)).all()
+    assert torch.isnan(_run(k, n, "float32", False, x, w_nan, b, splits=splits)).all()
 
 
 def test_pack_weight_pads_the_last_tile_with_zeros():
@@ -115,3 +118,8 @@ def test_one_tile_per_thread_unless_a_tile_would_be_too_wide():
     assert num_tiles(2 * MAX_TILE + 1, threads=2) == 4  # a multiple of the thread count
     assert num_tiles(VL, threads=8) == 1  # never narrower than one vector
     assert num_tiles(300) == num_tiles(300, threads=tvm.get_global_func("runtime.NumThreads")())
+
+
+def test_a_tile_split_in_fewer_than_one_task_is_refused():
+    with pytest.raises(ValueError, match="^splits must be at least 1, got 0$"):
+        linear_kernel(100, 300, splits=0)

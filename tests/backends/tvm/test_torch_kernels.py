@@ -266,7 +266,7 @@ def test_kernels_take_the_tuning_databases_schedule(teal, tmp_path, monkeypatch)
     db = tmp_path / "tuning.json"
     key = tuning.entry_key(host_cpu(), THREADS, 128, 64, "float32", "threshold")  # every down_proj
     db.write_text(json.dumps({"format": "sparsec-tuning", "version": tuning.VERSION,
-                              "entries": {key: {"rows_per_pass": 2, "tiles_per_thread": 2, "group": 1}}}))
+                              "entries": {key: {"rows_per_pass": 2, "tiles_per_thread": 4, "group": 1, "splits": 2}}}))
     monkeypatch.setenv("SPARSEC_TUNING_DB", str(db))
     monkeypatch.setenv("SPARSEC_CACHE", str(tmp_path))
     monkeypatch.setattr(torch_kernels, "_KERNELS", {})
@@ -275,6 +275,6 @@ def test_kernels_take_the_tuning_databases_schedule(teal, tmp_path, monkeypatch)
     state = module.state_dict()
     assert state["sparsec_tvm.model_layers_0_mlp_down_proj_weight"].shape[0] == 2 * THREADS  # [tiles, K, CT]
     assert state["sparsec_tvm.model_layers_0_mlp_up_proj_weight"].shape[0] == THREADS  # not in it: the default
-    libs = sorted(p.name.split("-")[1:7] for p in (tmp_path / "tvm-kernels").iterdir())
-    assert ["threshold", "128x64", "float32", f"{2 * THREADS}t", "r2", "g1"] in libs
+    libs = sorted(p.name.split("-")[1:8] for p in (tmp_path / "tvm-kernels").iterdir())
+    assert ["threshold", "128x64", "float32", f"{2 * THREADS}t", "r2", "g1", "s2"] in libs
     _matches_program(module, teal.program)

@@ -24,8 +24,8 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 
 @pytest.mark.parametrize("every", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_every_schedule_candidate_computes_the_same(every):
-    """The schedules (rows per pass x tiles per thread x GEMM group: all 36 in the slow set, the 8 corners in the
-    fast one) on one token (the GEMV), a few tokens (the union path) and 20 tokens (the GEMM), with a fused
+    """The schedules (rows per pass x tiles per thread x GEMM group x splits: all 108 in the slow set, the 16 corners
+    in the fast one) on one token (the GEMV), a few tokens (the union path) and 20 tokens (the GEMM), with a fused
     threshold, against numpy."""
     import_tvm(2)
     k, n = 96, 1024  # 8 tiles of 128 columns at most: 4 GEMM panels of 32 (AVX-512) or 8 of 16, every group divides
@@ -38,17 +38,21 @@ def test_every_schedule_candidate_computes_the_same(every):
     for r in corners(tuning.ROWS_PER_PASS):
         for t in corners(tuning.TILES_PER_THREAD):
             for group in corners(tuning.GROUPS):
-                args = tuning.kernel_args(k, n, {"rows_per_pass": r, "tiles_per_thread": t, "group": group}, 2)
-                f = tvm.compile(linear_kernel(k, n, threshold=True, **args).with_attr("global_symbol", "main"),
-                                cpu_target())["main"]
-                wp = tvm.runtime.tensor(pack_weight(w, tiles=args["tiles"]).numpy())
-                for m, x in xs.items():
-                    y = tvm.runtime.empty((m, n), "float32")
-                    f(tvm.runtime.tensor(x.numpy()), wp, tvm.runtime.tensor(thr),
-                      tvm.runtime.tensor(np.zeros(n, np.float32)), y)
-                    np.testing.assert_allclose(y.numpy(), reference(x.numpy(), w.numpy(), 0.5), rtol=1e-5, atol=1e-5)
-                seen += 1
-    assert seen == (36 if every else 8)
+                for s in corners(tuning.SPLITS):
+                    schedule = {"rows_per_pass": r, "tiles_per_thread": t, "group": group, "splits": s}
+                    args = tuning.kernel_args(k, n, schedule, 2)
+                    assert args["tiles"] * s == max(2 * t, s)  # 2 threads: t tasks each, a tile per s of them
+                    f = tvm.compile(linear_kernel(k, n, threshold=True, **args).with_attr("global_symbol", "main"),
+                                    cpu_target())["main"]
+                    wp = tvm.runtime.tensor(pack_weight(w, tiles=args["tiles"]).numpy())
+                    for m, x in xs.items():
+                        y = tvm.runtime.empty((m, n), "float32")
+                        f(tvm.runtime.tensor(x.numpy()), wp, tvm.runtime.tensor(thr),
+                          tvm.runtime.tensor(np.zeros(n, np.float32)), y)
+                        np.testing.assert_allclose(y.numpy(), reference(x.numpy(), w.numpy(), 0.5), rtol=1e-5,
+                                                   atol=1e-5)
+                    seen += 1
+    assert seen == (108 if every else 16)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +117,8 @@ def test_a_damaged_or_foreign_database_is_ignored_with_one_warning(llama_teal, t
         m = sparsec.compile(llama_teal, str(tmp_path / "b"), threads=2, tune_seconds=0)
     assert m["schedules"][kernel]["source"] == "default"
     assert _warnings(record) == [f"ignoring tuning database entry '{key}' in '{db}': not a schedule of this sparsec"
-                                 f" (rows_per_pass in (2, 4, 8, 16), tiles_per_thread in (1, 2, 4), group in (1, 2, 4))"]
+                                 f" (rows_per_pass in (2, 4, 8, 16), tiles_per_thread in (1, 2, 4), group in (1, 2, 4), splits in"
+                                 " (1, 2, 4))"]
     _check_parity(tmp_path / "b", llama_teal.program)
 
 
@@ -123,16 +128,17 @@ def test_a_budget_too_short_for_other_candidates_keeps_the_default_schedule():
     import_tvm(2)
     k, n = 256, 1024
     default = tuning.default_schedule(k, n, 2)
-    assert tuning.gemv_candidates(default)[0] == (default["rows_per_pass"], default["tiles_per_thread"])
+    assert tuning.gemv_candidates(default)[0] == (default["rows_per_pass"], default["tiles_per_thread"], 1)
     entry = tuning.tune(k, n, "float32", "threshold", 2, seconds=0.0)
-    assert {name: entry[name] for name in ("rows_per_pass", "tiles_per_thread", "group")} == default
+    assert {name: entry[name] for name in ("rows_per_pass", "tiles_per_thread", "group", "splits")} == default
     assert entry["gemv_us"] == entry["default_gemv_us"] and entry["gemm_us"] == entry["default_gemm_us"]
     assert sorted(tuning.gemv_candidates(default)) == sorted(
-        (r, t) for r in tuning.ROWS_PER_PASS for t in tuning.TILES_PER_THREAD)
+        (r, t, s) for r in tuning.ROWS_PER_PASS for t in tuning.TILES_PER_THREAD for s in (1, 2))
     for t in tuning.TILES_PER_THREAD:  # the GEMM's default group for any tiles divides their panels
-        own = tuning.default_schedule(k, n, 2, t)
-        assert own["tiles_per_thread"] == t
-        linear_kernel(k, n, **tuning.kernel_args(k, n, own, 2))  # raises ValueError if the group did not divide
+        for s in tuning.SPLITS:
+            own = tuning.default_schedule(k, n, 2, t, s)
+            assert (own["tiles_per_thread"], own["splits"]) == (t, s)
+            linear_kernel(k, n, **tuning.kernel_args(k, n, own, 2))  # ValueError if the group did not divide
 
 
 def test_an_earlier_versions_database_is_dropped_with_one_warning_and_rewritten(tmp_path, monkeypatch):
@@ -305,4 +311,24 @@ def test_a_wide_layers_default_tiles_are_a_schedule_of_the_database(tmp_path, mo
         else:
             assert got is None and _warnings(record) == [
                 f"ignoring tuning database entry '{key}' in '{db}': not a schedule of this sparsec (rows_per_pass in"
-                f" (2, 4, 8, 16), tiles_per_thread in (1, 2, 4, {tiles}), group in (1, 2, 4))"]
+                f" (2, 4, 8, 16), tiles_per_thread in (1, 2, 4, {tiles}), group in (1, 2, 4), splits in (1, 2, 4))"]
+
+
+def test_an_entry_without_splits_is_unsplit_and_other_splits_are_refused(tmp_path, monkeypatch):
+    """Entries this database version held before tiles could be split have no ``splits``: one task per tile. A split
+    the kernels do not offer is refused like any other foreign value."""
+    import warnings
+
+    db = tmp_path / "tuning.json"
+    monkeypatch.setenv("SPARSEC_TUNING_DB", str(db))
+    key = tuning.entry_key(host_cpu(), 2, 2048, 5632, "float16", "sparse")
+    unsplit = {"rows_per_pass": 16, "tiles_per_thread": 1, "group": 2}
+    for entry, want in ((unsplit, {**unsplit, "splits": 1}), ({**unsplit, "splits": 2}, {**unsplit, "splits": 2}),
+                        ({**unsplit, "splits": 3}, None)):
+        db.write_text(json.dumps({"format": "sparsec-tuning", "version": tuning.VERSION, "entries": {key: entry}}))
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            assert tuning.Database().get(key) == want
+        assert len(_warnings(record)) == (want is None)
+    assert tuning.kernel_args(2048, 5632, {**unsplit, "splits": 2}, 2) == {
+        "tiles": 1, "rows_per_pass": 16, "group": 2, "splits": 2}
