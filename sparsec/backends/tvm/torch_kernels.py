@@ -83,8 +83,8 @@ def kernel_library(k: int, n: int, dtype: str, kind: str, tiles: int, rows_per_p
 
     h = hashlib.sha256(Path(kernels.__file__).read_bytes())
     h.update(f"{import_tvm().__version__} {host_cpu()}".encode())
-    return cache_dir() / "tvm-kernels" / (f"linear-{kind}-{k}x{n}-{dtype}-{tiles}t-r{rows_per_pass}-g{group or 0}-s{splits}-"
-                                          f"{h.hexdigest()[:16]}.so")
+    name = f"linear-{kind}-{k}x{n}-{dtype}-{tiles}t-r{rows_per_pass}-g{group or 0}-s{splits}-{h.hexdigest()[:16]}.so"
+    return cache_dir() / "tvm-kernels" / name
 
 
 def _build_library(key: tuple, path: Path) -> None:

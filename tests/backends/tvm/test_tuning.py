@@ -117,8 +117,8 @@ def test_a_damaged_or_foreign_database_is_ignored_with_one_warning(llama_teal, t
         m = sparsec.compile(llama_teal, str(tmp_path / "b"), threads=2, tune_seconds=0)
     assert m["schedules"][kernel]["source"] == "default"
     assert _warnings(record) == [f"ignoring tuning database entry '{key}' in '{db}': not a schedule of this sparsec"
-                                 f" (rows_per_pass in (2, 4, 8, 16), tiles_per_thread in (1, 2, 4), group in (1, 2, 4), splits in"
-                                 " (1, 2, 4))"]
+                                 f" (rows_per_pass in (2, 4, 8, 16), tiles_per_thread in (1, 2, 4), group in (1, 2, 4),"
+                                 " splits in (1, 2, 4))"]
     _check_parity(tmp_path / "b", llama_teal.program)
 
 
