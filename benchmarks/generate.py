@@ -21,7 +21,8 @@ Rows (each in its own process, one at a time; protocol, models, prompts and timi
   (``symmetric=false``: an fp16 scale and offset per 32 inputs, llama.cpp's Q4_1 / Q4_K idea), beside Q4_0 too;
   ``sparsec-tvm-q8r``: ``rotate`` first (Gemma's quality recipe: ``rotate,quantize{bits=8},teal``; issue 19's Gemma
   goal: >= 1.5x llama.cpp Q8_0); ``sparsec-tvm-q8ra``: the same with ``teal{scope=all}``, the LM head's input
-  thresholded too (Gemma's tied 262144 x 640 head is three quarters of its int8 bytes);
+  thresholded too (Gemma's tied 262144 x 640 head is three quarters of its int8 bytes); ``sparsec-tvm-q8ga``: that
+  with Q8_0's own format (an fp16 scale per 32 inputs, ``quantize{bits=8 group=32 scale_dtype=float16}``);
 - ``hf`` and ``llamacpp-*``: the dense peers of ``benchmarks/peers.py`` (HF ``generate``; llama.cpp on GGUFs written
   from the same weights).
 sparsec rows time :func:`sparsec.generation.run_generation` (``ignore_eos``): prefill = the prompt's step (its first
@@ -47,12 +48,14 @@ import peers  # noqa: E402
 HERE = pathlib.Path(__file__).resolve()
 TUNE_ENV = "SPARSEC_BENCH_TUNE_SECONDS"
 SPARSE_ROWS = ("sparsec-tvm", "sparsec-ort", "sparsec-accelerate", "sparsec-tvm-q8", "sparsec-tvm-q8r",
-               "sparsec-tvm-q8ra", "sparsec-tvm-q4", "sparsec-tvm-q4o")
+               "sparsec-tvm-q8ra", "sparsec-tvm-q8ga", "sparsec-tvm-q4", "sparsec-tvm-q4o")
 DENSE_ROWS = ("sparsec-tvm-dense", "ort-dense", "sparsec-tvm-q8-dense", "sparsec-tvm-q4-dense",
               "sparsec-tvm-q4o-dense")
 #: the quantize pass of a row whose name carries -q8 / -q4, and the weights column it shows
 QUANTIZE = {"q8": ("quantize{bits=8}", "int8"), "q8r": ("rotate,quantize{bits=8}", "int8, rotated"),
             "q8ra": ("rotate,quantize{bits=8}", "int8, rotated, LM head sparse"),
+            "q8ga": ("rotate,quantize{bits=8 group=32 scale_dtype=float16}",
+                     "int8 g32, fp16 scales, rotated, LM head sparse"),
             "q4": ("quantize{bits=4 group=32 scale_dtype=float16}", "int4 g32, fp16 scales"),
             "q4o": ("quantize{bits=4 group=32 scale_dtype=float16 symmetric=false}",
                     "int4 g32, fp16 scales + offsets")}
@@ -60,6 +63,7 @@ QUANTIZE = {"q8": ("quantize{bits=8}", "int8"), "q8r": ("rotate,quantize{bits=8}
 QUANTIZED_GOALS = {"sparsec-tvm-q8": ("llamacpp-q8_0", {"tinyllama": 2.0, "gemma": 1.5}),
                    "sparsec-tvm-q8r": ("llamacpp-q8_0", {"gemma": 1.5}),
                    "sparsec-tvm-q8ra": ("llamacpp-q8_0", {"gemma": 1.5}),
+                   "sparsec-tvm-q8ga": ("llamacpp-q8_0", {"gemma": 1.5}),
                    "sparsec-tvm-q4": ("llamacpp-q4_0", {"tinyllama": 1.6}),
                    "sparsec-tvm-q4o": ("llamacpp-q4_0", {"tinyllama": 1.6})}
 DENSE_FP32_PEERS = ("hf", "ort-dense", "llamacpp-f32")
@@ -78,7 +82,7 @@ def _pipeline(peer: str) -> str:
     (``@0.5``); 'strip' (the dense capture) when neither."""
     passes = [_quantization(peer)[0]] if _quantization(peer) else []
     if "@" in peer:
-        scope = " scope=all" if peer.split("@")[0].endswith("-q8ra") else ""
+        scope = " scope=all" if peer.split("@")[0].endswith(("-q8ra", "-q8ga")) else ""
         passes.append(f"teal{{sparsity={float(peer.split('@')[1])}{scope}}}")
     return ",".join(passes) or "strip"
 

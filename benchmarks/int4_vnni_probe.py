@@ -104,6 +104,7 @@ def main():
     import torch
 
     from sparsec.backends.tvm.env import cpu_target, host_cpu, import_tvm
+    from sparsec.backends.tvm.tuning import eviction_bytes
     from sparsec.backends.tvm.quantized import pack_quantized, quantized_linear_kernel
     from sparsec.ops import DEQUANTIZE
     from sparsec.passes.quantize import quantize_weight
@@ -138,7 +139,7 @@ def main():
     fp(x, wq, s, thr, bias, y)
     err_fp = ((y.double() - x.double() @ wd.T).abs().max() / (x.double() @ wd.T).abs().max()).item()
     shift = ((xr - x.double()) @ wd.T).abs().max().item() / (x.double() @ wd.T).abs().max().item()
-    flush = np.ones((96 << 20) // 8)
+    flush = np.ones(eviction_bytes() // 8)  # twice the last-level cache, >= 96 MB
     sparsities = (0.0, 0.5, 0.9)
     xs = {sp: [make_input(sp) for _ in range(8)] for sp in sparsities}
     calls = {(name, sp, cold): fn for sp in sparsities for cold in (True, False)

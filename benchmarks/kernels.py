@@ -15,8 +15,8 @@ the dense peers are the same-bit TVM dense kernel (every row read) and ONNX Runt
 formats; 4 bits, or 8 where this ORT has it), "read W" reads as many bytes as the packed weights and scales, and
 the ``torch F.linear`` column is the float32 layer's (the cost of not quantizing).
 and reports medians. Protocol (../shared/TVM.md §3.2): TVM and torch calls are interleaved round-robin (the order
-reversed every other round), each call gets a fresh x with exactly round(s*K) zeros at random positions, and a
-96 MB array is read before every timed call so W is never in the cache. ORT runs afterwards in its own block of
+reversed every other round), each call gets a fresh x with exactly round(s*K) zeros at random positions, and an
+array of twice the last-level cache (96 MB at least) is read before every timed call so W is never in the cache. ORT runs afterwards in its own block of
 calls, since its spinning thread pool would slow the others. The bound at sparsity s is (1 - s) x "read W" time.
 Threads: 2 unless --threads (TVM_NUM_THREADS, torch.set_num_threads, ORT intra_op_num_threads).
 Float kernels take the schedule ``sparsec compile --tune-seconds S`` would give them (``--tune-seconds``: the tuning
@@ -27,10 +27,14 @@ Usage: python benchmarks/kernels.py [--rounds 31] [--threads 2] [--shapes 4096x1
 """
 import argparse
 import os
+import pathlib
 import resource
 import statistics
 import sys
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import peers  # noqa: E402
 
 SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
 
@@ -52,14 +56,15 @@ def main():
     import torch
 
     from sparsec.backends.tvm.env import cpu_target, host_cpu, import_tvm, num_threads
+    from sparsec.backends.tvm.tuning import Scheduler, eviction_bytes
 
-    from sparsec.backends.tvm.tuning import Scheduler
+    cpu = peers.cpu_description()["summary"]  # before the run: its read bandwidth of an idle machine
 
     tvm = import_tvm(args.threads)
     torch.set_num_threads(args.threads)
     scheduler = Scheduler(args.tune_seconds, args.threads)
     target = cpu_target()
-    flush = np.ones((96 << 20) // 8)
+    flush = np.ones(eviction_bytes() // 8)  # twice the last-level cache, >= 96 MB
     rows, lines = [], []
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
@@ -68,7 +73,7 @@ def main():
                                   scheduler))
             r = rows[-1]
             print(f"{k}x{n} {dtype}: " + ", ".join(f"{name} {ms:.2f}" for name, ms in r["ms"].items()), flush=True)
-    head = (f"CPU: {host_cpu()}, {os.cpu_count()} cores, TVM threads {num_threads()}, torch threads"
+    head = (f"CPU: {cpu}; LLVM CPU {host_cpu()}, TVM threads {num_threads()}, torch threads"
             f" {torch.get_num_threads()}; {args.rounds} rounds; peak RSS"
             f" {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     schedules = "; ".join(f"{name}: rows_per_pass {c['rows_per_pass']}, tiles_per_thread {c['tiles_per_thread']},"

@@ -1,6 +1,7 @@
 """Importing TVM for sparsec: a clear error when it is missing, the thread pool sized explicitly, the host CPU target."""
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
@@ -33,6 +34,23 @@ def num_threads() -> int:
 def host_cpu() -> str:
     """LLVM's name for this machine's CPU (e.g. 'znver4'); ``mcpu=native`` would silently mean generic x86-64."""
     return str(import_tvm().target.codegen.llvm_get_system_cpu())
+
+
+def last_level_cache_bytes() -> int:
+    """The size of this machine's largest CPU cache in bytes, as Linux's sysfs reports cpu0's (0 where unknown:
+    Python's ``os.sysconf`` has no cache names)."""
+    sizes = [0]
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(index, encoding="ascii") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes)
 
 
 def cpu_target():

@@ -249,17 +249,20 @@ class _Bench:
         return (lambda: f(self.x1, wp, self.thr, self.b, self.y1)), (lambda: f(self.xm, wp, self.thr, self.b, self.ym))
 
 
+def eviction_bytes() -> int:
+    """Bytes to read to push a kernel's weights out of the CPU caches: twice the last-level cache, at least 96 MB
+    (a 2-vCPU guest may see the host's whole L3: 300 MiB on an Emerald Rapids)."""
+    from sparsec.backends.tvm.env import last_level_cache_bytes
+
+    return max(96 << 20, 2 * last_level_cache_bytes())
+
+
 def _evict_caches():
-    """A callable that pushes the kernels' weights out of the CPU caches (reads twice the last-level cache, at least
-    96 MB): a decode step streams each layer's weights from memory, so that is how a GEMV candidate is timed."""
+    """A callable that pushes the kernels' weights out of the CPU caches (reads :func:`eviction_bytes`): a decode step
+    streams each layer's weights from memory, so that is how a GEMV candidate is timed."""
     import numpy as np
 
-    try:
-        llc = os.sysconf("SC_LEVEL3_CACHE_SIZE")
-    except (ValueError, OSError):
-        llc = 0
-    block = np.ones(max(96 << 20, 2 * max(llc, 0)) // 8)
-    return block.sum
+    return np.ones(eviction_bytes() // 8).sum
 
 
 def _fastest(calls: dict, seconds: float, reps: int = 15, before=None) -> dict:
