@@ -104,8 +104,8 @@ def main():
     import torch
 
     from sparsec.backends.tvm.env import cpu_target, host_cpu, import_tvm
-    from sparsec.backends.tvm.tuning import eviction_bytes
     from sparsec.backends.tvm.quantized import pack_quantized, quantized_linear_kernel
+    from sparsec.backends.tvm.tuning import eviction_bytes
     from sparsec.ops import DEQUANTIZE
     from sparsec.passes.quantize import quantize_weight
 

@@ -16,8 +16,9 @@ formats; 4 bits, or 8 where this ORT has it), "read W" reads as many bytes as th
 the ``torch F.linear`` column is the float32 layer's (the cost of not quantizing).
 and reports medians. Protocol (../shared/TVM.md §3.2): TVM and torch calls are interleaved round-robin (the order
 reversed every other round), each call gets a fresh x with exactly round(s*K) zeros at random positions, and an
-array of twice the last-level cache (96 MB at least) is read before every timed call so W is never in the cache. ORT runs afterwards in its own block of
-calls, since its spinning thread pool would slow the others. The bound at sparsity s is (1 - s) x "read W" time.
+array of twice the last-level cache (96 MB at least) is read before every timed call so W is never in the cache.
+ORT runs afterwards in its own block of calls, since its spinning thread pool would slow the others. The bound at
+sparsity s is (1 - s) x "read W" time.
 Threads: 2 unless --threads (TVM_NUM_THREADS, torch.set_num_threads, ORT intra_op_num_threads).
 Float kernels take the schedule ``sparsec compile --tune-seconds S`` would give them (``--tune-seconds``: the tuning
 database's entry for this CPU, else measured for about S seconds and recorded there; 0, the default: the database
